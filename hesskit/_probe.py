@@ -1,0 +1,77 @@
+"""Helpers shared by the estimators: counted products, seeds and random probe vectors."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+class Counted:
+    """Wraps an operator (a curvature operator or a symmetric torch matrix): counts and times products."""
+
+    def __init__(self, op: Any):
+        shape = getattr(op, "shape", None)
+        if shape is None or len(shape) != 2 or shape[0] != shape[1] or not hasattr(op, "__matmul__"):
+            raise TypeError(f"op: expected a square operator with .shape and @ (or a square tensor), got {type(op).__name__}")
+        self.op = op
+        self.n = int(shape[0])
+        self.dtype = getattr(op, "dtype", torch.float64)
+        self.device = getattr(op, "device", torch.device("cpu"))
+        self.num_matvecs = 0
+        self.matvec_time = 0.0
+        self.start = time.perf_counter()
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        t0 = time.perf_counter()
+        with torch.no_grad() if isinstance(self.op, Tensor) else nullcontext():
+            out = self.op @ V
+        self.matvec_time += time.perf_counter() - t0
+        self.num_matvecs += 1 if V.dim() == 1 else V.shape[1]
+        if isinstance(self.op, Tensor) and not torch.isfinite(out).all():
+            raise ValueError("op: a product came out nan or inf")
+        return out.detach()
+
+    def cost(self, seed: int | None) -> dict[str, Any]:
+        return dict(
+            num_matvecs=self.num_matvecs,
+            seed=seed,
+            wall_time=time.perf_counter() - self.start,
+            matvec_time=self.matvec_time,
+        )
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def make_generator(seed: int | None) -> tuple[int, torch.Generator]:
+    """A private CPU generator (the global RNG is untouched); a fresh seed is drawn and reported if None."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(7), "little")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
+    return seed, torch.Generator().manual_seed(seed)
+
+
+def probes(n: int, k: int, distribution: str, gen: torch.Generator, like: Counted) -> Tensor:
+    """k random probe vectors as the columns of an (n, k) matrix, drawn on CPU then moved."""
+    if distribution == "rademacher":
+        z = torch.randint(0, 2, (n, k), generator=gen, dtype=torch.float64).mul_(2).sub_(1)
+    else:
+        z = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    return z.to(device=like.device, dtype=like.dtype)

@@ -1,0 +1,478 @@
+"""Curvature operators: matrix-free Hessian, GGN and empirical-Fisher products.
+
+Each operator is the curvature of the *mean* loss over all samples in `data`,
+
+    L(theta) = (1/N) sum_b N_b * L_b(theta),
+
+where L_b is the (mean-reduced) loss of batch b with N_b samples, so a ragged last batch is
+weighted exactly. Products use torch.autograd double backward only: torch.func's second
+derivatives through `layer_norm` are wrong in torch 2.13, autograd's are right.
+
+For in-memory data (one batch, or a list of batches) the operator keeps each batch's
+gradient graph between products, so a product costs one backward pass instead of a forward
+and two backward passes. The cache is rebuilt when a parameter or buffer of the model changes
+and released by `clear_cache()`; DataLoaders are re-iterated for every product instead.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._batches import Batches, move_batch
+
+__all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "EmpiricalFisherOperator"]
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+_MODES = (None, "eval", "train")
+_DENSE_LIMIT = 20_000
+
+
+def _select_params(model: nn.Module, params: Any) -> tuple[list[str], list[nn.Parameter]]:
+    """Resolve `params` (None, names, tensors or a submodule) to (names, parameters)."""
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError("params: the model has no parameters that require grad")
+        return [n for n, _ in chosen], [p for _, p in chosen]
+    if isinstance(params, nn.Module):
+        ids = {id(p) for p in params.parameters()}
+        params = [p for _, p in named if id(p) in ids]
+    if isinstance(params, (str, Tensor)):
+        params = [params]
+    by_name = dict(named)
+    by_id = {id(p): n for n, p in named}
+    names: list[str] = []
+    for i, item in enumerate(params):
+        if isinstance(item, str):
+            if item not in by_name:
+                raise ValueError(f"params[{i}]: no parameter named {item!r}; the model has {list(by_name)}")
+            names.append(item)
+        elif isinstance(item, Tensor):
+            if id(item) not in by_id:
+                raise ValueError(f"params[{i}]: this tensor is not a parameter of the model")
+            names.append(by_id[id(item)])
+        else:
+            raise TypeError(f"params[{i}]: expected a parameter name or tensor, got {type(item).__name__}")
+    if not names:
+        raise ValueError("params: expected at least one parameter, got none")
+    if len(set(names)) != len(names):
+        raise ValueError("params: a parameter is listed twice")
+    frozen = [n for n in names if not by_name[n].requires_grad]
+    if frozen:
+        raise ValueError(f"params: these parameters do not require grad: {frozen}")
+    return names, [by_name[n] for n in names]
+
+
+def _mode_sensitive_modules(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of (BatchNorm-like, dropout-like) submodules whose output depends on train mode."""
+    batchnorms, dropouts = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            batchnorms.append(name or type(m).__name__)
+        elif isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            dropouts.append(name or type(m).__name__)
+        elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            dropouts.append(name or type(m).__name__)
+    return batchnorms, dropouts
+
+
+def _check_loss(loss: Any, where: str) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{where}: expected the loss to be a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1 or loss.dim() > 1:
+        raise ValueError(
+            f"{where}: expected a scalar (mean-reduced) loss, got shape {tuple(loss.shape)}; "
+            "use reduction='mean'"
+        )
+    loss = loss.reshape(())
+    if not torch.isfinite(loss):
+        raise ValueError(f"{where}: the loss is {loss.item()}; curvature of a non-finite loss is undefined")
+    return loss
+
+
+def _flat(tensors: Iterable[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _flat_batched(tensors: Iterable[Tensor], k: int) -> Tensor:
+    return torch.cat([t.reshape(k, -1) for t in tensors], dim=1)
+
+
+class _LossModule(nn.Module):
+    """Wraps `loss_fn(model, batch)` as a module so torch.func can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class CurvatureOperator(ABC):
+    """A symmetric n x n curvature matrix of a model's mean loss, available through products.
+
+    Args:
+        model: the network. Its train/eval mode, parameters, `.grad`, `requires_grad` and
+            buffers are left as they were.
+        criterion: `criterion(outputs, targets)` returning the mean loss of a batch, like
+            `nn.CrossEntropyLoss()`. Give either this or `loss_fn`.
+        data: one `(inputs, targets)` batch or an iterable of them (list, DataLoader).
+        params: the parameters to differentiate: None (all that require grad), a list of
+            names or parameter tensors, or a submodule.
+        loss_fn: `loss_fn(model, batch) -> scalar mean loss`, for models that do not fit the
+            outputs/targets mould (dict inputs, custom or regularised losses).
+        mode: None uses the model as it is, but refuses a model in train mode that holds
+            BatchNorm or dropout (its loss would depend on the mode you forgot to set).
+            "eval" evaluates in eval mode. "train" evaluates in train mode (BatchNorm uses
+            batch statistics; its running statistics are restored); dropout is refused there.
+            The model's own mode is restored after every pass.
+        cache_graphs: keep each batch's graph between products. Default: True for
+            in-memory data, False for other iterables such as DataLoaders.
+        batch_size_fn: `batch_size_fn(batch) -> int` samples in a batch, used to weight batches
+            (default: the leading dimension of the batch's first tensor).
+        batched_products: evaluate the k columns of `op @ V` in one vmapped backward pass
+            (faster on GPU) instead of a loop reusing the graph (faster on CPU). Default: by device.
+    """
+
+    kind = "curvature"
+    needs_criterion = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: Callable[[Any, Any], Tensor] | None = None,
+        data: Any = None,
+        params: Any = None,
+        *,
+        loss_fn: LossFn | None = None,
+        mode: str | None = None,
+        cache_graphs: bool | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        batched_products: bool | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if (criterion is None) == (loss_fn is None):
+            raise ValueError("criterion/loss_fn: give exactly one of criterion(outputs, targets) or loss_fn(model, batch)")
+        if criterion is not None and not callable(criterion):
+            raise TypeError(f"criterion: expected a callable criterion(outputs, targets), got {type(criterion).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch), got {type(loss_fn).__name__}")
+        if self.needs_criterion and criterion is None:
+            raise ValueError(f"loss_fn: {type(self).__name__} needs criterion(outputs, targets) to split model and loss")
+        if getattr(criterion, "reduction", "mean") != "mean":
+            raise ValueError(f"criterion: expected reduction='mean', got reduction={criterion.reduction!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode: expected None, 'eval' or 'train', got {mode!r}")
+        self.model = model
+        self.criterion = criterion
+        self.loss_fn = loss_fn
+        self.mode = mode
+        self.param_names, self.params = _select_params(model, params)
+        self._check_mode()
+        self.batches = Batches(data, batch_size_fn)
+        self.cache_graphs = self.batches.in_memory if cache_graphs is None else bool(cache_graphs)
+        self._sizes = [p.numel() for p in self.params]
+        n = sum(self._sizes)
+        self.shape = (n, n)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.batched_products = self.device.type != "cpu" if batched_products is None else bool(batched_products)
+        self._init_kwargs = dict(
+            loss_fn=loss_fn, mode=mode, cache_graphs=cache_graphs, batch_size_fn=batch_size_fn,
+            batched_products=batched_products,
+        )
+        self._data = data
+        self._cache: list[tuple[int, Any]] | None = None
+        self._cache_key: tuple[int, ...] | None = None
+        self.num_matvecs = 0
+        self.matvec_time = 0.0
+
+    # ----------------------------------------------------------------- model safety
+    def _check_mode(self) -> None:
+        batchnorms, dropouts = _mode_sensitive_modules(self.model)
+        if self.mode is None and self.model.training and (batchnorms or dropouts):
+            raise ValueError(
+                f"mode: the model is in train mode and has {', '.join(batchnorms + dropouts)}, whose output "
+                "depends on the mode. Call model.eval() first, or pass mode='eval' (inference loss) or "
+                "mode='train' (BatchNorm batch statistics; running statistics are restored)"
+            )
+        if self.mode == "train" and dropouts:
+            raise ValueError(
+                f"mode: 'train' would make the loss random through dropout in {dropouts}; use mode='eval'"
+            )
+
+    @contextmanager
+    def _forward_mode(self) -> Iterator[None]:
+        """Evaluate the model in the chosen mode, then restore every module's mode and buffers."""
+        flags = [(m, m.training) for m in self.model.modules()]
+        saved, momenta = None, []
+        if self.mode == "train":
+            # BatchNorm's backward reads its running statistics, so they must not be restored in
+            # place after the forward pass: momentum 0 leaves them bit-identical instead.
+            saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+            momenta = [(m, m.momentum) for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        try:
+            for m, _ in momenta:
+                m.momentum = 0.0
+            if self.mode == "eval":
+                self.model.eval()
+            elif self.mode == "train":
+                self.model.train()
+            yield
+        finally:
+            for m, flag in flags:
+                m.training = flag
+            for m, momentum in momenta:
+                m.momentum = momentum
+            with torch.no_grad():
+                for b, value in saved or []:
+                    if not torch.equal(b, value):
+                        b.copy_(value)
+
+    def _batch_loss(self, batch: Any, index: int) -> Tensor:
+        """The mean loss of one batch, built with a graph to the parameters."""
+        where = f"data: batch {index}"
+        if self.criterion is not None:
+            inputs, targets = self._split(batch, index)
+            outputs = self._forward(inputs, index)
+            try:
+                loss = self.criterion(outputs, targets)
+            except Exception as exc:
+                raise ValueError(f"criterion: failed on batch {index}: {exc}") from exc
+        else:
+            try:
+                loss = self.loss_fn(self.model, batch)
+            except Exception as exc:
+                raise ValueError(f"loss_fn: failed on batch {index}: {exc}") from exc
+        return _check_loss(loss, where)
+
+    def _split(self, batch: Any, index: int) -> tuple[Any, Any]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"data: batch {index} should be an (inputs, targets) pair for criterion(outputs, targets)")
+        return batch[0], batch[1]
+
+    def _forward(self, inputs: Any, index: int) -> Tensor:
+        try:
+            outputs = self.model(inputs)
+        except Exception as exc:
+            shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+            raise ValueError(f"data: the model cannot take the inputs of batch {index} ({shape}): {exc}") from exc
+        return outputs
+
+    # ----------------------------------------------------------------- per-batch states
+    @abstractmethod
+    def _prepare(self, batch: Any, index: int) -> Any:
+        """Build whatever products on this batch need (a graph, per-sample gradients)."""
+
+    @abstractmethod
+    def _apply(self, state: Any, V: Tensor) -> Tensor:
+        """The batch's curvature (of its mean loss) times V, shape (n, k)."""
+
+    def _state_key(self) -> tuple[int, ...]:
+        return tuple(t._version for t in (*self.model.parameters(), *self.model.buffers()))
+
+    def _states(self) -> Iterator[tuple[int, Any]]:
+        if self.cache_graphs:
+            if self._cache is None or self._cache_key != self._state_key():
+                self._cache = None
+                self._cache = list(self._build_states())
+                self._cache_key = self._state_key()
+            yield from self._cache
+        else:
+            yield from self._build_states()
+
+    def _build_states(self) -> Iterator[tuple[int, Any]]:
+        for index, (count, batch) in enumerate(self.batches):
+            batch = move_batch(batch, self.device, self.dtype)
+            yield count, self._prepare(batch, index)
+
+    def clear_cache(self) -> None:
+        """Release the cached per-batch graphs (they are rebuilt on the next product)."""
+        self._cache = None
+        self._cache_key = None
+
+    # ----------------------------------------------------------------- products
+    def __matmul__(self, v: Any) -> Tensor:
+        if not isinstance(v, Tensor):
+            raise TypeError(f"v: expected a torch.Tensor of shape ({self.shape[0]},) or ({self.shape[0]}, k), got {type(v).__name__}")
+        n = self.shape[0]
+        if v.dim() not in (1, 2) or v.shape[0] != n or (v.dim() == 2 and v.shape[1] == 0):
+            raise ValueError(f"v: expected shape ({n},) or ({n}, k), got {tuple(v.shape)}")
+        V = v.to(device=self.device, dtype=self.dtype).reshape(n, -1)
+        if not torch.isfinite(V).all():
+            raise ValueError("v: contains nan or inf")
+        start = time.perf_counter()
+        total = 0
+        out = torch.zeros_like(V)
+        with torch.enable_grad():
+            for count, state in self._states():
+                out.add_(self._apply(state, V), alpha=count)
+                total += count
+        out.div_(total)
+        self.num_matvecs += V.shape[1]
+        self.matvec_time += time.perf_counter() - start
+        if not torch.isfinite(out).all():
+            raise ValueError(f"{type(self).__name__}: a product came out nan or inf; the model or loss is not finite here")
+        return out.reshape(v.shape)
+
+    def _vjp(self, outputs: Tensor, inputs: list[Tensor] | Tensor, V: Tensor) -> Tensor:
+        """Rows V^T (d outputs / d inputs), flattened: (k, n_inputs). V has shape (k, *outputs.shape)."""
+        inputs_list = [inputs] if isinstance(inputs, Tensor) else inputs
+        k = V.shape[0]
+        V = V.contiguous()
+        if not outputs.requires_grad:
+            return V.new_zeros(k, sum(t.numel() for t in inputs_list))
+        if self.batched_products and k > 1:
+            grads = torch.autograd.grad(
+                outputs, inputs_list, V, retain_graph=True, is_grads_batched=True, materialize_grads=True
+            )
+            return _flat_batched(grads, k)
+        rows = [
+            _flat(torch.autograd.grad(outputs, inputs_list, V[j], retain_graph=True, materialize_grads=True))
+            for j in range(k)
+        ]
+        return torch.stack(rows)
+
+    # ----------------------------------------------------------------- conveniences
+    def dense(self) -> Tensor:
+        """The exact n x n matrix (n products), for small models."""
+        n = self.shape[0]
+        if n > _DENSE_LIMIT:
+            raise ValueError(f"dense(): n = {n} is too large to materialise (limit {_DENSE_LIMIT}); use the estimators")
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        cols = [self @ eye[:, i : i + 256] for i in range(0, n, 256)]
+        matrix = torch.cat(cols, dim=1)
+        return (matrix + matrix.T) / 2
+
+    def to_scipy(self):
+        """A `scipy.sparse.linalg.LinearOperator` view (float64 numpy in and out)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def matmat(x: np.ndarray) -> np.ndarray:
+            return (self @ torch.as_tensor(np.asarray(x))).detach().cpu().double().numpy()
+
+        return LinearOperator(self.shape, matvec=matmat, rmatvec=matmat, matmat=matmat, rmatmat=matmat, dtype=np.float64)
+
+    def restrict(self, params: Any) -> CurvatureOperator:
+        """The same curvature restricted to a subset of parameters (a diagonal block)."""
+        return type(self)(self.model, self.criterion, self._data, params, **self._init_kwargs)
+
+    def blocks(self, by: str = "module") -> Iterator[tuple[str, CurvatureOperator]]:
+        """Yield (name, block operator) per layer (`by="module"`) or per parameter (`by="parameter"`)."""
+        if by not in ("module", "parameter"):
+            raise ValueError(f"by: expected 'module' or 'parameter', got {by!r}")
+        groups: dict[str, list[str]] = {}
+        for name in self.param_names:
+            key = name.rpartition(".")[0] if by == "module" else name
+            groups.setdefault(key, []).append(name)
+        for key, names in groups.items():
+            yield key, self.restrict(names)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.shape[0]}, params={len(self.params)}, dtype={self.dtype}, device={self.device})"
+
+
+class HessianOperator(CurvatureOperator):
+    """The Hessian of the mean loss, H = d^2 L / d theta^2 (Pearlmutter 1994's double backward)."""
+
+    kind = "hessian"
+
+    def _prepare(self, batch: Any, index: int) -> Tensor:
+        with self._forward_mode():
+            loss = self._batch_loss(batch, index)
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, materialize_grads=True)
+        return _flat(grads)
+
+    def _apply(self, gradient: Tensor, V: Tensor) -> Tensor:
+        return self._vjp(gradient, self.params, V.T).T
+
+
+class GGNOperator(CurvatureOperator):
+    """The generalised Gauss-Newton matrix G = J^T (d^2 l / d f^2) J (Schraudolph 2002).
+
+    J is the Jacobian of the model outputs f with respect to the parameters. Products use the
+    double-vjp trick for J v, so everything runs on torch.autograd's reverse mode.
+    """
+
+    kind = "ggn"
+    needs_criterion = True
+
+    def _prepare(self, batch: Any, index: int) -> tuple[Tensor, ...]:
+        inputs, targets = self._split(batch, index)
+        with self._forward_mode():
+            outputs = self._forward(inputs, index)
+        if not isinstance(outputs, Tensor):
+            raise TypeError(f"model: GGNOperator needs tensor outputs, got {type(outputs).__name__}")
+        detached = outputs.detach().requires_grad_()
+        try:
+            loss = self.criterion(detached, targets)
+        except Exception as exc:
+            raise ValueError(f"criterion: failed on batch {index}: {exc}") from exc
+        loss = _check_loss(loss, f"data: batch {index}")
+        loss_grad = torch.autograd.grad(loss, detached, create_graph=True)[0]
+        dummy = torch.zeros_like(outputs, requires_grad=True)
+        jt_dummy = _flat(torch.autograd.grad(outputs, self.params, dummy, create_graph=True, materialize_grads=True))
+        return outputs, detached, loss_grad, dummy, jt_dummy
+
+    def _apply(self, state: tuple[Tensor, ...], V: Tensor) -> Tensor:
+        outputs, detached, loss_grad, dummy, jt_dummy = state
+        k = V.shape[1]
+        jv = self._vjp(jt_dummy, dummy, V.T).reshape(k, *outputs.shape)  # J v via d/du <J^T u, v>
+        hjv = self._vjp(loss_grad, detached, jv).reshape(k, *outputs.shape)
+        return self._vjp(outputs, self.params, hjv).T
+
+
+class EmpiricalFisherOperator(CurvatureOperator):
+    """The empirical Fisher F = (1/N) sum_i g_i g_i^T, g_i the gradient of sample i's loss alone.
+
+    Per-sample gradients come from torch.func (`vmap` over `grad`: first derivatives only), and
+    each batch keeps its (N_b x n) gradient matrix, so a product is two matrix multiplications.
+    """
+
+    kind = "empirical_fisher"
+
+    def _check_mode(self) -> None:
+        super()._check_mode()
+        batchnorms, _ = _mode_sensitive_modules(self.model)
+        if self.mode == "train" and batchnorms:
+            raise ValueError(
+                f"mode: per-sample gradients are undefined with BatchNorm batch statistics ({batchnorms}); use mode='eval'"
+            )
+
+    def _prepare(self, batch: Any, index: int) -> Tensor:
+        from torch.func import functional_call, grad, vmap
+
+        with self._forward_mode(), torch.no_grad():
+            self._batch_loss(batch, index)  # clear errors for bad inputs, non-scalar or non-finite loss
+        if self.criterion is not None:
+            criterion = self.criterion
+            wrapper = _LossModule(self.model, lambda model, b: criterion(model(b[0]), b[1]))
+        else:
+            wrapper = _LossModule(self.model, self.loss_fn)
+        weights = {"model." + name: p.detach() for name, p in zip(self.param_names, self.params)}
+
+        def sample_loss(w: dict[str, Tensor], sample: Any) -> Tensor:
+            one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), sample)
+            return functional_call(wrapper, w, (one,)).reshape(())
+
+        with self._forward_mode():
+            grads = vmap(grad(sample_loss), in_dims=(None, 0))(weights, batch)
+        per_sample = torch.cat([grads["model." + name].flatten(1) for name in self.param_names], dim=1)
+        if not torch.isfinite(per_sample).all():
+            raise ValueError(f"data: batch {index} has a per-sample gradient with nan or inf")
+        return per_sample
+
+    def _apply(self, per_sample: Tensor, V: Tensor) -> Tensor:
+        return per_sample.T @ (per_sample @ V) / per_sample.shape[0]

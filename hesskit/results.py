@@ -1,0 +1,123 @@
+"""Result objects: every estimate carries its error, its cost in products, its seed and its time."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["TraceResult", "DiagonalResult", "EigenResult", "SpectralDensityResult"]
+
+
+def _normal_quantile(level: float) -> float:
+    from scipy.stats import norm
+
+    if not 0 < level < 1:
+        raise ValueError(f"level: expected a probability in (0, 1), got {level}")
+    return float(norm.ppf(0.5 + level / 2))
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Cost:
+    num_matvecs: int
+    seed: int | None
+    wall_time: float
+    matvec_time: float
+
+    @property
+    def overhead_time(self) -> float:
+        """Seconds spent outside curvature products (the estimator's own arithmetic)."""
+        return max(self.wall_time - self.matvec_time, 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceResult(_Cost):
+    """A trace estimate. `stderr` is the standard error of `value` (nan with under two samples)."""
+
+    value: float
+    stderr: float
+    method: str
+    distribution: str
+
+    def confidence_interval(self, level: float = 0.95) -> tuple[float, float]:
+        half = _normal_quantile(level) * self.stderr
+        return self.value - half, self.value + half
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiagonalResult(_Cost):
+    """A diagonal estimate with a per-entry standard error."""
+
+    value: Tensor
+    stderr: Tensor
+    distribution: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class EigenResult(_Cost):
+    """Eigenpairs. `residuals[i] = ||A v_i - lambda_i v_i||`, which bounds the eigenvalue error;
+    `converged[i]` says whether it met the tolerance."""
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    converged: Tensor
+    which: str
+    method: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpectralDensityResult(_Cost):
+    """Stochastic Lanczos quadrature: per run, Gauss quadrature nodes and weights (summing to 1).
+
+    For any function f, mean over runs of sum(weights * f(nodes)) estimates tr f(A) / n.
+    """
+
+    nodes: np.ndarray
+    weights: np.ndarray
+    dim: int
+
+    def estimate_trace(self, f: Callable[[np.ndarray], np.ndarray]) -> tuple[float, float]:
+        """Estimate tr f(A) with its standard error over runs."""
+        per_run = self.dim * (self.weights * f(self.nodes)).sum(axis=1)
+        stderr = per_run.std(ddof=1) / math.sqrt(len(per_run)) if len(per_run) > 1 else math.nan
+        return float(per_run.mean()), float(stderr)
+
+    def default_sigma(self) -> float:
+        """Smoothing width: 1% of the spectrum's span (at least 1e-12)."""
+        span = float(self.nodes.max() - self.nodes.min())
+        return max(0.01 * span, 1e-12)
+
+    def density(self, grid: np.ndarray, sigma: float | None = None) -> np.ndarray:
+        """The spectral density smoothed by a Gaussian of width `sigma`, on `grid` (integrates to 1)."""
+        sigma = self.default_sigma() if sigma is None else float(sigma)
+        if sigma <= 0:
+            raise ValueError(f"sigma: expected a positive width, got {sigma}")
+        grid = np.asarray(grid, dtype=float)
+        nodes = self.nodes.reshape(-1)
+        weights = self.weights.reshape(-1) / self.nodes.shape[0]
+        z = (grid[:, None] - nodes[None, :]) / sigma
+        return (np.exp(-0.5 * z**2) * weights).sum(axis=1) / (sigma * math.sqrt(2 * math.pi))
+
+    def plot(self, ax=None, sigma: float | None = None, num_points: int = 1000, log_scale: bool = True):
+        """Plot the smoothed density (log scale shows the outliers beside the bulk)."""
+        import matplotlib.pyplot as plt
+
+        sigma = self.default_sigma() if sigma is None else sigma
+        lo, hi = self.nodes.min() - 3 * sigma, self.nodes.max() + 3 * sigma
+        grid = np.linspace(lo, hi, num_points)
+        values = self.density(grid, sigma)
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(grid, values)
+        if log_scale:
+            ax.set_yscale("log")
+            ax.set_ylim(max(values.max() * 1e-8, 1e-300), values.max() * 2)
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        ax.set_title(f"spectral density (SLQ, {self.nodes.shape[0]} runs x {self.nodes.shape[1]} steps, sigma={sigma:.3g})")
+        return ax
