@@ -5,7 +5,7 @@
     hk.eigenvalues(op, k=5).values, hk.trace(op, num_matvecs=99).value
 """
 
-from . import data, models
+from . import data, models, widgets
 from .density import spectral_density
 from .eigen import eigenvalues, power_iteration
 from .operators import CurvatureOperator, EmpiricalFisherOperator, GGNOperator, HessianOperator
@@ -30,4 +30,5 @@ __all__ = [
     "SpectralDensityResult",
     "data",
     "models",
+    "widgets",
 ]

@@ -17,14 +17,14 @@ __all__ = ["spectral_density"]
 def lanczos_quadrature(A: Counted, v: torch.Tensor, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Gauss quadrature for the spectral measure of A seen from the unit vector v.
 
-    num_steps Lanczos steps (full reorthogonalisation) give H = V^T A V; with H = S diag(theta) S^T,
+    num_steps Lanczos steps (full reorthogonalisation) give H = V A V^T; with H = S diag(theta) S^T,
     the nodes are theta and the weights S[0, :]^2, so v^T f(A) v ~ sum_j weights_j f(theta_j),
     exactly for polynomials of degree < 2 * num_steps. An early invariant subspace ends the
     run: the remaining nodes get weight zero.
     """
-    V = torch.zeros(A.n, num_steps + 1, dtype=A.dtype, device=A.device)
+    V = torch.zeros(num_steps + 1, A.n, dtype=A.dtype, device=A.device)
     H = torch.zeros(num_steps, num_steps, dtype=torch.float64)
-    V[:, 0] = v
+    V[0] = v
     steps = num_steps
     for j in range(num_steps):
         w = lanczos_step(A, V, j, H)
@@ -33,7 +33,7 @@ def lanczos_quadrature(A: Counted, v: torch.Tensor, num_steps: int) -> tuple[np.
             if beta <= 1e-10 * max(H[: j + 1, : j + 1].abs().max().item(), 1e-30):
                 steps = j + 1
                 break
-            V[:, j + 1] = w / beta
+            V[j + 1] = w / beta
     theta, S = torch.linalg.eigh(H[:steps, :steps])
     nodes = np.full(num_steps, theta[-1].item())
     weights = np.zeros(num_steps)

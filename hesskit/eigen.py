@@ -23,27 +23,28 @@ def _rank(theta: Tensor, which: str) -> Tensor:
 
 
 def _random_unit(A: Counted, gen: torch.Generator, against: Tensor | None = None) -> Tensor:
+    """A random unit vector, orthogonal to the rows of `against` if given."""
     v = torch.randn(A.n, generator=gen, dtype=torch.float64).to(device=A.device, dtype=A.dtype)
     for _ in range(2):
-        if against is not None and against.shape[1] > 0:
-            v = v - against @ (against.T @ v)
+        if against is not None and len(against) > 0:
+            v = v - (against @ v) @ against
     return v / v.norm()
 
 
 def lanczos_step(A: Counted, V: Tensor, j: int, H: Tensor) -> Tensor:
-    """Multiply the basis vector V[:, j] by A and orthogonalise the result against V[:, :j+1].
+    """Multiply the basis vector V[j] by A and orthogonalise the result against V[:j+1].
 
-    The projections fill column and row j of the projected matrix H = V^T A V. Gram-Schmidt is
-    run twice ("twice is enough", Giraud et al. 2005), which keeps the basis orthonormal to
-    working precision: full reorthogonalisation, so no spurious copies of eigenvalues appear.
-    Returns the residual w with A V_j = V_j H_j + w e_j^T.
+    The basis vectors are the rows of V. The projections fill column and row j of the projected
+    matrix H = V A V^T. Gram-Schmidt is run twice ("twice is enough", Giraud et al. 2005), which
+    keeps the basis orthonormal to working precision: full reorthogonalisation, so no spurious
+    copies of eigenvalues appear. Returns the residual w with A V_j^T = V_j^T H_j + w e_j^T.
     """
-    basis = V[:, : j + 1]
-    w = A @ V[:, j]
-    h = basis.T @ w
-    w = w - basis @ h
-    correction = basis.T @ w
-    w = w - basis @ correction
+    basis = V[: j + 1]
+    w = A @ V[j]
+    h = basis @ w
+    w = w - h @ basis
+    correction = basis @ w
+    w = w - correction @ basis
     h = (h + correction).double().cpu()
     H[: j + 1, j] = h
     H[j, : j + 1] = h
@@ -55,8 +56,8 @@ def lanczos(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Thick-restart Lanczos (Wu & Simon 2000) with full reorthogonalisation.
 
-    Grows an orthonormal Krylov basis V one product at a time and takes Ritz pairs from the
-    eigendecomposition of H = V^T A V. Ritz pair i has residual ||A y_i - theta_i y_i|| =
+    Grows an orthonormal Krylov basis (the rows of V) one product at a time and takes Ritz
+    pairs from the eigendecomposition of H = V A V^T. Ritz pair i has residual ||A y_i - theta_i y_i|| =
     ||w|| |S[-1, i]|, and stops when every wanted pair has residual <= tol * ||A|| (||A|| is
     estimated by the largest |Ritz value|); a residual r bounds the eigenvalue error by r (and
     by r^2 / gap). When the basis is full, it keeps the most wanted Ritz vectors and continues
@@ -64,9 +65,9 @@ def lanczos(
     step's projections fill in the coupling (an "arrowhead") by themselves.
     """
     n, m = A.n, basis_size
-    V = torch.zeros(n, m + 1, dtype=A.dtype, device=A.device)
+    V = torch.zeros(m + 1, n, dtype=A.dtype, device=A.device)
     H = torch.zeros(m, m, dtype=torch.float64)
-    V[:, 0] = _random_unit(A, gen)
+    V[0] = _random_unit(A, gen)
     j, anorm = 0, 0.0
     while True:
         w = lanczos_step(A, V, j, H)
@@ -81,17 +82,17 @@ def lanczos(
         if (j >= k and bool(converged.all())) or j == n or A.num_matvecs >= max_matvecs:
             break
         if beta <= 1e-10 * max(anorm, 1e-30):  # an invariant subspace: continue in a fresh direction
-            V[:, j] = _random_unit(A, gen, against=V[:, :j])
+            V[j] = _random_unit(A, gen, against=V[:j])
         else:
-            V[:, j] = w / beta
-        if j == m:  # thick restart: keep the most wanted Ritz vectors, continue from V[:, m]
+            V[j] = w / beta
+        if j == m:  # thick restart: keep the most wanted Ritz vectors, continue from V[m]
             keep = order[: min(m - 1, max(k + 1, (m + k) // 2))]
-            V[:, : len(keep)] = V[:, :m] @ S[:, keep].to(V)
-            V[:, len(keep)] = V[:, m]
+            V[: len(keep)] = S[:, keep].T.to(V) @ V[:m]
+            V[len(keep)] = V[m]
             H.zero_()
             H[: len(keep), : len(keep)] = torch.diag(theta[keep])
             j = len(keep)
-    vectors = V[:, :j] @ S[:, wanted].to(V)
+    vectors = V[:j].T @ S[:, wanted].to(V)
     return theta[wanted], vectors, residuals[wanted], converged
 
 
@@ -151,7 +152,7 @@ def power_iteration(
     if not tol > 0:
         raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
     seed, gen = make_generator(seed)
-    Q = torch.zeros(A.n, 0, dtype=A.dtype, device=A.device)
+    Q = torch.zeros(0, A.n, dtype=A.dtype, device=A.device)  # eigenvectors found, as rows
     values, residuals, converged, anorm = [], [], [], 0.0
     for _ in range(k):
         v = _random_unit(A, gen, against=Q)
@@ -162,17 +163,17 @@ def power_iteration(
             anorm = max(anorm, abs(theta))
             if residual <= tol * anorm:
                 break
-            w = w - Q @ (Q.T @ w)
+            w = w - (Q @ w) @ Q
             v = w / w.norm()
         values.append(theta)
         residuals.append(residual)
         converged.append(residual <= tol * anorm)
-        Q = torch.cat([Q, v[:, None]], dim=1)
+        Q = torch.cat([Q, v[None]])
     residuals_t = torch.tensor(residuals, dtype=A.dtype)
     converged_t = torch.tensor(converged)
     _warn_unconverged("power_iteration", residuals_t, converged_t, tol, max_iters)
     return EigenResult(
-        values=torch.tensor(values, dtype=A.dtype), vectors=Q, residuals=residuals_t, converged=converged_t,
+        values=torch.tensor(values, dtype=A.dtype), vectors=Q.T, residuals=residuals_t, converged=converged_t,
         which="magnitude", method="power_iteration", **A.cost(seed),
     )
 

@@ -303,3 +303,13 @@ def test_rejects_bad_arguments():
     op = hk.HessianOperator(model, criterion, data)
     with pytest.raises(ValueError, match="by"):
         list(op.blocks(by="layer"))
+
+
+def test_rejects_non_finite_products_from_a_finite_loss():
+    """|w|^1.5 has a finite loss and gradient at w = 0 but an infinite second derivative."""
+    model = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+    op = hk.HessianOperator(model, data=(torch.ones(1, 2),), loss_fn=lambda m, b: m.weight.abs().pow(1.5).sum())
+    with pytest.raises(ValueError, match="nan or inf"):
+        op @ torch.ones(2, dtype=torch.float64)

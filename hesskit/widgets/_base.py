@@ -1,0 +1,72 @@
+"""The one pattern every notebook widget follows, and the fast-mode switch the tests set.
+
+Explicit widgets are wired to one `render()`. `render()` computes and draws first, then puts
+the figure into the `Output` widget by setting its `outputs` in one update. It never enters a
+`with output:` block: an exception raised there is swallowed by the kernel (nbmake would pass),
+and nbclient's routing of captured output can stall a test run until its timeout (nbclient#312).
+Figures are object-oriented `matplotlib.figure.Figure`s, so re-rendering never leaks pyplot
+figures, and replacing the outputs at once does not flicker. Works with ipywidgets 7.7 and 8.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+__all__ = ["Explorer", "fast_mode", "budget"]
+
+
+def fast_mode() -> bool:
+    """True when HESSKIT_FAST is set to a non-empty value other than 0 (the tests set it)."""
+    return os.environ.get("HESSKIT_FAST", "") not in ("", "0")
+
+
+def budget(full: Any, fast: Any) -> Any:
+    """`fast` in fast mode (tests), `full` otherwise (results worth reading)."""
+    return fast if fast_mode() else full
+
+
+class Explorer(ABC):
+    """Base class: subclasses build `self.controls`, then implement `compute` and `draw`.
+
+    `render()` stores what it computed in `self.result` and the figure in `self.figure`, so
+    tests can drive every control and assert on the numbers.
+    """
+
+    height = "440px"
+
+    def __init__(self, controls: dict[str, Any]):
+        import ipywidgets as widgets
+
+        self.controls = controls
+        self.output = widgets.Output(layout={"min_height": self.height})
+        self.result: Any = None
+        self.figure: Any = None
+        for control in controls.values():
+            control.observe(self.render, names="value")
+        self.widget = widgets.VBox([widgets.HBox(list(controls.values()), layout={"flex_flow": "row wrap"}), self.output])
+
+    def values(self) -> dict[str, Any]:
+        return {name: control.value for name, control in self.controls.items()}
+
+    @abstractmethod
+    def compute(self, **values: Any) -> Any:
+        """Everything that can fail: runs outside the Output context."""
+
+    @abstractmethod
+    def draw(self, result: Any):
+        """Build and return a matplotlib Figure from `result` (outside the Output context)."""
+
+    def render(self, change: Any = None) -> None:
+        from IPython.core.formatters import format_display_data
+
+        self.result = self.compute(**self.values())
+        self.figure = self.draw(self.result)
+        data, metadata = format_display_data(self.figure)
+        self.output.outputs = ({"output_type": "display_data", "data": data, "metadata": metadata},)
+
+    def show(self):
+        """Render once (so the notebook shows results without a click) and return the widget."""
+        self.render()
+        return self.widget

@@ -1,0 +1,43 @@
+"""Every notebook widget, driven through its controls' extreme values (an exception inside a
+widget's Output would not fail nbmake, so the callbacks are tested here)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import hesskit as hk  # noqa: E402
+
+
+def test_fast_mode_and_budget(monkeypatch):
+    monkeypatch.setenv("HESSKIT_FAST", "1")
+    assert hk.widgets.fast_mode() and hk.widgets.budget(100, 3) == 3
+    monkeypatch.setenv("HESSKIT_FAST", "0")
+    assert not hk.widgets.fast_mode() and hk.widgets.budget(100, 3) == 100
+
+
+def test_hessian_explorer_over_its_controls():
+    explorer = hk.widgets.HessianExplorer(widths=(2, 5), width=3, num_samples=32)
+    explorer.show()
+    first = explorer.result
+    assert first["n"] == 75 * 3 + 10 and first["shown"].shape == (first["n"], first["n"])
+    np.testing.assert_allclose(first["shown"], first["shown"].T, atol=1e-12)
+    for width in (2, 5):
+        explorer.controls["width"].value = width
+        assert explorer.result["n"] == 75 * width + 10
+        assert 0 < explorer.result["energy_share"] <= 1
+    for block in explorer.controls["block"].options:
+        explorer.controls["block"].value = block
+        size = explorer.result["shown"].shape[0]
+        expected = {"all": 75 * 5 + 10, "1.weight": 64 * 5, "1.bias": 5, "3.weight": 50, "3.bias": 10}[block]
+        assert size == expected
+        assert explorer.figure.axes[0].get_xlabel() == "parameter index"
+
+
+def test_mlp_hessian_rejects_bad_width():
+    with pytest.raises(ValueError, match="width"):
+        hk.widgets.mlp_hessian(0)
