@@ -52,7 +52,8 @@ def lanczos_step(A: Counted, V: Tensor, j: int, H: Tensor) -> Tensor:
 
 
 def lanczos(
-    A: Counted, k: int, which: str, tol: float, max_matvecs: int, basis_size: int, gen: torch.Generator
+    A: Counted, k: int, which: str, tol: float, max_matvecs: int, basis_size: int, gen: torch.Generator,
+    start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Thick-restart Lanczos (Wu & Simon 2000) with full reorthogonalisation.
 
@@ -63,12 +64,17 @@ def lanczos(
     by r^2 / gap). When the basis is full, it keeps the most wanted Ritz vectors and continues
     from the residual direction: H restarts as their Ritz values on the diagonal, and the next
     step's projections fill in the coupling (an "arrowhead") by themselves.
+
+    A small residual proves that a Ritz value is close to *an* eigenvalue, not to the wanted
+    one: a Krylov space of a few vectors may not yet have seen the top eigenvector (Parlett's
+    "misconvergence"). So convergence is accepted only after at least k + 5 steps.
     """
     n, m = A.n, basis_size
     V = torch.zeros(m + 1, n, dtype=A.dtype, device=A.device)
     H = torch.zeros(m, m, dtype=torch.float64)
-    V[0] = _random_unit(A, gen)
+    V[0] = _random_unit(A, gen) if start is None else start / start.norm()
     j, anorm = 0, 0.0
+    min_steps = min(n, k + 5)
     while True:
         w = lanczos_step(A, V, j, H)
         j += 1
@@ -79,7 +85,7 @@ def lanczos(
         residuals = beta * S[j - 1].abs()
         wanted = order[: min(k, j)]
         converged = residuals[wanted] <= tol * anorm
-        if (j >= k and bool(converged.all())) or j == n or A.num_matvecs >= max_matvecs:
+        if (A.num_matvecs >= min_steps and bool(converged.all())) or j == n or A.num_matvecs >= max_matvecs:
             break
         if beta <= 1e-10 * max(anorm, 1e-30):  # an invariant subspace: continue in a fresh direction
             V[j] = _random_unit(A, gen, against=V[:j])
@@ -104,6 +110,7 @@ def eigenvalues(
     max_matvecs: int | None = None,
     basis_size: int | None = None,
     seed: int | None = None,
+    start: Tensor | None = None,
 ) -> EigenResult:
     """The k extreme eigenpairs of a symmetric operator by Lanczos.
 
@@ -114,6 +121,11 @@ def eigenvalues(
     residuals are from tol and `converged` marks which pairs met it.
     basis_size: Krylov basis kept in memory, basis_size + 1 vectors of length n
     (default min(n, max(2k + 20, 40))).
+    start: a starting vector (e.g. the previous top eigenvector when tracking lambda_max during
+    training); default a random Gaussian vector from `seed`.
+
+    A residual bounds the distance to *some* eigenvalue; with a loose tol and nearly equal top
+    eigenvalues, check a second seed before trusting which one was found.
     """
     A = Counted(op)
     check_choice("which", which, WHICH)
@@ -122,12 +134,17 @@ def eigenvalues(
         raise ValueError(f"k: expected at most n = {A.n} eigenpairs, got {k}")
     if not tol > 0:
         raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
+    _warn_below_precision(tol, A.dtype)
     m = min(A.n, max(2 * k + 20, 40)) if basis_size is None else check_count("basis_size", basis_size)
     if m < A.n and m < k + 2 or m > A.n:
         raise ValueError(f"basis_size: expected k + 2 = {k + 2} <= basis_size <= n = {A.n}, got {m}")
     max_matvecs = 20 * m if max_matvecs is None else check_count("max_matvecs", max_matvecs, k)
     seed, gen = make_generator(seed)
-    values, vectors, residuals, converged = lanczos(A, k, which, tol, max_matvecs, m, gen)
+    if start is not None:
+        if not isinstance(start, Tensor) or start.shape != (A.n,) or not torch.isfinite(start).all() or start.norm() == 0:
+            raise ValueError(f"start: expected a finite, nonzero vector of shape ({A.n},)")
+        start = start.detach().to(device=A.device, dtype=A.dtype)
+    values, vectors, residuals, converged = lanczos(A, k, which, tol, max_matvecs, m, gen, start)
     _warn_unconverged("eigenvalues", residuals, converged, tol, max_matvecs)
     return EigenResult(
         values=values.to(A.dtype), vectors=vectors, residuals=residuals.to(A.dtype), converged=converged,
@@ -156,13 +173,13 @@ def power_iteration(
     values, residuals, converged, anorm = [], [], [], 0.0
     for _ in range(k):
         v = _random_unit(A, gen, against=Q)
-        for _ in range(max_iters):
+        for step in range(max_iters):
             w = A @ v
             theta = torch.dot(v, w).item()
             residual = (w - theta * v).norm().item()
             anorm = max(anorm, abs(theta))
-            if residual <= tol * anorm:
-                break
+            if residual <= tol * anorm or step == max_iters - 1:
+                break  # v, theta and residual describe the same vector
             w = w - (Q @ w) @ Q
             v = w / w.norm()
         values.append(theta)
@@ -176,6 +193,17 @@ def power_iteration(
         values=torch.tensor(values, dtype=A.dtype), vectors=Q.T, residuals=residuals_t, converged=converged_t,
         which="magnitude", method="power_iteration", **A.cost(seed),
     )
+
+
+def _warn_below_precision(tol: float, dtype: torch.dtype) -> None:
+    """Residuals from the Lanczos recurrence keep shrinking below what the dtype can deliver."""
+    floor = 10 * torch.finfo(dtype).eps
+    if tol < floor:
+        warnings.warn(
+            f"tol={tol:g} is below what {dtype} can resolve (about {floor:.1g} * ||A||): the reported residuals "
+            "would understate the true ones. Use a float64 model for tighter tolerances.",
+            stacklevel=3,
+        )
 
 
 def _warn_unconverged(name: str, residuals: Tensor, converged: Tensor, tol: float, budget: int) -> None:

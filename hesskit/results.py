@@ -13,12 +13,13 @@ from torch import Tensor
 __all__ = ["TraceResult", "DiagonalResult", "EigenResult", "SpectralDensityResult"]
 
 
-def _normal_quantile(level: float) -> float:
-    from scipy.stats import norm
+def _t_quantile(level: float, num_samples: int) -> float:
+    """Two-sided Student-t quantile for a mean of `num_samples` samples (nan with fewer than 2)."""
+    from scipy.stats import t
 
     if not 0 < level < 1:
         raise ValueError(f"level: expected a probability in (0, 1), got {level}")
-    return float(norm.ppf(0.5 + level / 2))
+    return float(t.ppf(0.5 + level / 2, df=num_samples - 1)) if num_samples > 1 else math.nan
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,15 +37,20 @@ class _Cost:
 
 @dataclass(frozen=True, kw_only=True)
 class TraceResult(_Cost):
-    """A trace estimate. `stderr` is the standard error of `value` (nan with under two samples)."""
+    """A trace estimate. `stderr` is the standard error of `value`, computed from `num_samples`
+    random quadratic forms (all probes for Hutchinson, the residual probes for Hutch++; nan with
+    fewer than two)."""
 
     value: float
     stderr: float
+    num_samples: int
     method: str
     distribution: str
 
     def confidence_interval(self, level: float = 0.95) -> tuple[float, float]:
-        half = _normal_quantile(level) * self.stderr
+        """Student-t interval on `num_samples - 1` degrees of freedom (nominal coverage for
+        normal samples; few probes of a skewed quadratic form can still cover less)."""
+        half = _t_quantile(level, self.num_samples) * self.stderr
         return self.value - half, self.value + half
 
 

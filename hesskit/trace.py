@@ -33,12 +33,12 @@ def _mean_and_stderr(samples: Tensor) -> tuple[float, float]:
     return mean, stderr
 
 
-def hutchinson_trace(A: Counted, num_matvecs: int, distribution: str, gen: torch.Generator) -> tuple[float, float]:
+def hutchinson_trace(A: Counted, num_matvecs: int, distribution: str, gen: torch.Generator) -> tuple[float, float, int]:
     """Hutchinson (1989): tr(A) = E[z^T A z] for probes with E[z z^T] = I."""
-    return _mean_and_stderr(_quadratic_forms(A, num_matvecs, distribution, gen))
+    return (*_mean_and_stderr(_quadratic_forms(A, num_matvecs, distribution, gen)), num_matvecs)
 
 
-def hutchpp_trace(A: Counted, num_matvecs: int, distribution: str, gen: torch.Generator) -> tuple[float, float]:
+def hutchpp_trace(A: Counted, num_matvecs: int, distribution: str, gen: torch.Generator) -> tuple[float, float, int]:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021): exact trace on a sketched top subspace
     plus Hutchinson on the rest.
 
@@ -51,7 +51,7 @@ def hutchpp_trace(A: Counted, num_matvecs: int, distribution: str, gen: torch.Ge
     Q = torch.linalg.qr(sketch).Q
     top = (Q * (A @ Q)).sum().item()
     rest, stderr = _mean_and_stderr(_quadratic_forms(A, num_matvecs - 2 * k, distribution, gen, basis=Q))
-    return top + rest, stderr
+    return top + rest, stderr, num_matvecs - 2 * k
 
 
 _METHODS = {"hutch++": hutchpp_trace, "hutchinson": hutchinson_trace}
@@ -76,8 +76,10 @@ def trace(
     check_choice("distribution", distribution, DISTRIBUTIONS)
     check_count("num_matvecs", num_matvecs, 3 if method == "hutch++" else 1)
     seed, gen = make_generator(seed)
-    value, stderr = _METHODS[method](A, num_matvecs, distribution, gen)
-    return TraceResult(value=value, stderr=stderr, method=method, distribution=distribution, **A.cost(seed))
+    value, stderr, num_samples = _METHODS[method](A, num_matvecs, distribution, gen)
+    return TraceResult(
+        value=value, stderr=stderr, num_samples=num_samples, method=method, distribution=distribution, **A.cost(seed)
+    )
 
 
 def diagonal(

@@ -41,3 +41,10 @@ def test_hessian_explorer_over_its_controls():
 def test_mlp_hessian_rejects_bad_width():
     with pytest.raises(ValueError, match="width"):
         hk.widgets.mlp_hessian(0)
+
+
+def test_render_puts_a_png_into_the_output_widget():
+    explorer = hk.widgets.HessianExplorer(widths=(2, 3), width=2, num_samples=16)
+    explorer.show()
+    (output,) = explorer.output.outputs
+    assert output["output_type"] == "display_data" and output["data"]["image/png"].startswith("iVBOR")

@@ -1,10 +1,34 @@
 """Interactive explorers for the notebooks: explicit ipywidgets wired to one `render()`.
 
-The computation of each explorer lives here (tested by driving every control), the notebooks
+The computation behind each explorer lives here (tested by driving every control); the notebooks
 only compose and explain. `fast_mode()` / `budget(full, fast)` shrink budgets under the tests.
+One module per notebook:
+
+- `hessian`: 00, the dense Hessian and its layer blocks
+- `trace_estimation`: 01, Hutchinson and Hutch++
+- `eigenvalues`: 02, power iteration and Lanczos
+- `spectral_density`: 03, stochastic Lanczos quadrature
+- `sharpness`: 04, loss landscapes, edge of stability, SGD's stability bound
+- `batch_size`: 05, mini-batch curvature and learning-rate scaling rules
 """
 
 from ._base import Explorer, budget, fast_mode
+from .batch_size import BatchSizeExplorer
+from .eigenvalues import EigenExplorer
 from .hessian import HessianExplorer, mlp_hessian
+from .sharpness import SharpnessExplorer
+from .spectral_density import DensityExplorer
+from .trace_estimation import TraceExplorer
 
-__all__ = ["Explorer", "budget", "fast_mode", "HessianExplorer", "mlp_hessian"]
+__all__ = [
+    "Explorer",
+    "budget",
+    "fast_mode",
+    "HessianExplorer",
+    "mlp_hessian",
+    "TraceExplorer",
+    "EigenExplorer",
+    "DensityExplorer",
+    "SharpnessExplorer",
+    "BatchSizeExplorer",
+]

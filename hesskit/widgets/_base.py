@@ -10,6 +10,8 @@ figures, and replacing the outputs at once does not flicker. Works with ipywidge
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from abc import ABC, abstractmethod
 from typing import Any
@@ -25,6 +27,14 @@ def fast_mode() -> bool:
 def budget(full: Any, fast: Any) -> Any:
     """`fast` in fast mode (tests), `full` otherwise (results worth reading)."""
     return fast if fast_mode() else full
+
+
+def figure_output(figure) -> dict:
+    """A figure as a notebook display_data output (PNG), independent of the matplotlib backend."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    png = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return {"output_type": "display_data", "data": {"image/png": png, "text/plain": repr(figure)}, "metadata": {}}
 
 
 class Explorer(ABC):
@@ -59,12 +69,9 @@ class Explorer(ABC):
         """Build and return a matplotlib Figure from `result` (outside the Output context)."""
 
     def render(self, change: Any = None) -> None:
-        from IPython.core.formatters import format_display_data
-
         self.result = self.compute(**self.values())
         self.figure = self.draw(self.result)
-        data, metadata = format_display_data(self.figure)
-        self.output.outputs = ({"output_type": "display_data", "data": data, "metadata": metadata},)
+        self.output.outputs = (figure_output(self.figure),)
 
     def show(self):
         """Render once (so the notebook shows results without a click) and return the widget."""

@@ -1,0 +1,185 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import hesskit as hk  # noqa: E402
+from hesskit.widgets.batch_size import (  # noqa: E402
+    BatchSizeExplorer,
+    minibatch_sharpness,
+    minibatch_top_eigenpair,
+    scaled_lr,
+    scaling_check,
+    train_population,
+)
+
+SIZES = [8, 32, 120, 240]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than several (and timings are steadier)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    (x, y), _ = hk.data.digits(flatten=True)
+    x, y = x[:240], y[:240]
+    torch.manual_seed(0)
+    model = hk.models.MLP(64, (6,), 10)
+    criterion = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(100):
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opt.step()
+    return model, criterion, x, y
+
+
+@pytest.fixture(scope="module")
+def curve(trained):
+    model, criterion, x, y = trained
+    return minibatch_sharpness(model, criterion, x, y, SIZES, num_batches=8, seed=0)
+
+
+def test_top_eigenpair_matches_the_dense_hessian(trained):
+    model, criterion, x, y = trained
+    model64 = hk.models.MLP(64, (6,), 10).double()
+    model64.load_state_dict(model.state_dict())
+    xb, yb = x[:16].double(), y[:16]
+    value, vector = minibatch_top_eigenpair(model64, criterion, xb, yb, tol=1e-8)
+    H = hk.HessianOperator(model64, criterion, (xb, yb)).dense()
+    exact = torch.linalg.eigvalsh(H)
+    assert value == pytest.approx(exact[-1].item(), rel=1e-6)
+    assert torch.allclose(H @ vector, value * vector, atol=1e-5 * value)
+
+
+def test_minibatch_sharpness_invariants(curve, trained):
+    n = 240
+    assert list(curve.batch_sizes) == SIZES and curve.values.shape == (4, 8) and curve.num_samples == n
+    # the full batch: one Hessian, repeated
+    np.testing.assert_allclose(curve.values[-1], curve.full)
+    np.testing.assert_allclose(curve.overlaps[-1], 1.0)
+    assert curve.std[-1] == 0
+    assert ((curve.overlaps >= 0) & (curve.overlaps <= 1 + 1e-4)).all()
+    # Jensen: E lambda_max(H_B) >= lambda_max(H), within sampling error; sharper and noisier at small B
+    assert (curve.mean >= curve.full - 3 * curve.stderr - 1e-3 * curve.full).all()
+    assert curve.mean[0] > curve.mean[2] > curve.full
+    assert curve.std[0] > curve.std[2] > 0
+    assert curve.overlaps[0].mean() < curve.overlaps[2].mean()
+    # the fit passes through the full batch and has a positive noise coefficient
+    assert curve.excess_coefficient() > 0 and curve.critical_batch_size() > 0
+    assert curve.model_curve(np.array([n]))[0] == pytest.approx(curve.full)
+    np.testing.assert_allclose(curve.max_stable_lr(), 2 / curve.mean)
+    # deterministic
+    model, criterion, x, y = trained
+    again = minibatch_sharpness(model, criterion, x, y, SIZES[:1], num_batches=8, seed=0)
+    np.testing.assert_allclose(again.values[0], curve.values[0])
+
+
+def test_minibatch_sharpness_rejects_bad_arguments(trained):
+    model, criterion, x, y = trained
+    with pytest.raises(ValueError, match="batch_sizes"):
+        minibatch_sharpness(model, criterion, x, y, [0, 8])
+    with pytest.raises(ValueError, match="batch_sizes"):
+        minibatch_sharpness(model, criterion, x, y, [8, 241])
+    with pytest.raises(ValueError, match="num_batches"):
+        minibatch_sharpness(model, criterion, x, y, [8], num_batches=0)
+
+
+def test_batch_size_explorer_over_its_control(curve):
+    explorer = BatchSizeExplorer(curve, batch_size=32)
+    explorer.show()
+    assert explorer.result["batch_size"] == 32
+    slider = explorer.controls["batch_size"]
+    values = [value for _, value in slider.options]
+    assert values == SIZES and slider.options[-1][0] == "240 (full)"
+    seen = {}
+    for b in (values[0], values[-1], *values):  # the extremes first, then every option
+        slider.value = b
+        r = explorer.result
+        s = SIZES.index(b)
+        assert r["batch_size"] == b and r["index"] == s
+        np.testing.assert_allclose(r["values"], curve.values[s])
+        assert r["mean"] == pytest.approx(curve.mean[s]) and r["full"] == curve.full
+        assert r["max_stable_lr"] == pytest.approx(2 / r["mean"])
+        assert 0 <= r["overlap"] <= 1 + 1e-4
+        axes = explorer.figure.axes
+        assert len(axes) == 3 and all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)
+        seen[b] = r
+    full = seen[240]
+    assert full["std"] == 0 and full["excess"] == pytest.approx(0, abs=1e-9) and full["overlap"] == pytest.approx(1)
+    assert seen[8]["mean"] > seen[240]["mean"] and seen[8]["max_stable_lr"] < seen[240]["max_stable_lr"]
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchSizeExplorer(curve, batch_size=64)
+
+
+def test_scaled_lr():
+    assert scaled_lr(0.1, 16, 64, "none") == 0.1
+    assert scaled_lr(0.1, 16, 64, "sqrt") == pytest.approx(0.2)
+    assert scaled_lr(0.1, 16, 64, "linear") == pytest.approx(0.4)
+    assert scaled_lr(0.1, 16, 4, "linear") == pytest.approx(0.025)
+    with pytest.raises(ValueError, match="rule"):
+        scaled_lr(0.1, 16, 64, "cubic")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_train_population_reproduces_torch_optim(trained, optimizer):
+    _, _, x, y = trained
+    x, y = x[:100].double(), y[:100]
+    lrs, seeds, b, epochs = ([0.3, 0.6] if optimizer == "sgd" else [0.01, 0.03]), [3, 4], 16, 3
+    start = hk.models.MLP(64, (16,), 10).double()
+    for init in (None, start):
+        population = train_population(optimizer, lrs, seeds, x, y, b, epochs, init=init)
+        for k, (lr, seed) in enumerate(zip(lrs, seeds)):
+            torch.manual_seed(seed)
+            model = hk.models.MLP(64, (16,), 10).double()
+            if init is not None:
+                model.load_state_dict(start.state_dict())
+            opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(model.parameters(), lr=lr)
+            gen = torch.Generator().manual_seed(seed)
+            criterion = nn.CrossEntropyLoss()
+            for _ in range(epochs):
+                order = torch.randperm(len(x), generator=gen)
+                for i in range(0, len(x) - b + 1, b):
+                    idx = order[i : i + b]
+                    opt.zero_grad()
+                    criterion(model(x[idx]), y[idx]).backward()
+                    opt.step()
+            with torch.no_grad():
+                assert population[k] == pytest.approx(criterion(model(x), y).item(), rel=1e-9)
+    with pytest.raises(ValueError, match="optimizer"):
+        train_population("lbfgs", [0.1], [0], x, y, 8, 1)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_population("sgd", [0.1], [0], x, y, 101, 1)
+
+
+def test_scaling_check(trained):
+    _, _, x, y = trained
+    check = scaling_check(x, y, [8, 120], 8, {"sgd": 0.1, "adam": 0.01}, epochs=2, seeds=[0, 1])
+    assert check.divergence_loss == pytest.approx(2 * math.log(10))
+    for opt in ("sgd", "adam"):
+        for rule in ("none", "sqrt", "linear"):
+            assert check.losses[opt][rule].shape == (2, 2)
+        # at the base batch size every rule is the same run
+        np.testing.assert_allclose(check.losses[opt]["none"][0], check.losses[opt]["linear"][0])
+        # same lr, 15x fewer steps: worse; a larger step recovers part of it
+        assert check.losses[opt]["none"][1].mean() > check.losses[opt]["none"][0].mean()
+        assert check.losses[opt]["sqrt"][1].mean() < check.losses[opt]["none"][1].mean()
+    np.testing.assert_allclose(check.lr("sgd", "linear"), [0.1, 1.5])
+    # a huge rate diverges and is reported as such
+    wild = scaling_check(x, y, [8], 8, {"sgd": 100.0}, epochs=1, seeds=[0], rules=("none",))
+    mean, std, diverged = wild.summary("sgd", "none")
+    assert diverged[0] == 1 and np.isnan(mean[0])
+    mean, std, diverged = check.summary("sgd", "none")
+    assert (diverged == 0).all() and np.isfinite(mean).all()
