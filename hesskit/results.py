@@ -100,14 +100,10 @@ class SpectralDensityResult(_Cost):
 
     def density(self, grid: np.ndarray, sigma: float | None = None) -> np.ndarray:
         """The spectral density smoothed by a Gaussian of width `sigma`, on `grid` (integrates to 1)."""
+        from .density import smoothed_density
+
         sigma = self.default_sigma() if sigma is None else float(sigma)
-        if sigma <= 0:
-            raise ValueError(f"sigma: expected a positive width, got {sigma}")
-        grid = np.asarray(grid, dtype=float)
-        nodes = self.nodes.reshape(-1)
-        weights = self.weights.reshape(-1) / self.nodes.shape[0]
-        z = (grid[:, None] - nodes[None, :]) / sigma
-        return (np.exp(-0.5 * z**2) * weights).sum(axis=1) / (sigma * math.sqrt(2 * math.pi))
+        return smoothed_density(self.nodes, self.weights / self.nodes.shape[0], grid, sigma)
 
     def plot(self, ax=None, sigma: float | None = None, num_points: int = 1000, log_scale: bool = True):
         """Plot the smoothed density (log scale shows the outliers beside the bulk)."""

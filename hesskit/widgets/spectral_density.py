@@ -7,36 +7,16 @@ phi(t) = (1/n) sum_i delta(t - lambda_i) from a few Lanczos runs; on a model sma
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from ..density import spectral_density
+from ..density import smoothed_density, spectral_density
 from ._base import Explorer
 
 __all__ = ["DensityExplorer", "smoothed_density", "exact_density", "density_grid", "count_outliers", "integrate"]
-
-
-def smoothed_density(points: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
-    """sum_i weights_i N(grid; points_i, sigma^2): point masses smoothed by a Gaussian of width sigma.
-
-    With SLQ nodes and weights (averaged over runs) this is the smoothed density estimate of
-    Lin, Saad & Yang (2016) and Ghorbani et al. (2019); with the eigenvalues and weights 1/n it is
-    the exact spectral density smoothed the same way.
-    """
-    if sigma <= 0:
-        raise ValueError(f"sigma: expected a positive width, got {sigma}")
-    points = np.asarray(points, dtype=float).reshape(-1)
-    weights = np.asarray(weights, dtype=float).reshape(-1)
-    grid = np.asarray(grid, dtype=float)
-    out = np.zeros_like(grid)
-    for start in range(0, len(points), 2048):  # chunks keep the (grid x points) table small
-        z = (grid[:, None] - points[None, start : start + 2048]) / sigma
-        out += (np.exp(-0.5 * z**2) * weights[None, start : start + 2048]).sum(axis=1)
-    return out / (sigma * math.sqrt(2 * math.pi))
 
 
 def exact_density(eigenvalues: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
