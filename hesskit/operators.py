@@ -243,20 +243,21 @@ class CurvatureOperator(ABC):
 
     def _batch_loss(self, batch: Any, index: int) -> Tensor:
         """The mean loss of one batch, built with a graph to the parameters."""
-        where = f"data: batch {index}"
         if self.criterion is not None:
             inputs, targets = self._split(batch, index)
-            outputs = self._forward(inputs, index)
-            try:
-                loss = self.criterion(outputs, targets)
-            except Exception as exc:
-                raise ValueError(f"criterion: failed on batch {index}: {exc}") from exc
-        else:
-            try:
-                loss = self.loss_fn(self.model, batch)
-            except Exception as exc:
-                raise ValueError(f"loss_fn: failed on batch {index}: {exc}") from exc
-        return _check_loss(loss, where)
+            return self._criterion_loss(self._forward(inputs, index), targets, index)
+        try:
+            loss = self.loss_fn(self.model, batch)
+        except Exception as exc:
+            raise ValueError(f"loss_fn: failed on batch {index}: {exc}") from exc
+        return _check_loss(loss, f"data: batch {index}")
+
+    def _criterion_loss(self, outputs: Any, targets: Any, index: int) -> Tensor:
+        try:
+            loss = self.criterion(outputs, targets)
+        except Exception as exc:
+            raise ValueError(f"criterion: failed on batch {index}: {exc}") from exc
+        return _check_loss(loss, f"data: batch {index}")
 
     def _split(self, batch: Any, index: int) -> tuple[Any, Any]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -416,11 +417,7 @@ class GGNOperator(CurvatureOperator):
         if not isinstance(outputs, Tensor):
             raise TypeError(f"model: GGNOperator needs tensor outputs, got {type(outputs).__name__}")
         detached = outputs.detach().requires_grad_()
-        try:
-            loss = self.criterion(detached, targets)
-        except Exception as exc:
-            raise ValueError(f"criterion: failed on batch {index}: {exc}") from exc
-        loss = _check_loss(loss, f"data: batch {index}")
+        loss = self._criterion_loss(detached, targets, index)
         loss_grad = torch.autograd.grad(loss, detached, create_graph=True)[0]
         dummy = torch.zeros_like(outputs, requires_grad=True)
         jt_dummy = _flat(torch.autograd.grad(outputs, self.params, dummy, create_graph=True, materialize_grads=True))
