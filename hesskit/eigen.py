@@ -67,7 +67,8 @@ def lanczos(
 
     A small residual proves that a Ritz value is close to *an* eigenvalue, not to the wanted
     one: a Krylov space of a few vectors may not yet have seen the top eigenvector (Parlett's
-    "misconvergence"). So convergence is accepted only after at least k + 5 steps.
+    "misconvergence"). So convergence is accepted only after at least k + 5 products
+    (restarts included).
     """
     n, m = A.n, basis_size
     V = torch.zeros(m + 1, n, dtype=A.dtype, device=A.device)

@@ -72,6 +72,17 @@ def _select_params(model: nn.Module, params: Any) -> tuple[list[str], list[nn.Pa
     return names, [by_name[n] for n in names]
 
 
+def layer_groups(names: list[str], by: str = "module") -> dict[str, list[str]]:
+    """Parameter names grouped per layer (`by="module"`: "conv1.weight" and "conv1.bias" under
+    "conv1") or one group per parameter (`by="parameter"`), in order."""
+    if by not in ("module", "parameter"):
+        raise ValueError(f"by: expected 'module' or 'parameter', got {by!r}")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.rpartition(".")[0] if by == "module" else name, []).append(name)
+    return groups
+
+
 def _mode_sensitive_modules(model: nn.Module) -> tuple[list[str], list[str]]:
     """Names of (BatchNorm-like, dropout-like) submodules whose output depends on train mode."""
     batchnorms, dropouts = [], []
@@ -372,13 +383,7 @@ class CurvatureOperator(ABC):
 
     def blocks(self, by: str = "module") -> Iterator[tuple[str, CurvatureOperator]]:
         """Yield (name, block operator) per layer (`by="module"`) or per parameter (`by="parameter"`)."""
-        if by not in ("module", "parameter"):
-            raise ValueError(f"by: expected 'module' or 'parameter', got {by!r}")
-        groups: dict[str, list[str]] = {}
-        for name in self.param_names:
-            key = name.rpartition(".")[0] if by == "module" else name
-            groups.setdefault(key, []).append(name)
-        for key, names in groups.items():
+        for key, names in layer_groups(self.param_names, by).items():
             yield key, self.restrict(names)
 
     def __repr__(self) -> str:

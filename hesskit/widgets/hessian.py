@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..models import MLP
-from ..operators import HessianOperator
+from ..operators import HessianOperator, layer_groups
 from ._base import Explorer
 
 __all__ = ["HessianExplorer", "HessianBlocks", "mlp_hessian"]
@@ -30,10 +30,11 @@ class HessianBlocks:
 
     def layer_ranges(self) -> list[tuple[int, int]]:
         """Index ranges of each layer (weight and bias of one module together)."""
-        ranges: dict[str, list[int]] = {}
-        for i, name in enumerate(self.names):
-            ranges.setdefault(name.rpartition(".")[0], []).append(i)
-        return [(self.offsets[ix[0]], self.offsets[ix[-1] + 1]) for ix in ranges.values()]
+        ranges = []
+        for names in layer_groups(self.names).values():
+            first, last = self.names.index(names[0]), self.names.index(names[-1])
+            ranges.append((self.offsets[first], self.offsets[last + 1]))
+        return ranges
 
     def energy_share(self) -> float:
         """Fraction of ||H||_F^2 inside the within-layer diagonal blocks."""
