@@ -5,12 +5,22 @@
     hk.eigenvalues(op, k=5).values, hk.trace(op, num_matvecs=99).value
 """
 
-from . import data, models, widgets
+from . import data, models, optim, widgets
 from .density import spectral_density
 from .eigen import eigenvalues, power_iteration
-from .operators import CurvatureOperator, EmpiricalFisherOperator, GGNOperator, HessianOperator
+from .kfac import KroneckerFactor, kfac_factors
+from .mfac import MFACInverse
+from .operators import (
+    CurvatureOperator,
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+    LossGGN,
+    LossHessian,
+    MatrixFreeOperator,
+)
 from .results import DiagonalResult, EigenResult, SpectralDensityResult, TraceResult
-from .trace import diagonal, trace
+from .trace import diagonal, gauss_newton_bartlett, trace
 
 __version__ = "0.1.0"
 
@@ -19,8 +29,15 @@ __all__ = [
     "HessianOperator",
     "GGNOperator",
     "EmpiricalFisherOperator",
+    "MatrixFreeOperator",
+    "LossHessian",
+    "LossGGN",
+    "MFACInverse",
+    "KroneckerFactor",
+    "kfac_factors",
     "trace",
     "diagonal",
+    "gauss_newton_bartlett",
     "eigenvalues",
     "power_iteration",
     "spectral_density",
@@ -30,5 +47,6 @@ __all__ = [
     "SpectralDensityResult",
     "data",
     "models",
+    "optim",
     "widgets",
 ]

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "SmallCNN", "BatchNormCNN", "TinyTransformer"]
+__all__ = ["MLP", "SmallCNN", "BatchNormCNN", "TinyTransformer", "CharTransformerLM"]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 
@@ -67,20 +67,26 @@ class BatchNormCNN(nn.Sequential):
 
 
 class _SelfAttention(nn.Module):
-    """Multi-head self-attention written out in matrix products (readable, double-differentiable)."""
+    """Multi-head self-attention written out in matrix products (readable, double-differentiable).
 
-    def __init__(self, dim: int, heads: int):
+    With `causal=True` position t attends only to positions <= t (for language models)."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"heads: expected a divisor of dim={dim}, got {heads}")
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)
+        if self.causal:
+            future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        attn = torch.softmax(scores, dim=-1)
         return self.out((attn @ v).transpose(1, 2).reshape(b, t, d))
 
 
@@ -108,3 +114,43 @@ class TinyTransformer(nn.Module):
         x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return self.head(self.norm_out(x).mean(dim=1))
+
+
+class _CausalBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + Attn_causal(LN(x)), then x + MLP_GELU(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _SelfAttention(dim, heads, causal=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CharTransformerLM(nn.Module):
+    """A tiny causal transformer language model over characters (GPT-style, pre-LayerNorm).
+
+    tokens (B, T) -> embeddings + learned positions -> `blocks` causal blocks -> LN -> linear
+    head: next-token logits (B, T, vocab), where logits[:, t] only sees tokens[:, :t + 1].
+    The defaults (vocab 26, dim 32, 2 blocks, 4 heads, max_length 64) give 29,210 parameters.
+    Attention is written out in matrix products, so Hessian-vector products work.
+    """
+
+    def __init__(self, vocab: int = 26, dim: int = 32, blocks: int = 2, heads: int = 4, max_length: int = 64,
+                 mlp_ratio: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(0.02 * torch.randn(max_length, dim))
+        self.blocks = nn.Sequential(*(_CausalBlock(dim, heads, mlp_ratio) for _ in range(blocks)))
+        self.norm_out = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if tokens.shape[1] > len(self.position):
+            raise ValueError(f"tokens: expected at most max_length={len(self.position)} positions, got {tokens.shape[1]}")
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        return self.head(self.norm_out(self.blocks(x)))

@@ -28,7 +28,10 @@ from torch import Tensor, nn
 
 from ._batches import Batches, move_batch
 
-__all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "EmpiricalFisherOperator"]
+__all__ = [
+    "MatrixFreeOperator", "CurvatureOperator", "HessianOperator", "GGNOperator", "EmpiricalFisherOperator",
+    "LossHessian", "LossGGN",
+]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 _MODES = (None, "eval", "train")
@@ -118,6 +121,88 @@ def _flat_batched(tensors: Iterable[Tensor], k: int) -> Tensor:
     return torch.cat([t.reshape(k, -1) for t in tensors], dim=1)
 
 
+def _vjp(outputs: Tensor, inputs: list[Tensor] | Tensor, V: Tensor, batched: bool = False) -> Tensor:
+    """Rows V^T (d outputs / d inputs), flattened: (k, n_inputs). V has shape (k, *outputs.shape).
+
+    The graph is kept (retain_graph), so products can be repeated on it. `batched` evaluates
+    the k rows in one vmapped backward pass (faster on GPU) instead of a loop (faster on CPU).
+    """
+    inputs_list = [inputs] if isinstance(inputs, Tensor) else inputs
+    k = V.shape[0]
+    V = V.contiguous()
+    if not outputs.requires_grad:
+        return V.new_zeros(k, sum(t.numel() for t in inputs_list))
+    if batched and k > 1:
+        grads = torch.autograd.grad(
+            outputs, inputs_list, V, retain_graph=True, is_grads_batched=True, materialize_grads=True
+        )
+        return _flat_batched(grads, k)
+    rows = [
+        _flat(torch.autograd.grad(outputs, inputs_list, V[j], retain_graph=True, materialize_grads=True))
+        for j in range(k)
+    ]
+    return torch.stack(rows)
+
+
+class MatrixFreeOperator(ABC):
+    """A symmetric n x n matrix available through products `op @ v` ((n,) or (n, k)).
+
+    Checks the vector, counts and times products and refuses nan/inf; subclasses give `_matmat`.
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device):
+        self.shape = (n, n)
+        self.dtype = dtype
+        self.device = device
+        self.num_matvecs = 0
+        self.matvec_time = 0.0
+
+    @abstractmethod
+    def _matmat(self, V: Tensor) -> Tensor:
+        """The matrix times V, shape (n, k)."""
+
+    def __matmul__(self, v: Any) -> Tensor:
+        if not isinstance(v, Tensor):
+            raise TypeError(f"v: expected a torch.Tensor of shape ({self.shape[0]},) or ({self.shape[0]}, k), got {type(v).__name__}")
+        n = self.shape[0]
+        if v.dim() not in (1, 2) or v.shape[0] != n or (v.dim() == 2 and v.shape[1] == 0):
+            raise ValueError(f"v: expected shape ({n},) or ({n}, k), got {tuple(v.shape)}")
+        V = v.to(device=self.device, dtype=self.dtype).reshape(n, -1)
+        if not torch.isfinite(V).all():
+            raise ValueError("v: contains nan or inf")
+        start = time.perf_counter()
+        with torch.enable_grad():
+            out = self._matmat(V)
+        self.num_matvecs += V.shape[1]
+        self.matvec_time += time.perf_counter() - start
+        if not torch.isfinite(out).all():
+            raise ValueError(f"{type(self).__name__}: a product came out nan or inf; the model or loss is not finite here")
+        return out.reshape(v.shape)
+
+    def dense(self) -> Tensor:
+        """The exact n x n matrix (n products), for small models."""
+        n = self.shape[0]
+        if n > _DENSE_LIMIT:
+            raise ValueError(f"dense(): n = {n} is too large to materialise (limit {_DENSE_LIMIT}); use the estimators")
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        cols = [self @ eye[:, i : i + 256] for i in range(0, n, 256)]
+        matrix = torch.cat(cols, dim=1)
+        return (matrix + matrix.T) / 2
+
+    def to_scipy(self):
+        """A `scipy.sparse.linalg.LinearOperator` view (float64 numpy in and out)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def matmat(x: np.ndarray) -> np.ndarray:
+            return (self @ torch.as_tensor(np.asarray(x))).detach().cpu().double().numpy()
+
+        return LinearOperator(self.shape, matvec=matmat, rmatvec=matmat, matmat=matmat, rmatmat=matmat, dtype=np.float64)
+
+
 class _LossModule(nn.Module):
     """Wraps `loss_fn(model, batch)` as a module so torch.func can swap the model's parameters."""
 
@@ -130,7 +215,7 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-class CurvatureOperator(ABC):
+class CurvatureOperator(MatrixFreeOperator):
     """A symmetric n x n curvature matrix of a model's mean loss, available through products.
 
     Args:
@@ -195,10 +280,7 @@ class CurvatureOperator(ABC):
         self.batches = Batches(data, batch_size_fn)
         self.cache_graphs = self.batches.in_memory if cache_graphs is None else bool(cache_graphs)
         self._sizes = [p.numel() for p in self.params]
-        n = sum(self._sizes)
-        self.shape = (n, n)
-        self.dtype = self.params[0].dtype
-        self.device = self.params[0].device
+        super().__init__(sum(self._sizes), self.params[0].dtype, self.params[0].device)
         self.batched_products = self.device.type != "cpu" if batched_products is None else bool(batched_products)
         self._init_kwargs = dict(
             loss_fn=loss_fn, mode=mode, cache_graphs=cache_graphs, batch_size_fn=batch_size_fn,
@@ -207,8 +289,6 @@ class CurvatureOperator(ABC):
         self._data = data
         self._cache: list[tuple[int, Any]] | None = None
         self._cache_key: tuple[int, ...] | None = None
-        self.num_matvecs = 0
-        self.matvec_time = 0.0
 
     # ----------------------------------------------------------------- model safety
     def _check_mode(self) -> None:
@@ -316,67 +396,18 @@ class CurvatureOperator(ABC):
         self._cache_key = None
 
     # ----------------------------------------------------------------- products
-    def __matmul__(self, v: Any) -> Tensor:
-        if not isinstance(v, Tensor):
-            raise TypeError(f"v: expected a torch.Tensor of shape ({self.shape[0]},) or ({self.shape[0]}, k), got {type(v).__name__}")
-        n = self.shape[0]
-        if v.dim() not in (1, 2) or v.shape[0] != n or (v.dim() == 2 and v.shape[1] == 0):
-            raise ValueError(f"v: expected shape ({n},) or ({n}, k), got {tuple(v.shape)}")
-        V = v.to(device=self.device, dtype=self.dtype).reshape(n, -1)
-        if not torch.isfinite(V).all():
-            raise ValueError("v: contains nan or inf")
-        start = time.perf_counter()
+    def _matmat(self, V: Tensor) -> Tensor:
         total = 0
         out = torch.zeros_like(V)
-        with torch.enable_grad():
-            for count, state in self._states():
-                out.add_(self._apply(state, V), alpha=count)
-                total += count
-        out.div_(total)
-        self.num_matvecs += V.shape[1]
-        self.matvec_time += time.perf_counter() - start
-        if not torch.isfinite(out).all():
-            raise ValueError(f"{type(self).__name__}: a product came out nan or inf; the model or loss is not finite here")
-        return out.reshape(v.shape)
+        for count, state in self._states():
+            out.add_(self._apply(state, V), alpha=count)
+            total += count
+        return out.div_(total)
 
     def _vjp(self, outputs: Tensor, inputs: list[Tensor] | Tensor, V: Tensor) -> Tensor:
-        """Rows V^T (d outputs / d inputs), flattened: (k, n_inputs). V has shape (k, *outputs.shape)."""
-        inputs_list = [inputs] if isinstance(inputs, Tensor) else inputs
-        k = V.shape[0]
-        V = V.contiguous()
-        if not outputs.requires_grad:
-            return V.new_zeros(k, sum(t.numel() for t in inputs_list))
-        if self.batched_products and k > 1:
-            grads = torch.autograd.grad(
-                outputs, inputs_list, V, retain_graph=True, is_grads_batched=True, materialize_grads=True
-            )
-            return _flat_batched(grads, k)
-        rows = [
-            _flat(torch.autograd.grad(outputs, inputs_list, V[j], retain_graph=True, materialize_grads=True))
-            for j in range(k)
-        ]
-        return torch.stack(rows)
+        return _vjp(outputs, inputs, V, self.batched_products)
 
     # ----------------------------------------------------------------- conveniences
-    def dense(self) -> Tensor:
-        """The exact n x n matrix (n products), for small models."""
-        n = self.shape[0]
-        if n > _DENSE_LIMIT:
-            raise ValueError(f"dense(): n = {n} is too large to materialise (limit {_DENSE_LIMIT}); use the estimators")
-        eye = torch.eye(n, dtype=self.dtype, device=self.device)
-        cols = [self @ eye[:, i : i + 256] for i in range(0, n, 256)]
-        matrix = torch.cat(cols, dim=1)
-        return (matrix + matrix.T) / 2
-
-    def to_scipy(self):
-        """A `scipy.sparse.linalg.LinearOperator` view (float64 numpy in and out)."""
-        from scipy.sparse.linalg import LinearOperator
-
-        def matmat(x: np.ndarray) -> np.ndarray:
-            return (self @ torch.as_tensor(np.asarray(x))).detach().cpu().double().numpy()
-
-        return LinearOperator(self.shape, matvec=matmat, rmatvec=matmat, matmat=matmat, rmatmat=matmat, dtype=np.float64)
-
     def restrict(self, params: Any) -> CurvatureOperator:
         """The same curvature restricted to a subset of parameters (a diagonal block)."""
         return type(self)(self.model, self.criterion, self._data, params, **self._init_kwargs)
@@ -478,3 +509,70 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def _apply(self, per_sample: Tensor, V: Tensor) -> Tensor:
         return per_sample.T @ (per_sample @ V) / per_sample.shape[0]
+
+
+# --------------------------------------------------------------------- on one computed loss
+def _graph_params(params: Any) -> list[Tensor]:
+    params = [params] if isinstance(params, Tensor) else list(params)
+    if not params:
+        raise ValueError("params: expected at least one tensor, got none")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params[{i}]: expected a tensor, got {type(p).__name__}")
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}]: does not require grad")
+    return params
+
+
+class LossHessian(MatrixFreeOperator):
+    """The Hessian of one already computed scalar `loss` with respect to `params`.
+
+    The products run on the loss's own graph (Pearlmutter's double backward), so an optimizer
+    that has just evaluated its closure pays one backward pass per product and no forward
+    pass. `grads` may pass gradients already taken with `create_graph=True` (the optimizer's
+    step gradient), which saves one backward. The graph lives as long as this object.
+    """
+
+    kind = "hessian"
+
+    def __init__(self, loss: Tensor, params: Any, grads: list[Tensor] | None = None):
+        self.params = _graph_params(params)
+        loss = _check_loss(loss, "loss")
+        if grads is None:
+            if not loss.requires_grad:
+                raise ValueError("loss: does not depend on params (no graph); compute it with gradients enabled")
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, materialize_grads=True)
+        if len(grads) != len(self.params):
+            raise ValueError(f"grads: expected one gradient per parameter ({len(self.params)}), got {len(grads)}")
+        self._gradient = _flat(grads)
+        super().__init__(self._gradient.numel(), self.params[0].dtype, self.params[0].device)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return _vjp(self._gradient, self.params, V.T).T
+
+
+class LossGGN(MatrixFreeOperator):
+    """The generalised Gauss-Newton matrix J^T (d^2 loss / d outputs^2) J of one computed loss.
+
+    `outputs` are the model outputs the `loss` was computed from, with their graph to `params`
+    (J is d outputs / d params). Used by Hessian-free optimization on the step's own graph.
+    """
+
+    kind = "ggn"
+
+    def __init__(self, loss: Tensor, outputs: Tensor, params: Any):
+        self.params = _graph_params(params)
+        loss = _check_loss(loss, "loss")
+        if not isinstance(outputs, Tensor) or not outputs.requires_grad:
+            raise ValueError("outputs: expected the model outputs the loss was computed from, with their graph")
+        self._outputs = outputs
+        self._loss_grad = torch.autograd.grad(loss, outputs, create_graph=True)[0]
+        self._dummy = torch.zeros_like(outputs, requires_grad=True)
+        self._jt_dummy = _flat(torch.autograd.grad(outputs, self.params, self._dummy, create_graph=True, materialize_grads=True))
+        super().__init__(self._jt_dummy.numel(), self.params[0].dtype, self.params[0].device)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        k, shape = V.shape[1], self._outputs.shape
+        jv = _vjp(self._jt_dummy, self._dummy, V.T).reshape(k, *shape)  # J v via d/du <J^T u, v>
+        hjv = _vjp(self._loss_grad, self._outputs, jv).reshape(k, *shape)
+        return _vjp(self._outputs, self.params, hjv).T

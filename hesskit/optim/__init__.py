@@ -1,0 +1,20 @@
+"""Second-order optimizers as `torch.optim.Optimizer`s, with one step contract.
+
+    def closure():
+        opt.zero_grad()
+        return criterion(model(x), y)   # fresh forward pass, no backward
+    opt.step(closure)
+
+Curvature comes from hesskit's own estimators (`hk.diagonal`, `hk.gauss_newton_bartlett`,
+`hk.LossHessian`, K-FAC factors, `hk.MFACInverse`); see each optimizer's docstring for its
+update in equations, its defaults, its paper, and where public implementations disagree.
+"""
+
+from ._base import ClosureOptimizer
+from .adahessian import AdaHessian
+from .sophia import Sophia
+from .kfac import KFAC, MKOR
+from .mfac import MFAC
+from .newton_cg import NewtonCG
+
+__all__ = ["ClosureOptimizer", "KFAC", "MKOR", "AdaHessian", "Sophia", "MFAC", "NewtonCG"]

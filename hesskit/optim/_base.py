@@ -1,0 +1,147 @@
+"""Plumbing shared by hesskit's optimizers: the closure contract, gradients, seeds, checks.
+
+The step contract (every hesskit optimizer):
+
+    def closure():
+        opt.zero_grad()
+        return criterion(model(x), y)        # a fresh forward pass; do NOT call backward
+    loss = opt.step(closure)
+
+The optimizer computes the gradient itself (and writes it to `.grad`, so clipping or logging
+code still sees it), and builds the second-order graph (`create_graph=True`) only on the
+steps that need curvature. Optimizers that need the model outputs (Sophia-G, Newton-CG with
+the GGN) take a closure returning `(loss, outputs)`; the loss must be computed from those outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ClosureOptimizer", "Evaluation"]
+
+
+@dataclass
+class Evaluation:
+    """One closure call: the loss, the gradient of every trainable parameter, and the outputs if given."""
+
+    loss: Tensor
+    grads: list[Tensor]
+    outputs: Tensor | None
+
+
+def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf, *, open_low: bool = False,
+                 open_high: bool = False) -> float:
+    """A finite number in [low, high] (ends excluded when open_*), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    below = value <= low if open_low else value < low
+    above = value >= high if open_high else value > high
+    if below or above:
+        lo, hi = "(" if open_low else "[", ")" if open_high else "]"
+        raise ValueError(f"{name}: expected a value in {lo}{low}, {high}{hi}, got {value!r}")
+    return float(value)
+
+
+def check_betas(name: str, betas: Any, count: int = 2) -> tuple[float, ...]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        raise ValueError(f"{name}: expected a tuple of {count} numbers in [0, 1), got {betas!r}")
+    return tuple(check_number(f"{name}[{i}]", b, 0.0, 1.0, open_high=True) for i, b in enumerate(betas))
+
+
+def check_interval(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def check_seed(seed: Any) -> int:
+    """The optimizer's probe seed: a fixed default keeps runs reproducible, and it is saved in state_dict."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    return seed
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A distinct, reproducible probe seed for step `step` (so a restored optimizer draws the same probes)."""
+    return (seed * 1_000_003 + step) % (2**62)
+
+
+class ClosureOptimizer(torch.optim.Optimizer):
+    """A `torch.optim.Optimizer` that evaluates `closure()` and differentiates the loss itself."""
+
+    needs_outputs = False  # Sophia-G / Newton-CG with GGN: closure returns (loss, outputs)
+    settings: tuple[str, ...] = ()  # optimizer-wide attributes saved in state_dict under "hesskit"
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["hesskit"] = {name: getattr(self, name) for name in self.settings}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        settings = state_dict.pop("hesskit", {})
+        super().load_state_dict(state_dict)
+        for name, value in settings.items():
+            setattr(self, name, value)
+
+    def _global_step(self) -> int:
+        """Steps taken so far (kept as the first trainable parameter's "step" state)."""
+        return int(self.state[self._trainable()[0]].get("step", 0))
+
+    def _trainable(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _call_closure(self, closure: Callable | None) -> tuple[Tensor, Tensor | None]:
+        name = type(self).__name__
+        if closure is None or not callable(closure):
+            need = "(loss, outputs)" if self.needs_outputs else "the loss"
+            raise TypeError(
+                f"closure: {name}.step needs closure() that zeroes the gradients and returns {need} from a fresh "
+                "forward pass, without calling backward (the optimizer differentiates it)"
+            )
+        with torch.enable_grad():
+            out = closure()
+        outputs = None
+        if isinstance(out, (tuple, list)):
+            if len(out) != 2:
+                raise ValueError(f"closure: expected the loss or a (loss, outputs) pair, got {len(out)} values")
+            out, outputs = out
+        elif self.needs_outputs:
+            raise ValueError(f"closure: {name} needs closure() to return (loss, outputs), the loss computed from the outputs")
+        if not isinstance(out, Tensor) or out.numel() != 1:
+            raise ValueError(f"closure: expected a scalar loss tensor, got {getattr(out, 'shape', type(out).__name__)}")
+        if not out.requires_grad:
+            raise ValueError("closure: the loss has no graph; compute it from the model without torch.no_grad and "
+                             "do not call backward inside the closure")
+        if not torch.isfinite(out):
+            raise FloatingPointError(f"closure: the loss is {out.item()}; training has diverged (lower lr or raise damping)")
+        return out.reshape(()), outputs
+
+    def _evaluate(self, closure: Callable | None, create_graph: bool = False) -> Evaluation:
+        """Call the closure and take the gradient of every trainable parameter (zero if unused).
+
+        With `create_graph=True` the gradients keep their graph for Hessian-vector products.
+        The detached gradients are also written to `.grad`.
+        """
+        loss, outputs = self._call_closure(closure)
+        params = self._trainable()
+        grads = list(torch.autograd.grad(loss, params, create_graph=create_graph, retain_graph=create_graph or
+                                         outputs is not None, materialize_grads=True))
+        for p, g in zip(params, grads):
+            p.grad = g.detach().clone() if create_graph else g
+        return Evaluation(loss=loss, grads=grads, outputs=outputs)
+
+
+def split_like(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """Cut a flat vector into views shaped like `params`."""
+    out, start = [], 0
+    for p in params:
+        out.append(flat[start : start + p.numel()].view_as(p))
+        start += p.numel()
+    return out

@@ -1,0 +1,384 @@
+"""K-FAC and MKOR: Kronecker-factored preconditioning of Linear and Conv2d layers.
+
+Both take the model (the factors come from hooks on its layers, `hesskit.kfac`) and share the
+step below; they differ in how they keep and apply the factors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._probe import check_choice
+from ..kfac import FISHERS, Layer, LayerCapture, find_layers, sampled_label_loss
+from ._base import ClosureOptimizer, check_interval, check_number, check_seed, step_seed
+
+__all__ = ["KFAC", "MKOR", "sherman_morrison_update"]
+
+
+def sherman_morrison_update(inverse: Tensor, v: Tensor, decay: float) -> Tensor:
+    """(decay * F + (1 - decay) v v^T)^-1 from `inverse` = F^-1 in O(d^2) (Sherman & Morrison 1950).
+
+    With c = (1 - decay) / decay and u = F^-1 v:
+        (decay F + (1 - decay) v v^T)^-1 = (F^-1 - c u u^T / (1 + c v^T u)) / decay.
+    """
+    c = (1.0 - decay) / decay
+    u = inverse @ v
+    return (inverse - (c / (1.0 + c * (v @ u))) * torch.outer(u, u)) / decay
+
+
+def eigen_factor(M: Tensor) -> tuple[Tensor, Tensor]:
+    """(eigenvalues, eigenvectors) of a symmetric factor: eigh in float64, eigenvalues below
+    n * eps * max (the factor's own dtype) and negative ones set to 0, cast back to M's dtype."""
+    d, Q = torch.linalg.eigh(M.double())
+    tol = d.max().clamp(min=0) * M.shape[0] * torch.finfo(M.dtype).eps
+    return torch.where(d > tol, d, torch.zeros_like(d)).to(M.dtype), Q.to(M.dtype)
+
+
+class _KroneckerOptimizer(ClosureOptimizer):
+    """The shared step: capture factors on refresh steps, precondition the layers, SGD-momentum update.
+
+    Subclasses give `_refresh_due(t)`, `_refresh(t, capture)` and `_directions(t, grads)`.
+    """
+
+    def __init__(self, model: nn.Module, params: Any, defaults: dict, fisher: str, seed: int):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected the torch.nn.Module to train, got {type(model).__name__}")
+        self.fisher = check_choice("fisher", fisher, FISHERS)
+        self.seed = check_seed(seed)
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("model: has no parameters that require grad")
+        super().__init__(params, defaults)
+        owned = {id(p) for p in model.parameters()}
+        if any(id(p) not in owned for g in self.param_groups for p in g["params"]):
+            raise ValueError("params: every parameter must belong to `model` (its layers are hooked for the factors)")
+        self.model = model
+        self._layers, fallback = find_layers(model, self._trainable())
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        for layer in self._layers:
+            if len({group_of[id(p)] for p in layer.params}) > 1:
+                raise ValueError(f"params: the weight and bias of layer {layer.name!r} must be in the same param group")
+        self._group = [self.param_groups[group_of[id(layer.module.weight)]] for layer in self._layers]
+        self._uncaptured: set[str] = set()
+        self.fallback_layers = sorted(fallback)
+        if fallback:
+            names = ", ".join(f"{name} ({kind})" for name, kind in fallback.items())
+            warnings.warn(
+                f"{type(self).__name__} preconditions nn.Linear and nn.Conv2d layers only; these layers take the "
+                f"fallback step instead (SGD with the same lr, momentum and weight decay): {names}",
+                UserWarning, stacklevel=3,
+            )
+
+    @property
+    def needs_outputs(self) -> bool:  # the true Fisher samples labels from the outputs
+        return self.fisher == "mc"
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "_layers"):
+            raise RuntimeError(f"{type(self).__name__}: add_param_group after construction is not supported "
+                               "(the layers are found once); build a new optimizer")
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def _check_group(self, group: dict) -> None:
+        check_number("lr", group["lr"])
+        check_number("momentum", group["momentum"], 0.0, 1.0, open_high=True)
+        check_number("weight_decay", group["weight_decay"])
+
+    # ----------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> Tensor:
+        if closure is None:
+            raise TypeError(
+                f"closure: {type(self).__name__}.step needs closure() that zeroes the gradients and returns the loss "
+                "(fisher='mc': (loss, logits)) from a fresh forward pass without calling backward. The factors are "
+                "captured by hooks during the optimizer's own forward and backward pass, so step() after your own "
+                "loss.backward() is not supported"
+            )
+        t = self._global_step()
+        refresh = self._refresh_due(t)
+        with torch.enable_grad():
+            if refresh:
+                with LayerCapture(self._layers) as capture:
+                    capture.record_grads = self.fisher == "empirical"
+                    ev = self._evaluate(closure)
+                    if self.fisher == "mc":  # one extra backward with labels drawn from the model
+                        capture.record_grads = True
+                        gen = torch.Generator().manual_seed(step_seed(self.seed, t))
+                        weights = [layer.module.weight for layer in self._layers]
+                        torch.autograd.grad(sampled_label_loss(ev.outputs, gen), weights, allow_unused=True)
+            else:
+                ev = self._evaluate(closure)
+        params = self._trainable()
+        grads = {id(p): g for p, g in zip(params, ev.grads)}
+        if refresh:
+            self._warn_uncaptured(capture, grads)
+            self._refresh(t, capture)
+        directions = self._directions(t, grads)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._sgd(p, directions.get(id(p), grads[id(p)]), group)
+        state = self.state[params[0]]
+        state["step"] = torch.tensor(float(t + 1), dtype=torch.float64)
+        return ev.loss.detach()
+
+    def _sgd(self, p: Tensor, d: Tensor, group: dict) -> None:
+        """p <- p - lr * buf,  buf <- momentum * buf + (d + weight_decay * p)   (torch.optim.SGD, dampening 0)."""
+        if group["weight_decay"]:
+            d = d.add(p, alpha=group["weight_decay"])
+        if group["momentum"]:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = d.clone()
+            else:
+                state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+            d = state["momentum_buffer"]
+        p.add_(d, alpha=-group["lr"])
+
+    def _warn_uncaptured(self, capture: LayerCapture, grads: dict[int, Tensor]) -> None:
+        """Name, once, layers with a gradient that the closure never called through their forward."""
+        missing = [layer.name for i, layer in enumerate(self._layers)
+                   if i not in capture.inputs and layer.name not in self._uncaptured
+                   and any(bool(grads[id(p)].any()) for p in layer.params)]
+        if missing:
+            self._uncaptured.update(missing)
+            warnings.warn(f"{type(self).__name__}: layers {missing} have gradients but were not called through their "
+                          "forward in the closure (weights used directly?); they take the fallback SGD step until "
+                          "they have factors", UserWarning, stacklevel=3)
+
+    def _layer_grad(self, layer: Layer, grads: dict[int, Tensor]) -> Tensor:
+        return layer.grad_matrix([grads[id(p)] for p in layer.params])
+
+    def _refresh_due(self, t: int) -> bool:
+        raise NotImplementedError
+
+    def _refresh(self, t: int, capture: LayerCapture) -> None:
+        raise NotImplementedError
+
+    def _directions(self, t: int, grads: dict[int, Tensor]) -> dict[int, Tensor]:
+        raise NotImplementedError
+
+
+class KFAC(_KroneckerOptimizer):
+    r"""K-FAC (Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
+    Curvature", ICML 2015; Conv2d layers per KFC, Grosse & Martens, ICML 2016), eigen-decomposed.
+
+    For each nn.Linear / nn.Conv2d layer with gradient matrix D = [dW | db] (fan_out x fan_in+1)
+    and Kronecker factors A (inputs) and G (output gradients), `hk.kfac` conventions:
+
+        every factor_every steps:  A <- decay A + (1 - decay) A_batch,  G likewise
+                                   (the first capture initialises A and G)
+        every inverse_every steps: A = Q_A diag(d_A) Q_A^T,  G = Q_G diag(d_G) Q_G^T
+                                   (eigh in float64; tiny and negative eigenvalues set to 0)
+        every step:                V = Q_G [ (Q_G^T D Q_A) / (d_G d_A^T + damping) ] Q_A^T
+                                     = (G (x) A + damping I)^-1 D          (exactly)
+        KL clipping:               nu = min(1, sqrt(kl_clip / sum_layers lr^2 <V, D>))
+        update (torch SGD):        buf <- momentum buf + (nu V + weight_decay W);  W <- W - lr buf
+
+    Every other trainable layer (LayerNorm, Embedding, BatchNorm, Conv1d, grouped Conv2d, bare
+    parameters...) is named in one warning at construction and takes the fallback step: SGD with
+    the same lr, momentum and weight decay (d = gradient, not KL-clipped).
+
+    Args:
+        model: the network; all its trainable parameters are optimised unless `params` is given.
+        lr, momentum, weight_decay, damping: per param group (e.g. per-layer lr). Defaults momentum
+            0.9, damping 1e-3, kl_clip 1e-3, factor_decay 0.95, factor_every 10, inverse_every 100
+            are alecwangcq/KFAC-Pytorch's (KFACOptimizer: TCov, TInv, stat_decay); lr 0.1 is
+            gpauloski/kfac-pytorch's (alecwangcq's class default 1e-3 leaves the fallback layers,
+            which take plain SGD steps with this lr, nearly frozen; clipped K-FAC steps barely
+            depend on lr).
+        factor_decay: EMA weight of the old factors, in [0, 1).
+        kl_clip: bound on the predicted KL change per step; None turns clipping off.
+        fisher: "empirical" (factors from the training loss's output gradients, as
+            gpauloski/kfac-pytorch) or "mc" (true Fisher: labels drawn from the model's softmax and
+            one extra backward on factor steps, as alecwangcq and the paper; the closure returns
+            (loss, logits)).
+        seed: seeds the label sampling of fisher="mc" (step_seed(seed, step): restorable).
+        params: None, or parameters / param groups of `model` (a layer's weight and bias in one group).
+
+    Step contract: `opt.step(closure)`, closure() zeroes the gradients and returns the loss from a
+    fresh forward pass (fisher="mc": `(loss, logits)`), without backward. Hooks are registered only
+    while the closure runs on factor steps and removed after. `step()` without a closure after your
+    own `loss.backward()` is refused: the hooks would have to stay on the model.
+
+    Where public implementations disagree:
+      * Fisher: true (alecwangcq, sampled labels every TCov steps) vs empirical (gpauloski/KAISA,
+        training-loss gradients): `fisher`.
+      * Factor initialisation: alecwangcq starts the EMA from the identity; here (and KAISA) from
+        the first captured factors.
+      * Damping: eigen form d_G d_A^T + damping (both); KAISA also offers the inverse form
+        (G + sqrt(damping) I)^-1 D (A + sqrt(damping) I)^-1, not provided here.
+      * Weight decay: alecwangcq adds it only after 20 * TCov steps; here from the first step.
+        Both add it after preconditioning, as here.
+      * KL clip: alecwangcq uses the lr of the first param group for every layer; here each layer's
+        own group lr (identical with one group). KAISA's clip needs its own lr kept in sync by hand.
+      * Conv2d factor scaling: see `hesskit.kfac` (same product as alecwangcq).
+    """
+
+    settings = ("factor_decay", "kl_clip", "factor_every", "inverse_every", "fisher", "seed")
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 damping: float = 1e-3, factor_decay: float = 0.95, kl_clip: float | None = 1e-3,
+                 factor_every: int = 10, inverse_every: int = 100, fisher: str = "empirical", seed: int = 0,
+                 params: Any = None):
+        self.factor_decay = check_number("factor_decay", factor_decay, 0.0, 1.0, open_high=True)
+        self.kl_clip = None if kl_clip is None else check_number("kl_clip", kl_clip, open_low=True)
+        self.factor_every = check_interval("factor_every", factor_every)
+        self.inverse_every = check_interval("inverse_every", inverse_every)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
+        super().__init__(model, params, defaults, fisher, seed)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        check_number("damping", group["damping"], open_low=True)
+
+    def _refresh_due(self, t: int) -> bool:
+        return t % self.factor_every == 0
+
+    def _refresh(self, t: int, capture: LayerCapture) -> None:
+        """Exponential moving averages of the factors (Martens & Grosse 2015, section 5)."""
+        for i, layer in enumerate(self._layers):
+            found = capture.factors(i)
+            if found is None:
+                continue
+            A, G, _ = found
+            state = self.state[layer.module.weight]
+            if "A" not in state:
+                state["A"], state["G"] = A, G
+            else:
+                state["A"].mul_(self.factor_decay).add_(A, alpha=1 - self.factor_decay)
+                state["G"].mul_(self.factor_decay).add_(G, alpha=1 - self.factor_decay)
+
+    def _directions(self, t: int, grads: dict[int, Tensor]) -> dict[int, Tensor]:
+        """Eigen-damped Kronecker preconditioning of each layer, then one KL clip for all of them."""
+        directions: list[tuple[Layer, Tensor]] = []
+        quadratic = None
+        for layer, group in zip(self._layers, self._group):
+            state = self.state[layer.module.weight]
+            if "A" not in state:
+                continue  # no factors yet: fallback step
+            if t % self.inverse_every == 0 or "QA" not in state:
+                state["dA"], state["QA"] = eigen_factor(state["A"])
+                state["dG"], state["QG"] = eigen_factor(state["G"])
+            D = self._layer_grad(layer, grads)
+            V = self.precondition(D, state["QA"], state["dA"], state["QG"], state["dG"], group["damping"])
+            directions.append((layer, V))
+            term = (V * D).sum() * group["lr"] ** 2
+            quadratic = term if quadratic is None else quadratic + term
+        if self.kl_clip is not None and quadratic is not None:
+            nu = torch.where(quadratic > 0, (self.kl_clip / quadratic).sqrt().clamp(max=1.0), 1.0)
+            directions = [(layer, V * nu) for layer, V in directions]
+        return {id(p): d for layer, V in directions for p, d in zip(layer.params, layer.split(V))}
+
+    @staticmethod
+    def precondition(D: Tensor, QA: Tensor, dA: Tensor, QG: Tensor, dG: Tensor, damping: float) -> Tensor:
+        """(G (x) A + damping I)^-1 D in the eigenbases: Q_G [(Q_G^T D Q_A) / (d_G d_A^T + damping)] Q_A^T."""
+        return QG @ ((QG.T @ D @ QA) / (torch.outer(dG, dA) + damping)) @ QA.T
+
+
+class MKOR(_KroneckerOptimizer):
+    r"""MKOR (Mozaffari, Li, Zhang & Mehri Dehnavi, "MKOR: Momentum-Enabled Kronecker-Factor-Based
+    Optimizer Using Rank-1 Updates", NeurIPS 2023): K-FAC with rank-1 factor updates applied to
+    the inverses directly.
+
+    For each nn.Linear / nn.Conv2d layer, with a = batch mean of the inputs a_bar (patches for
+    Conv2d, bias column included) and g = batch mean of the per-sample output gradients, each
+    entry first clipped to [-clip, clip], the stored inverse factors P_A = A^-1, P_G = G^-1
+    (starting at I) are updated every `inverse_every` steps:
+
+        stabiliser:  if max |P_ij| > stabilization_threshold:  P <- (1 - stabilization) P + stabilization I
+        rank 1:      A <- factor_decay A + (1 - factor_decay) a a^T,  so by Sherman-Morrison
+                     P_A <- (P_A - c u u^T / (1 + c a^T u)) / factor_decay,  u = P_A a,
+                     c = (1 - factor_decay) / factor_decay              (P_G likewise with g)
+        every step:  V = P_G D P_A,  rescaled per layer to the raw gradient's norm:
+                     V <- V ||D||_F / ||V||_F      (only the direction is preconditioned)
+        update (torch SGD): buf <- momentum buf + (V + weight_decay W);  W <- W - lr buf
+
+    O(d^2) per factor refresh instead of K-FAC's O(d^3) eigendecomposition, so refreshes can be
+    frequent. Every other trainable layer is named in one warning at construction and takes the
+    fallback step: SGD with the same lr, momentum and weight decay.
+
+    Args:
+        model, params, fisher, seed: as `KFAC` (the public code uses the empirical Fisher).
+        lr, momentum, weight_decay: per param group. Defaults: lr 0.1 (the usual momentum-SGD lr: the
+            step has the raw gradient's norm; the public code takes it from its inner SGD), momentum 0.9,
+            inverse_every 10 (inv_freq), stabilization 0.1 (stabilization_factor), clip 100
+            (clipping_value), stabilization_threshold 2 (hard-coded there), factor_decay 0.95,
+            all from the public code Mohammad-Mozaffari/mkor.
+        factor_decay: weight of the old factor in (0, 1).
+
+    Where this and the public code (mkor 0.1.2) differ:
+      * Factor EMA: the code updates P <- SM(0.95 P + 0.05 I, a), i.e. blends the *inverse* toward
+        I and adds a a^T undecayed (its `stat_decay` argument is unused); here the factor itself is
+        the EMA above (as K-FAC's factors), so each refresh is exactly the inverse of the decayed,
+        rank-1-updated factor.
+      * Stabiliser: the code flags a factor when an entry exceeds 2, resets both factors of the
+        layer at the next refresh and skips that refresh's rank-1 update; here each factor is
+        checked and reset on its own just before its rank-1 update.
+      * Rescaling: the code divides the sums of the weight and bias norms; here the Frobenius norm
+        of [dW | db] (the same when there is no bias).
+      * Precision: the code keeps factors in fp16 by default; here they follow the parameters.
+      * The code wraps an inner SGD/Adam and needs `model.device`; here the SGD step is built in.
+    """
+
+    settings = ("factor_decay", "stabilization", "stabilization_threshold", "clip", "inverse_every", "fisher", "seed")
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 inverse_every: int = 10, factor_decay: float = 0.95, stabilization: float = 0.1,
+                 clip: float = 100.0, stabilization_threshold: float = 2.0, fisher: str = "empirical", seed: int = 0,
+                 params: Any = None):
+        self.inverse_every = check_interval("inverse_every", inverse_every)
+        self.factor_decay = check_number("factor_decay", factor_decay, 0.0, 1.0, open_low=True, open_high=True)
+        self.stabilization = check_number("stabilization", stabilization, 0.0, 1.0)
+        self.clip = check_number("clip", clip, open_low=True)
+        self.stabilization_threshold = check_number("stabilization_threshold", stabilization_threshold, open_low=True)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(model, params, defaults, fisher, seed)
+
+    def _refresh_due(self, t: int) -> bool:
+        return t % self.inverse_every == 0
+
+    def _inverses(self, layer: Layer) -> dict:
+        state = self.state[layer.module.weight]
+        if "A_inv" not in state:
+            w = layer.module.weight
+            out, cols = layer.shape
+            state["A_inv"] = torch.eye(cols, dtype=w.dtype, device=w.device)
+            state["G_inv"] = torch.eye(out, dtype=w.dtype, device=w.device)
+        return state
+
+    def _refresh(self, t: int, capture: LayerCapture) -> None:
+        """Rank-1 updates of both inverse factors from the clipped batch means (Mozaffari et al. 2023)."""
+        for i, layer in enumerate(self._layers):
+            found = capture.expanded(i)
+            if found is None:
+                continue
+            a, g = (x.clamp(-self.clip, self.clip).mean(dim=(0, 1)) for x in found)
+            state = self._inverses(layer)
+            state["A_inv"] = self.update_inverse(state["A_inv"], a)
+            state["G_inv"] = self.update_inverse(state["G_inv"], g)
+
+    def update_inverse(self, P: Tensor, v: Tensor) -> Tensor:
+        """Norm-based stabiliser, then the Sherman-Morrison update of the decayed factor."""
+        if P.abs().max() > self.stabilization_threshold:
+            P = (1 - self.stabilization) * P + self.stabilization * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
+        return sherman_morrison_update(P, v, self.factor_decay)
+
+    def _directions(self, t: int, grads: dict[int, Tensor]) -> dict[int, Tensor]:
+        """V = P_G D P_A, rescaled to ||D|| per layer."""
+        out = {}
+        for layer in self._layers:
+            state = self._inverses(layer)
+            D = self._layer_grad(layer, grads)
+            V = state["G_inv"] @ D @ state["A_inv"]
+            norm = V.norm()
+            V = V * torch.where(norm > 0, D.norm() / norm, torch.zeros_like(norm))
+            out.update({id(p): d for p, d in zip(layer.params, layer.split(V))})
+        return out
