@@ -53,8 +53,9 @@ class Sophia(ClosureOptimizer):
         h is the estimate itself rather than 1% of it. `bias_correction=False` is the official rule.
       * Probes for Sophia-H: Gaussian (paper, levanter) vs Rademacher (`distribution`).
 
-    `win_rate` after a step is the fraction of coordinates that were not clipped (the README of
-    the official code suggests tuning gamma so that it stays within 0.1-0.5).
+    `win_rate` after a step is the fraction of coordinates that were not clipped, |m| < gamma h
+    (the official training script's definition; its README suggests tuning gamma so that it
+    stays within 0.1-0.5).
     """
 
     settings = ("estimator", "update_every", "bias_correction", "distribution", "seed")
@@ -132,4 +133,4 @@ class Sophia(ClosureOptimizer):
             p.mul_(1 - group["lr"] * group["weight_decay"])
         ratio = m / (group["gamma"] * h).clamp(min=group["eps"])
         p.add_(ratio.clamp(-1.0, 1.0), alpha=-group["lr"])
-        return (ratio.abs() < 1).sum()
+        return (m.abs() < group["gamma"] * h).sum()  # the official script's count: |m| < gamma h

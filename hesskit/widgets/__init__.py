@@ -10,13 +10,17 @@ One module per notebook:
 - `spectral_density`: 03, stochastic Lanczos quadrature
 - `sharpness`: 04, loss landscapes, edge of stability, SGD's stability bound
 - `batch_size`: 05, mini-batch curvature and learning-rate scaling rules
+- `adahessian`: 06, AdaHessian against AdamW and SGD
+- `sophia`: 07, Sophia-G and Sophia-H on a tiny character language model
 """
 
 from ._base import Explorer, budget, fast_mode
+from .adahessian import AdaHessianExplorer
 from .batch_size import BatchSizeExplorer
 from .eigenvalues import EigenExplorer
 from .hessian import HessianExplorer, mlp_hessian
 from .sharpness import SharpnessExplorer
+from .sophia import SophiaExplorer
 from .spectral_density import DensityExplorer
 from .trace_estimation import TraceExplorer
 
@@ -31,4 +35,6 @@ __all__ = [
     "DensityExplorer",
     "SharpnessExplorer",
     "BatchSizeExplorer",
+    "AdaHessianExplorer",
+    "SophiaExplorer",
 ]

@@ -1,0 +1,301 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import hesskit as hk  # noqa: E402
+from hesskit.optim._base import step_seed  # noqa: E402
+from hesskit.widgets.sophia import (  # noqa: E402
+    OfficialSophiaG,
+    SignMomentum,
+    SophiaExplorer,
+    batch_order,
+    best_run,
+    char_lm_task,
+    lr_sweep,
+    make_optimizer,
+    sampled_label_loss,
+    step_cost,
+    train_lm,
+)
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than several (and timings are steadier)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return char_lm_task(num_chars=4000, length=16, dim=16, blocks=1, heads=2)
+
+
+@pytest.fixture(scope="module")
+def explorer(task):
+    ex = SophiaExplorer(task, steps=STEPS, lr=1e-2, gamma=0.05, update_every=5, batch_size=8, target=3.0)
+    ex.show()
+    return ex
+
+
+# --------------------------------------------------------------------------- the task and the protocol
+def test_task_shapes_and_unigram_entropy(task):
+    assert task.x.shape == task.y.shape and task.x.shape[1] == 16
+    assert torch.equal(task.x[:, 1:], task.y[:, :-1])  # y is x shifted by one character
+    assert len(task.x_test) > 0
+    logits = task.model(0)(task.x[:3])
+    assert logits.shape == (3, 16, len(task.vocab))
+    assert 0 < task.unigram_entropy() < math.log(len(task.vocab))
+
+
+def test_batch_order_is_seeded_and_covers_the_data():
+    a, b = batch_order(50, 20, 8, seed=3), batch_order(50, 20, 8, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a, b)) and len(a) == 20
+    assert all(len(idx) == 8 for idx in a)
+    first_epoch = torch.cat(a[:6])  # 6 batches of 8 fit in 50 windows: no repeats within an epoch
+    assert len(set(first_epoch.tolist())) == 48
+    assert not all(torch.equal(p, q) for p, q in zip(a, batch_order(50, 20, 8, seed=4)))
+
+
+def test_every_optimizer_starts_from_the_same_weights_and_sees_the_same_batches(task):
+    runs = {name: train_lm(task, name, 1e-2, steps=3, batch_size=8, seed=5)
+            for name in ("adamw", "sophia-g", "sophia-h", "sign", "sophia-g-official")}
+    initial = {r.test_loss[0] for r in runs.values()}
+    first_batch = {r.train_loss[0] for r in runs.values()}
+    assert len(initial) == 1 and len(first_batch) == 1  # same init, same first batch
+    assert np.isnan(runs["adamw"].win_rate).all() and np.isfinite(runs["sophia-g"].win_rate).all()
+
+
+def test_training_is_deterministic(task):
+    a = train_lm(task, "sophia-g", 1e-2, steps=6, batch_size=8, update_every=2, seed=1)
+    b = train_lm(task, "sophia-g", 1e-2, steps=6, batch_size=8, update_every=2, seed=1)
+    np.testing.assert_array_equal(a.test_loss, b.test_loss)
+    np.testing.assert_array_equal(a.win_rate, b.win_rate)
+
+
+def test_run_bookkeeping(task):
+    run = train_lm(task, "adamw", 3e-3, steps=25, batch_size=8, eval_every=10)
+    np.testing.assert_array_equal(run.eval_steps, [0, 10, 20, 25])
+    assert np.all(np.diff(run.eval_seconds) > 0) and run.eval_seconds[0] == 0
+    assert run.test_loss[-1] < run.test_loss[0]  # it learns
+    target = float(run.test_loss[2])
+    assert run.steps_to(target) <= 20 and math.isnan(run.steps_to(-1.0)) and math.isnan(run.seconds_to(-1.0))
+    assert run.final_loss == pytest.approx(run.test_loss[-3:].mean())
+    with pytest.raises(ValueError, match="steps"):
+        train_lm(task, "adamw", 1e-3, steps=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        train_lm(task, "lion", 1e-3, steps=2)
+
+
+def test_lr_sweep_and_best_run(task):
+    sweep = lr_sweep(task, ["adamw"], [1e-4, 1e-2], steps=STEPS, batch_size=8, eval_every=4)
+    runs = sweep["adamw"]
+    assert [r.lr for r in runs] == [1e-4, 1e-2]
+    assert best_run(runs) is min(runs, key=lambda r: r.final_loss)
+    assert best_run(runs).lr == 1e-2  # 12 steps at lr 1e-4 barely move
+
+
+@pytest.mark.parametrize("name", ["adamw", "sophia-g", "sophia-h"])
+def test_divergence_is_caught(task, name, monkeypatch):
+    fresh = task.model
+
+    def poisoned(seed=0):
+        model = fresh(seed)
+        with torch.no_grad():
+            model.head.bias.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(task, "model", poisoned)
+    run = train_lm(task, name, 1e-3, steps=4, batch_size=8)
+    assert run.diverged and run.final_loss == math.inf and np.isnan(run.train_loss).all()
+
+
+def test_step_cost_times_every_optimizer_in_turns(task):
+    cost = step_cost(task, {"adamw": 1e-3, "sophia-g": 1e-3, "sophia-h": 1e-3, "sign": 1e-3}, blocks=2, block=3,
+                     batch_size=8)
+    assert set(cost) == {"adamw", "sophia-g", "sophia-h", "sign"}
+    assert all(0 < c < 1 for c in cost.values())
+    with pytest.raises(ValueError, match="blocks"):
+        step_cost(task, {"adamw": 1e-3}, blocks=0)
+    with pytest.raises(ValueError, match="official"):
+        step_cost(task, {"sophia-g-official": 1e-3}, blocks=1, block=1)
+
+
+# --------------------------------------------------------------------------- optimizers
+def quadratic(opt_params, target):
+    return 0.5 * ((opt_params - target) ** 2).sum()
+
+
+def test_sign_momentum_moves_every_coordinate_by_lr():
+    x = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = SignMomentum([x], lr=0.1, weight_decay=0.0)
+    x.grad = torch.tensor([3.0, -1e-6, 0.0])
+    opt.step()
+    torch.testing.assert_close(x.detach(), torch.tensor([0.9, -1.9, 0.5]))
+
+
+def test_official_sophiag_first_step_is_a_sign_step_then_a_clipped_newton_step():
+    torch.manual_seed(0)
+    x = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    lr, rho, bs = 0.01, 0.05, 4
+    opt = OfficialSophiaG([x], lr=lr, rho=rho, weight_decay=0.0)
+    start = x.detach().clone()
+    x.grad = torch.tensor([1e-6, -1e-6, 2.0, -3.0, 1e-3, 5.0], dtype=torch.float64)
+    opt.step(bs=bs)
+    torch.testing.assert_close((x.detach() - start).abs(), torch.full((6,), lr, dtype=torch.float64))
+    assert opt.win_rate == 0.0
+    # one Hessian refresh, then the official rule: lr sign(m) min(|m| / (rho bs h), 1)
+    g_hat = torch.tensor([1.0, 1.0, 0.1, 0.1, 1.0, 0.1], dtype=torch.float64)
+    x.grad = g_hat.clone()
+    opt.update_hessian()
+    h = 0.01 * g_hat**2
+    before = x.detach().clone()
+    g = torch.tensor([1e-6, -1e-6, 2.0, -3.0, 1e-3, 5.0], dtype=torch.float64)
+    x.grad = g.clone()
+    opt.step(bs=bs)
+    m = 0.965 * (0.035 * g) + 0.035 * g
+    expected = before - lr * m.sign() * (m.abs() / (rho * bs * h + 1e-15)).clamp(max=1)
+    torch.testing.assert_close(x.detach(), expected, rtol=1e-14, atol=0)
+    assert opt.win_rate == pytest.approx(float(((m.abs() / (rho * bs * h)) < 1).double().mean()))
+
+
+def test_official_rule_equals_hesskit_without_bias_correction_after_the_same_refresh():
+    """rho * bs * EMA(g_hat^2) = gamma * EMA(B g_hat^2): the same step once both hold the same h."""
+    torch.manual_seed(0)
+    g_hat = torch.randn(5, dtype=torch.float64)
+    g = torch.randn(5, dtype=torch.float64)
+    bs = 7
+    a = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    official = OfficialSophiaG([a], lr=0.1, rho=0.3, weight_decay=0.0)
+    a.grad = g_hat.clone()
+    official.update_hessian()
+    a.grad = g.clone()
+    official.step(bs=bs)
+    ours = hk.optim.Sophia([b], lr=0.1, gamma=0.3, weight_decay=0.0, bias_correction=False)
+    ours.state[b].update(step=torch.zeros((), dtype=torch.float64), refreshes=torch.ones((), dtype=torch.float64),
+                         exp_avg=torch.zeros(5, dtype=torch.float64), hessian=0.01 * bs * g_hat**2)
+    ours.update_every = 10**9  # no fresh estimate on the next step: use the h set above
+    ours.state[b]["step"] += 1  # step 2 is not a refresh step
+
+    def closure():
+        ours.zero_grad()
+        return (g * b).sum()  # gradient g
+
+    ours.step(closure)
+    torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-13, atol=1e-16)
+
+
+def test_sampled_labels_match_hesskit_gnb(task):
+    model = task.model(0).double()
+    params = list(model.parameters())
+    logits = model(task.x[:4])
+    g = torch.autograd.grad(sampled_label_loss(logits, seed=11), params, retain_graph=True)
+    ours = torch.cat([(logits[..., 0].numel() * t**2).reshape(-1) for t in g])
+    theirs = hk.gauss_newton_bartlett(logits, params, seed=11).value
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+
+
+def test_make_optimizer_defaults():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    assert make_optimizer("sophia-g", p, 1e-3).param_groups[0]["gamma"] == 0.05
+    assert make_optimizer("sophia-h", p, 1e-3).param_groups[0]["gamma"] == 0.01
+    assert make_optimizer("sophia-g-official", p, 1e-3).param_groups[0]["rho"] == 0.05
+    assert isinstance(make_optimizer("adamw", p, 1e-3), torch.optim.AdamW)
+    assert step_seed(0, 1) != step_seed(0, 2)
+
+
+def test_sophia_g_curvature_is_never_negative_sophia_h_can_be(task):
+    g = train_lm(task, "sophia-g", 1e-2, steps=STEPS, batch_size=8, update_every=3)
+    h = train_lm(task, "sophia-h", 1e-2, steps=STEPS, batch_size=8, update_every=3)
+    assert g.extra["negative_h"] == 0.0 and h.extra["negative_h"] > 0.0
+    assert g.extra["refreshes"] == h.extra["refreshes"] == 4  # steps 1, 4, 7, 10
+    official = train_lm(task, "sophia-g-official", 1e-2, steps=STEPS, batch_size=8, update_every=5)
+    assert official.extra["refreshes"] == 2  # after steps 5 and 10
+    assert (official.win_rate[:5] == 0).all()  # pure sign steps before the first refresh
+
+
+# --------------------------------------------------------------------------- the explorer
+def test_explorer_first_render(explorer):
+    r = explorer.result
+    assert r["sophia"].name == "sophia-g" and r["baseline"].name == "adamw"
+    assert r["target"] == 3.0 and len(r["runs"]) == 2
+    assert r["sophia"].test_loss[0] == r["baseline"].test_loss[0]  # same initial weights
+    assert 0 <= r["mean_win_rate"] <= 1
+    assert len(explorer.figure.axes) == 3
+    assert explorer.figure.axes[1].get_xlabel() == "training wall-clock time (s)"
+    (output,) = explorer.output.outputs
+    assert output["data"]["image/png"].startswith("iVBOR")
+
+
+def test_explorer_lr_extremes(explorer):
+    slider = explorer.controls["lr"]
+    results = {}
+    for value in (slider.min, slider.max):
+        slider.value = 10**value
+        results[value] = explorer.result["sophia"]
+        assert explorer.result["sophia"].lr == pytest.approx(10**value)
+    low, high = results[slider.min], results[slider.max]
+    # steps are at most lr per coordinate: at lr 1e-4 the loss barely moves in 12 steps
+    assert abs(low.test_loss[-1] - low.test_loss[0]) < abs(high.test_loss[-1] - high.test_loss[0]) or high.diverged
+    slider.value = 1e-2
+
+
+def test_explorer_gamma_extremes_drive_the_win_rate(explorer):
+    slider = explorer.controls["gamma"]
+    win = {}
+    for value in (slider.min, slider.max):
+        slider.value = 10**value
+        win[value] = explorer.result["mean_win_rate"]
+        assert explorer.result["sophia"].gamma == pytest.approx(10**value)
+    assert win[slider.min] < 0.05 < 0.5 < win[slider.max]  # gamma -> 0: sign steps; large gamma: Newton steps
+    slider.value = 0.05
+
+
+def test_explorer_update_every_extremes(explorer):
+    slider = explorer.controls["update_every"]
+    for value, refreshes in ((slider.min, STEPS), (slider.max, 1)):
+        slider.value = value
+        assert explorer.result["sophia"].update_every == value
+        assert explorer.result["sophia"].extra["refreshes"] == refreshes
+    slider.value = 5
+
+
+def test_explorer_estimators_and_baselines(explorer):
+    for option in explorer.controls["estimator"].options:
+        explorer.controls["estimator"].value = option
+        name = explorer.result["sophia"].name
+        assert name == {"Sophia-G (GNB)": "sophia-g", "Sophia-H (Hutchinson)": "sophia-h"}[option]
+        assert np.isfinite(explorer.result["sophia"].win_rate).all()
+    for option in explorer.controls["baseline"].options:
+        explorer.controls["baseline"].value = option
+        base = explorer.result["baseline"]
+        if option == "none":
+            assert base is None and len(explorer.result["runs"]) == 1
+        else:
+            assert base.name == {"AdamW": "adamw", "sign momentum": "sign"}[option]
+            assert base.lr == explorer.baseline_lrs[option]
+            assert set(explorer.result["steps_to"]) == {r.label for r in explorer.result["runs"]}
+        assert explorer.figure is not None
+
+
+def test_explorer_reuses_added_runs_and_picks_a_target(task):
+    ex = SophiaExplorer(task, steps=STEPS, lr=1e-2, gamma=0.05, update_every=10, batch_size=8)
+    sweep = lr_sweep(task, ["sophia-g", "adamw"], [1e-2], steps=STEPS, batch_size=8)
+    ex.baseline_lrs["AdamW"] = 1e-2
+    ex.add_runs([r for runs in sweep.values() for r in runs])
+    ex.show()
+    assert ex.result["sophia"] is sweep["sophia-g"][0] and ex.result["baseline"] is sweep["adamw"][0]
+    # no target given: the baseline's best held-out loss plus 0.02, so the baseline reaches it
+    assert ex.result["target"] == pytest.approx(np.nanmin(sweep["adamw"][0].test_loss) + 0.02)
+    assert math.isfinite(ex.result["steps_to"][sweep["adamw"][0].label])
