@@ -495,10 +495,12 @@ class EmpiricalFisherOperator(CurvatureOperator):
         else:
             wrapper = _LossModule(self.model, self.loss_fn)
         weights = {"model." + name: p.detach() for name, p in zip(self.param_names, self.params)}
+        # the other parameters enter as constants: no graph through them, no gradient for them
+        fixed = {"model." + name: p.detach() for name, p in self.model.named_parameters() if "model." + name not in weights}
 
         def sample_loss(w: dict[str, Tensor], sample: Any) -> Tensor:
             one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), sample)
-            return functional_call(wrapper, w, (one,)).reshape(())
+            return functional_call(wrapper, {**fixed, **w}, (one,)).reshape(())
 
         with self._forward_mode():
             grads = vmap(grad(sample_loss), in_dims=(None, 0))(weights, batch)

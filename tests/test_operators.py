@@ -97,6 +97,19 @@ def test_blocks_are_the_diagonal_blocks():
     assert len(list(op.blocks(by="parameter"))) == 6
 
 
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "empirical_fisher"])
+def test_block_products_are_detached_blocks_of_the_full_matrix(kind):
+    case = make_case("cnn")
+    full = KINDS[kind](case.model, case.criterion, case.batches).dense()
+    offset = 0
+    for name, block in KINDS[kind](case.model, case.criterion, case.batches).blocks():
+        size = block.shape[0]
+        product = block @ torch.ones(size, dtype=torch.float64)
+        assert not product.requires_grad, name  # no graph through the parameters outside the block
+        _close(block.dense(), full[offset : offset + size, offset : offset + size])
+        offset += size
+
+
 def test_params_by_name_tensor_and_module_select_the_same_block():
     case = make_case("mlp")
     layer = case.model[1]
