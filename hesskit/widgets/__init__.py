@@ -12,6 +12,7 @@ One module per notebook:
 - `batch_size`: 05, mini-batch curvature and learning-rate scaling rules
 - `adahessian`: 06, AdaHessian against AdamW and SGD
 - `sophia`: 07, Sophia-G and Sophia-H on a tiny character language model
+- `kfac`: 08, K-FAC and MKOR
 """
 
 from ._base import Explorer, budget, fast_mode
@@ -19,6 +20,7 @@ from .adahessian import AdaHessianExplorer
 from .batch_size import BatchSizeExplorer
 from .eigenvalues import EigenExplorer
 from .hessian import HessianExplorer, mlp_hessian
+from .kfac import KFACExplorer
 from .sharpness import SharpnessExplorer
 from .sophia import SophiaExplorer
 from .spectral_density import DensityExplorer
@@ -37,4 +39,5 @@ __all__ = [
     "BatchSizeExplorer",
     "AdaHessianExplorer",
     "SophiaExplorer",
+    "KFACExplorer",
 ]
