@@ -13,6 +13,7 @@ One module per notebook:
 - `adahessian`: 06, AdaHessian against AdamW and SGD
 - `sophia`: 07, Sophia-G and Sophia-H on a tiny character language model
 - `kfac`: 08, K-FAC and MKOR
+- `mfac`: 09, M-FAC inverse-Hessian-vector products and Newton-CG
 """
 
 from ._base import Explorer, budget, fast_mode
@@ -21,6 +22,7 @@ from .batch_size import BatchSizeExplorer
 from .eigenvalues import EigenExplorer
 from .hessian import HessianExplorer, mlp_hessian
 from .kfac import KFACExplorer
+from .mfac import MFACExplorer
 from .sharpness import SharpnessExplorer
 from .sophia import SophiaExplorer
 from .spectral_density import DensityExplorer
@@ -40,4 +42,5 @@ __all__ = [
     "AdaHessianExplorer",
     "SophiaExplorer",
     "KFACExplorer",
+    "MFACExplorer",
 ]
