@@ -68,7 +68,8 @@ class MFACInverse(MatrixFreeOperator):
     keeps the window's dtype (its entries are dot products computed in that dtype); only the
     m x m algebra runs in float64. In float32 the subtraction x - G^T K^{-1} G x cancels when
     damping is much smaller than the squared gradient norms, as in the official code, so expect
-    float32 products to be accurate to about eps32 * |G|^2 / (m * damping) relative; the
+    float32 products to have a relative error of about eps32 * |x| / (damping * |F^{-1} x|)
+    (within 2x of the error measured in notebook 09); the
     optimizer's product with a gradient of the window (`update_and_apply`) avoids that subtraction.
 
     Args:

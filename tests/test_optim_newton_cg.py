@@ -123,7 +123,8 @@ def test_levenberg_marquardt_on_a_quadratic_model_that_is_exact():
 
 def test_levenberg_marquardt_raises_damping_when_the_model_overshoots():
     """f(x) = sqrt(1 + x^2) at x = 2: g = x/sqrt(1+x^2), H = (1+x^2)^(-3/2); the damped Newton step
-    d = -g/(H + lambda) jumps far past the minimum, the loss rises, rho < 0 and damping * 3/2."""
+    d = -g/(H + lambda) jumps far past the minimum, the loss rises, rho < 0, damping * 3/2, and the
+    step is undone."""
     x0, lam = 2.0, 0.01
     g, H = x0 / math.sqrt(1 + x0**2), (1 + x0**2) ** -1.5
     d = -g / (H + lam)
@@ -137,7 +138,7 @@ def test_levenberg_marquardt_raises_damping_when_the_model_overshoots():
         return torch.sqrt(1 + x[0] ** 2)
 
     opt.step(closure)
-    assert x.item() == pytest.approx(x0 + d, rel=1e-12)
+    assert x.item() == x0 and opt.last_step_info["rejected"]
     assert opt.last_step_info["rho"] == pytest.approx(actual / predicted, rel=1e-10)
     assert actual / predicted < 0 and opt.damping == pytest.approx(1.5 * lam)
     assert x.grad.item() == pytest.approx(g)  # the second closure call did not wipe the step's gradient
@@ -257,3 +258,30 @@ def test_closure_contract():
     hessian = hk.optim.NewtonCG([theta], curvature="hessian", damping=0.0, adapt_damping=False)
     assert hessian.step(lambda: ((theta - 1) ** 2).sum()).item() == 2.0
     assert torch.allclose(theta.detach(), torch.ones(2))
+
+
+def test_after_rejected_steps_the_damping_grows_until_newton_converges():
+    # f(x) = sqrt(1 + x^2): undamped Newton from x = 2 lands at x = -8 (and diverges from there)
+    x = torch.nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    opt = hk.optim.NewtonCG([x], curvature="hessian", damping=1e-8, min_damping=1e-8)
+
+    def closure():
+        opt.zero_grad()
+        return torch.sqrt(1 + x**2).sum()
+
+    for _ in range(80):  # the damping grows until steps are accepted, then the minimum is reached
+        opt.step(closure)
+    assert abs(x.item()) < 1e-6 and opt.damping >= 1e-8
+
+
+def test_damping_never_falls_below_min_damping():
+    x = torch.nn.Parameter(torch.tensor([3.0, -1.0], dtype=torch.float64))
+    opt = hk.optim.NewtonCG([x], curvature="hessian", lr=0.5, damping=1.0, min_damping=1e-3)
+
+    def closure():
+        opt.zero_grad()
+        return (x**2).sum()
+
+    for _ in range(40):
+        opt.step(closure)
+    assert opt.damping == pytest.approx(1e-3)

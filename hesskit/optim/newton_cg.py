@@ -92,9 +92,12 @@ class NewtonCG(ClosureOptimizer):
     compares the actual change of the loss with the undamped quadratic model's prediction;
     rho < 1/4 multiplies damping by 3/2, rho > 3/4 multiplies it by 2/3. This costs a second
     closure evaluation (a forward pass, without graph) and one more curvature product per step,
-    and the closure must evaluate the same batch both times. The step is kept whatever rho is
-    (no line search or CG backtracking, which Martens also uses); a non-finite new loss, or a
-    model that predicts no decrease, counts as rho = -inf, and a zero step leaves damping alone.
+    and the closure must evaluate the same batch both times. A non-finite new loss, or a model
+    that predicts no decrease, counts as rho = -inf, and a zero step leaves damping alone.
+    Safeguards (`adapt_damping` only): a step that raises the loss or makes it non-finite
+    (rho < 0) is undone (the parameters return to theta, the warm start is dropped and the
+    damping grows), and the damping never falls below `min_damping`, so a long run of good
+    steps cannot drive it to zero and let CG take an unregularised step.
 
     Curvature products come from `hk.LossGGN(loss, outputs, params)` (closure returns
     `(loss, outputs)`, the loss computed from those outputs) or `hk.LossHessian(loss, params,
@@ -116,7 +119,7 @@ class NewtonCG(ClosureOptimizer):
       * rho's model: here the undamped model g^T p + 1/2 p^T C p; fmeirinhos uses the damped
         model value that CG minimised (with C + damping * I).
       * Step acceptance: fmeirinhos backtracks over CG iterates and runs an Armijo line search
-        (more closure calls); here lr is fixed and every step is taken.
+        (more closure calls); here lr is fixed and a step is only undone when it raises the loss.
       * Warm start: Martens always starts CG at warm_start_decay * d_previous; here a warm start
         no better than zero on the new damped model (phi(x0) >= 0) is replaced by zero, which
         costs nothing extra (A x0 is needed for the first residual anyway). On an exact quadratic
@@ -125,13 +128,14 @@ class NewtonCG(ClosureOptimizer):
 
     After each step `opt.last_step_info` holds cg_iterations, num_products (all curvature products
     of the step), converged, negative_curvature, relative_residual, damping (used for this step),
-    rho (nan without adapt_damping) and loss (before the step).
+    rho (nan without adapt_damping), rejected (the step was undone) and loss (before the step).
     """
 
-    settings = ("curvature", "damping", "max_cg_iters", "cg_tol", "adapt_damping", "warm_start_decay")
+    settings = ("curvature", "damping", "max_cg_iters", "cg_tol", "adapt_damping", "warm_start_decay", "min_damping")
 
     def __init__(self, params, lr: float = 1.0, curvature: str = "ggn", damping: float = 1.0, max_cg_iters: int = 100,
-                 cg_tol: float = 1e-5, adapt_damping: bool = True, warm_start_decay: float = 0.95):
+                 cg_tol: float = 1e-5, adapt_damping: bool = True, warm_start_decay: float = 0.95,
+                 min_damping: float = 1e-6):
         check_number("lr", lr, open_low=True)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature: expected one of {CURVATURES}, got {curvature!r}")
@@ -143,6 +147,7 @@ class NewtonCG(ClosureOptimizer):
         check_interval("max_cg_iters", max_cg_iters)
         check_number("cg_tol", cg_tol)
         check_number("warm_start_decay", warm_start_decay, 0.0, 1.0)
+        check_number("min_damping", min_damping)
         super().__init__(params, dict(lr=lr))
         if not self._trainable():
             raise ValueError("params: expected at least one parameter that requires grad")
@@ -152,6 +157,7 @@ class NewtonCG(ClosureOptimizer):
         self.cg_tol = float(cg_tol)
         self.adapt_damping = adapt_damping
         self.warm_start_decay = float(warm_start_decay)
+        self.min_damping = float(min_damping)
         self.last_step_info: dict = {}
 
     @property
@@ -200,18 +206,24 @@ class NewtonCG(ClosureOptimizer):
                 p.add_(piece)
         state["step"] += 1
         state["cg_solution"] = result.x
-        rho = math.nan
+        rho, rejected = math.nan, False
         if self.adapt_damping:
             saved = [p.grad for p in params]
             new_loss = self._loss_value(closure)
             for p, grad in zip(params, saved):
                 p.grad = grad
             rho = self._adapt_damping(float(loss), new_loss, float(predicted))
+            rejected = rho < 0
+            if rejected:  # the step made things worse: undo it and forget it as a warm start
+                with torch.no_grad():
+                    for p, piece in zip(params, split_like(step, params)):
+                        p.sub_(piece)
+                del state["cg_solution"]
         residual = torch.linalg.vector_norm(result.residual) / torch.linalg.vector_norm(g).clamp_min(torch.finfo(g.dtype).tiny)
         self.last_step_info = dict(
             cg_iterations=result.iterations, num_products=num_products, converged=result.converged,
             negative_curvature=result.negative_curvature, relative_residual=float(residual),
-            damping=damping, rho=rho, loss=float(loss),
+            damping=damping, rho=rho, rejected=rejected, loss=float(loss),
         )
         return loss
 
@@ -223,5 +235,5 @@ class NewtonCG(ClosureOptimizer):
         if rho < 0.25:
             self.damping *= 1.5
         elif rho > 0.75:
-            self.damping *= 2 / 3
+            self.damping = max(self.damping * 2 / 3, self.min_damping)
         return rho
