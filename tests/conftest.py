@@ -127,3 +127,12 @@ def random_symmetric(n: int, seed: int = 0, decay: float = 0.9, negative: bool =
     if negative:
         eig[1::3] *= -0.5
     return (Q * eig) @ Q.T
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run fastest (and time most steadily) on one thread, above all on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,14 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*fallback step:UserWarning")
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 matmuls are slower with threads on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)

@@ -27,13 +27,6 @@ from hesskit.widgets.adahessian import (  # noqa: E402
 STEPS, BATCH, EVERY = 12, 32, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def digits():

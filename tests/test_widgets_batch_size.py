@@ -22,14 +22,6 @@ from hesskit.widgets.batch_size import (  # noqa: E402
 SIZES = [8, 32, 120, 240]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than several (and timings are steadier)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def trained():

@@ -25,14 +25,6 @@ from hesskit.widgets.sharpness import (  # noqa: E402
 SMALL = dict(num_samples=32, hidden=(2,))  # 160 parameters: the dense Hessian is cheap
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest and immune to oversubscription on shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def dense_at(model, criterion, data, theta):
     probe = copy.deepcopy(model)
