@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 from abc import ABC, abstractmethod
 from typing import Any
 
-__all__ = ["Explorer", "fast_mode", "budget"]
+__all__ = ["Explorer", "fast_mode", "budget", "TrainingRecord"]
 
 
 def fast_mode() -> bool:
@@ -77,3 +78,43 @@ class Explorer(ABC):
         """Render once (so the notebook shows results without a click) and return the widget."""
         self.render()
         return self.widget
+
+
+class TrainingRecord:
+    """What the optimizer notebooks read off a training run (a mixin for their `Run` dataclasses).
+
+    The dataclass provides `optimizer`, `lr`, `steps` (checkpoint step numbers, 0 first),
+    `train_loss` and `test_accuracy` at the checkpoints, `step_times` (seconds per optimizer
+    step) and `diverged`; `labels` maps optimizer keys to display names.
+    """
+
+    labels: dict[str, str] = {}
+
+    @property
+    def label(self) -> str:
+        return f"{self.labels.get(self.optimizer, self.optimizer)} (lr {self.lr:.3g})"
+
+    @property
+    def wall(self):
+        """Cumulative optimizer seconds at each checkpoint (nan after a divergence)."""
+        import numpy as np
+
+        clock = np.concatenate([[0.0], np.cumsum(self.step_times)])
+        return np.where(self.steps < len(clock), clock[np.minimum(self.steps, len(clock) - 1)], np.nan)
+
+    @property
+    def final_loss(self) -> float:
+        """The last full training loss (inf if the run diverged)."""
+        value = float(self.train_loss[-1])
+        return value if math.isfinite(value) and not self.diverged else math.inf
+
+    @property
+    def final_accuracy(self) -> float:
+        value = float(self.test_accuracy[-1])
+        return value if math.isfinite(value) else math.nan
+
+    @property
+    def median_step_time(self) -> float:
+        import numpy as np
+
+        return float(np.median(self.step_times)) if len(self.step_times) else math.nan

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..models import SmallCNN
 from ..operators import HessianOperator
 from ..optim import AdaHessian
-from ._base import Explorer
+from ._base import Explorer, TrainingRecord
 
 __all__ = [
     "AdaHessianExplorer",
@@ -148,7 +148,7 @@ def diagonal_study(model: nn.Module, criterion: nn.Module, data: tuple[Tensor, T
 
 # --------------------------------------------------------------------------- training
 @dataclass
-class Run:
+class Run(TrainingRecord):
     """One training run: full training loss and test accuracy every `eval_every` steps (and at 0),
     the time of every optimizer step (forward, backward, curvature and update; evaluation excluded)
     and the flat parameters at each checkpoint. A run that diverged has nan after it stopped."""
@@ -164,30 +164,7 @@ class Run:
     num_hvps: int  # Hessian-vector products taken (AdaHessian refreshes)
     diverged: bool
 
-    @property
-    def label(self) -> str:
-        return f"{LABELS.get(self.optimizer, self.optimizer)} (lr {self.lr:.3g})"
-
-    @property
-    def wall(self) -> np.ndarray:
-        """Cumulative optimizer seconds at each checkpoint (nan after a divergence)."""
-        clock = np.concatenate([[0.0], np.cumsum(self.step_times)])
-        return np.where(self.steps < len(clock), clock[np.minimum(self.steps, len(clock) - 1)], np.nan)
-
-    @property
-    def final_loss(self) -> float:
-        """The last full training loss (inf if the run diverged)."""
-        value = float(self.train_loss[-1])
-        return value if math.isfinite(value) and not self.diverged else math.inf
-
-    @property
-    def final_accuracy(self) -> float:
-        value = float(self.test_accuracy[-1])
-        return value if math.isfinite(value) else math.nan
-
-    @property
-    def median_step_time(self) -> float:
-        return float(np.median(self.step_times)) if len(self.step_times) else math.nan
+    labels = LABELS
 
 
 def _make_optimizer(name: str, params, lr: float, settings: dict[str, Any]):

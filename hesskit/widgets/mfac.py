@@ -36,7 +36,7 @@ from ..data import digits
 from ..mfac import MFACInverse
 from ..models import MLP
 from ..optim import MFAC, NewtonCG
-from ._base import Explorer
+from ._base import Explorer, TrainingRecord
 
 __all__ = [
     "MFACExplorer",
@@ -314,7 +314,7 @@ def step_costs(data: tuple[Tensor, Tensor], rounds: int = 100, batch_size: int =
 
 # --------------------------------------------------------------------------- training
 @dataclass
-class Run:
+class Run(TrainingRecord):
     """One training run: full training loss and test accuracy every `eval_every` steps (and at 0);
     per step the wall time (forward, backward, curvature and update; evaluation excluded), the
     norm of the mini-batch gradient g_t and of the parameter change, the cosine between the change
@@ -337,30 +337,7 @@ class Run:
     diverged: bool
     batch_size: int = 64
 
-    @property
-    def label(self) -> str:
-        return f"{LABELS.get(self.optimizer, self.optimizer)} (lr {self.lr:.3g})"
-
-    @property
-    def wall(self) -> np.ndarray:
-        """Cumulative optimizer seconds at each checkpoint (nan after a divergence)."""
-        clock = np.concatenate([[0.0], np.cumsum(self.step_times)])
-        return np.where(self.steps < len(clock), clock[np.minimum(self.steps, len(clock) - 1)], np.nan)
-
-    @property
-    def final_loss(self) -> float:
-        """The last full training loss (inf if the run diverged)."""
-        value = float(self.train_loss[-1])
-        return value if math.isfinite(value) and not self.diverged else math.inf
-
-    @property
-    def final_accuracy(self) -> float:
-        value = float(self.test_accuracy[-1])
-        return value if math.isfinite(value) else math.nan
-
-    @property
-    def median_step_time(self) -> float:
-        return float(np.median(self.step_times)) if len(self.step_times) else math.nan
+    labels = LABELS
 
 
 def make_optimizer(name: str, params, lr: float, num_grads: int = 32, damping: float = 1e-3,
