@@ -14,6 +14,7 @@ One module per notebook:
 - `sophia`: 07, Sophia-G and Sophia-H on a tiny character language model
 - `kfac`: 08, K-FAC and MKOR
 - `mfac`: 09, M-FAC inverse-Hessian-vector products and Newton-CG
+- `shootout`: 10, the fair comparison of every optimizer
 """
 
 from ._base import Explorer, budget, fast_mode
@@ -24,6 +25,7 @@ from .hessian import HessianExplorer, mlp_hessian
 from .kfac import KFACExplorer
 from .mfac import MFACExplorer
 from .sharpness import SharpnessExplorer
+from .shootout import ShootoutExplorer
 from .sophia import SophiaExplorer
 from .spectral_density import DensityExplorer
 from .trace_estimation import TraceExplorer
@@ -43,4 +45,5 @@ __all__ = [
     "SophiaExplorer",
     "KFACExplorer",
     "MFACExplorer",
+    "ShootoutExplorer",
 ]

@@ -14,7 +14,8 @@ is a small harness that makes the fair protocol the easy path:
 * `digits_task` / `char_lm_task`: the two tasks (a few-channel `SmallCNN` on the scikit-learn
   digits, a tiny `CharTransformerLM` on `hk.data.text`).
 * `train_run`: one (optimizer, lr, seed) run; `run_grid`: every optimizer x lr x seed, on the same
-  initialisations and batch orders.
+  initialisations and batch orders, each optimizer's grid optionally located by a coarse pilot that
+  is the same for everyone (coarse-to-fine search: equal budgets, no hand-picked learning rates).
 * `summarise`: a pure function of the stored runs: best lr by median final training loss, steps
   and seconds to a target loss, test metric with its spread over seeds, per-step time relative
   to AdamW, divergence counts.
@@ -57,9 +58,11 @@ __all__ = [
     "TARGET_FRACTION",
     "Task",
     "batch_indices",
+    "best_lr",
     "char_lm_task",
     "digits_task",
     "entry",
+    "loss_at",
     "reach",
     "run_grid",
     "summarise",
@@ -459,7 +462,7 @@ class Row:
     metric_mean: float  # test metric over the seeds that finished
     metric_std: float
     finished: int  # seeds that finished (neither diverged nor failed)
-    step_time: float  # median over seeds of the mean seconds per step
+    step_time: float  # median, over every run of this optimizer's grid, of the mean seconds per step
     step_ratio: float  # step_time / the reference's
     diverged_grid: int  # diverged or failed runs over the whole grid of this optimizer
     total_grid: int
@@ -503,12 +506,13 @@ class Summary:
         head = (f"{'optimizer':29s} {'lr':>9s} {'final loss':>10s} {'steps to':>9s} {'s to':>6s} {metric:>15s} "
                 f"{'step x AdamW':>12s} {'diverged':>8s}")
         lines = [f"target training loss {self.target:.4f} ({self.target_rule})", head, "-" * len(head)]
+        decimals = 1 if self.metric == "accuracy" else 3
         for r in self.rows.values():
             star = "*" if r.best_at_edge and r.chosen == "best from grid" else " "
             mark = {"best from grid": "", "grid": " (hand)", "extra": " (extra)"}[r.chosen]
             steps = f"{r.steps_to_target:.0f}" if math.isfinite(r.steps_to_target) else "never"
             secs = f"{r.seconds_to_target:.2f}" if math.isfinite(r.seconds_to_target) else "-"
-            acc = f"{r.metric_mean:.1f} +- {r.metric_std:.1f}" if r.finished else "-"
+            acc = f"{r.metric_mean:.{decimals}f} +- {r.metric_std:.{decimals}f}" if r.finished else "-"
             lines.append(f"{(r.name + mark)[:29]:29s} {r.lr:8.3g}{star} {r.final_loss:10.4f} {steps:>6s} {r.hits}/"
                          f"{len(r.runs)} {secs:>6s} {acc:>15s} {r.step_ratio:11.2f}x "
                          f"{r.diverged_grid:>4d}/{r.total_grid}")
@@ -524,9 +528,10 @@ def summarise(grid: Grid, lrs: dict[str, float | None] | None = None, target: fl
     For each optimizer of `names` (default: all of the grid's): the best grid lr (lowest median
     final training loss over seeds), the chosen lr (`lrs[name]`, or the best when None/absent), and
     at the chosen lr: median final loss, median steps and seconds to `target` (default: the
-    `target_loss` rule, fixed in advance), test metric mean +- std over the finished seeds, mean
-    step time (median over seeds) and its ratio to the reference's at *its* chosen lr, and the
-    number of diverged runs over the whole lr grid."""
+    `target_loss` rule, fixed in advance), test metric mean +- std over the finished seeds; and over
+    the whole lr grid: the number of diverged runs, and the step time (the median over all its runs
+    of each run's mean seconds per step: 15 runs spread over the whole grid, so that a slow moment
+    of a shared machine hardly moves it) and its ratio to the reference's."""
     lrs = dict(lrs or {})
     names = list(grid.names) if names is None else list(names)
     rule = f"fixed: {target:.4g}" if target is not None else \
@@ -553,7 +558,7 @@ def summarise(grid: Grid, lrs: dict[str, float | None] | None = None, target: fl
             hits=sum(math.isfinite(a) for a, _ in reached),
             metric_mean=float(np.mean(metrics)) if metrics else math.nan,
             metric_std=float(np.std(metrics, ddof=1)) if len(metrics) > 1 else (0.0 if metrics else math.nan),
-            finished=len(ok), step_time=_median([r.step_time for r in runs if r.steps_taken]), step_ratio=math.nan,
+            finished=len(ok), step_time=_median([r.step_time for r in grid_runs if r.steps_taken]), step_ratio=math.nan,
             diverged_grid=sum(not r.ok for r in grid_runs), total_grid=len(grid_runs),
             errors=[f"lr {r.lr:.3g}, seed {r.seed}: {r.message}" for r in grid_runs if r.status == "error"],
         )
@@ -572,6 +577,19 @@ LR_OPTIONS = [("best from grid", None)] + [
     (f"grid centre x {f:.3g}" + ("" if any(math.isclose(f, g) for g in LR_FACTORS) else " (extra run)"), f)
     for f in (1 / 9, 3**-1.5, 1 / 3, 3**-0.5, 1.0, 3**0.5, 3.0, 3**1.5, 9.0)
 ]
+
+
+def _log_tick_labels(ax) -> None:
+    """Plain-number labels on a log y axis; label the 2 and 5 minor ticks too when it spans under two decades."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    low, high = ax.get_ylim()
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+    if low > 0 and high / low < 100:
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 class ShootoutExplorer(Explorer):
@@ -628,28 +646,33 @@ class ShootoutExplorer(Explorer):
 
         summary: Summary = result["summary"]
         rows = list(summary.rows.values())
-        table_height = 0.75 + 0.3 * len(rows)
-        height = 4.6 + table_height
+        # layout in inches: title 0.55, plots 3.5, axis labels and table title 1.05, table 0.28 per line
+        table_height = 0.28 * (len(rows) + 1) + 0.1
+        height = 0.55 + 3.5 + 1.05 + table_height
         fig = Figure(figsize=(13, height))
-        grid = fig.add_gridspec(2, 2, width_ratios=[1.6, 1], height_ratios=[3.6, table_height], left=0.06, right=0.99,
-                                top=1 - 0.5 / height, bottom=0.02, wspace=0.18, hspace=0.9 / 3.6)
-        ax_loss, ax_lr = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+        bottom = (table_height + 1.05) / height
+        ax_loss = fig.add_axes((0.06, bottom, 0.53, 3.5 / height))
+        ax_lr = fig.add_axes((0.67, bottom, 0.32, 3.5 / height))
         x_axis = result["x_axis"]
         for row in rows:
             color = COLORS.get(row.name)
             x, mean, low, high = row.curve(x_axis)
             label = f"{row.name}, lr {row.lr:.3g}" + ("" if row.finished == len(row.runs)
                                                        else f" ({len(row.runs) - row.finished} diverged)")
-            if len(x):
-                ax_loss.plot(x, mean, color=color, lw=1.8, label=label)
-                ax_loss.fill_between(x, low, high, color=color, alpha=0.18, lw=0)
+            keep = x > 0 if x_axis == "seconds" else np.ones(len(x), bool)  # log time axis: drop t = 0
+            if keep.any():
+                ax_loss.plot(x[keep], mean[keep], color=color, lw=1.8, label=label)
+                ax_loss.fill_between(x[keep], low[keep], high[keep], color=color, alpha=0.18, lw=0)
             lrs = sorted(row.scores)
             ax_lr.plot([g / row.default for g in lrs], [row.scores[g] for g in lrs], "o-", color=color, ms=4, lw=1.2)
             if math.isfinite(row.final_loss):
                 ax_lr.plot(row.lr / row.default, row.final_loss, "*", color=color, ms=13, mec="k", mew=0.6)
         ax_loss.axhline(result["target"], color="k", ls="--", lw=1, label=f"target {result['target']:.3f}")
         ax_loss.set_yscale("log")
-        ax_loss.set_xlabel("optimizer step" if x_axis == "steps" else "seconds inside opt.step (mean over seeds)")
+        if x_axis == "seconds":
+            ax_loss.set_xscale("log")
+        ax_loss.set_xlabel("optimizer step" if x_axis == "steps" else
+                           "seconds inside opt.step (wall clock, mean over seeds, log scale)")
         ax_loss.set_ylabel("training loss (cross-entropy, nats)")
         ax_loss.set_title(f"{self.grid.task.name}: mean over {len(self.grid.seeds)} seeds, band = min-max", fontsize=10)
         ax_loss.legend(fontsize=7, loc="lower left", framealpha=0.85)
@@ -661,10 +684,12 @@ class ShootoutExplorer(Explorer):
             ax_lr.set_ylim(min(finals) * 0.8, max(finals) * 1.3)
         ax_lr.set_xlabel("lr / the optimizer's default lr")
         ax_lr.set_ylabel("median final training loss (nats)")
-        ax_lr.set_title("lr sensitivity on the shared grid (star: lr shown)\nmissing points: median seed diverged",
-                        fontsize=10)
+        ax_lr.set_title("lr sensitivity on the shared grid (colours as on the left)\n"
+                        "star: the lr shown; missing points: the median seed diverged", fontsize=10)
         ax_lr.grid(alpha=0.3)
-        ax_table = fig.add_subplot(grid[1, :])
+        for ax in (ax_loss, ax_lr):
+            _log_tick_labels(ax)
+        ax_table = fig.add_axes((0.02, 0.1 / height, 0.96, (table_height + 0.05) / height))
         ax_table.axis("off")
         metric = "test accuracy %" if summary.metric == "accuracy" else "test bits/char"
         header = ["optimizer", "lr", "steps to target", "seconds to target", metric, "step time\nx AdamW",
@@ -676,7 +701,8 @@ class ShootoutExplorer(Explorer):
                 "grid": " (by hand)", "extra": " (extra run)"}[r.chosen]
             steps = f"{r.steps_to_target:.0f}" if math.isfinite(r.steps_to_target) else "not reached"
             secs = f"{r.seconds_to_target:.2f}" if math.isfinite(r.seconds_to_target) else "-"
-            acc = f"{r.metric_mean:.1f} ± {r.metric_std:.1f}" if r.finished else "-"
+            decimals = 1 if summary.metric == "accuracy" else 3
+            acc = f"{r.metric_mean:.{decimals}f} ± {r.metric_std:.{decimals}f}" if r.finished else "-"
             cells.append([r.name, lr_text, f"{steps} ({r.hits}/{len(r.runs)})", secs,
                           acc + ("" if r.finished == len(r.runs) else f" ({r.finished}/{len(r.runs)})"),
                           f"{r.step_ratio:.2f}", f"{r.diverged_grid}/{r.total_grid}"])
