@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/curvature.py
+	$(BIN)/python bench/optimizers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

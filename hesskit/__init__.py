@@ -18,6 +18,7 @@ from .operators import (
     LossGGN,
     LossHessian,
     MatrixFreeOperator,
+    NonFiniteError,
 )
 from .results import DiagonalResult, EigenResult, SpectralDensityResult, TraceResult
 from .trace import diagonal, gauss_newton_bartlett, trace
@@ -30,6 +31,7 @@ __all__ = [
     "GGNOperator",
     "EmpiricalFisherOperator",
     "MatrixFreeOperator",
+    "NonFiniteError",
     "LossHessian",
     "LossGGN",
     "MFACInverse",

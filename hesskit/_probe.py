@@ -35,7 +35,9 @@ class Counted:
         self.matvec_time += time.perf_counter() - t0
         self.num_matvecs += 1 if V.dim() == 1 else V.shape[1]
         if isinstance(self.op, Tensor) and not torch.isfinite(out).all():
-            raise ValueError("op: a product came out nan or inf")
+            from .operators import NonFiniteError
+
+            raise NonFiniteError("op: a product came out nan or inf")
         return out.detach()
 
     def cost(self, seed: int | None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ._batches import Batches, move_batch
 
 __all__ = [
+    "NonFiniteError",
     "MatrixFreeOperator", "CurvatureOperator", "HessianOperator", "GGNOperator", "EmpiricalFisherOperator",
     "LossHessian", "LossGGN",
 ]
@@ -99,6 +100,11 @@ def _mode_sensitive_modules(model: nn.Module) -> tuple[list[str], list[str]]:
     return batchnorms, dropouts
 
 
+class NonFiniteError(ValueError, FloatingPointError):
+    """A loss or a curvature product came out nan or inf. A ValueError for the curvature API,
+    and a FloatingPointError, which the optimizers raise when training diverges."""
+
+
 def _check_loss(loss: Any, where: str) -> Tensor:
     if not isinstance(loss, Tensor):
         raise TypeError(f"{where}: expected the loss to be a tensor, got {type(loss).__name__}")
@@ -109,7 +115,7 @@ def _check_loss(loss: Any, where: str) -> Tensor:
         )
     loss = loss.reshape(())
     if not torch.isfinite(loss):
-        raise ValueError(f"{where}: the loss is {loss.item()}; curvature of a non-finite loss is undefined")
+        raise NonFiniteError(f"{where}: the loss is {loss.item()}; curvature of a non-finite loss is undefined")
     return loss
 
 
@@ -180,7 +186,7 @@ class MatrixFreeOperator(ABC):
         self.num_matvecs += V.shape[1]
         self.matvec_time += time.perf_counter() - start
         if not torch.isfinite(out).all():
-            raise ValueError(f"{type(self).__name__}: a product came out nan or inf; the model or loss is not finite here")
+            raise NonFiniteError(f"{type(self).__name__}: a product came out nan or inf; the model or loss is not finite here")
         return out.reshape(v.shape)
 
     def dense(self) -> Tensor:

@@ -395,3 +395,13 @@ def test_closure_contract_errors_are_clear():
     with pytest.raises(FloatingPointError, match="diverged"):
         opt.step(lambda: (x * float("nan")).sum())
     assert torch.equal(x, torch.ones(3))
+
+
+def test_a_nan_product_is_a_floating_point_error_for_training_loops():
+    # a ValueError for the curvature API, and a FloatingPointError (divergence) for optimizers
+    x = nn.Parameter(torch.tensor([1.0, 2.0]))
+    loss = (torch.sqrt(x - 1.0) ** 3).sum()  # the second derivative 3 / (4 sqrt(x - 1)) is infinite at x = 1
+    op = hk.LossHessian(loss, [x])
+    for kind in (ValueError, FloatingPointError):
+        with pytest.raises(kind, match="nan or inf"):
+            op @ torch.ones(2)

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..operators import NonFiniteError
+
 __all__ = ["ClosureOptimizer", "Evaluation"]
 
 
@@ -120,7 +122,7 @@ class ClosureOptimizer(torch.optim.Optimizer):
             raise ValueError("closure: the loss has no graph; compute it from the model without torch.no_grad and "
                              "do not call backward inside the closure")
         if not torch.isfinite(out):
-            raise FloatingPointError(f"closure: the loss is {out.item()}; training has diverged (lower lr or raise damping)")
+            raise NonFiniteError(f"closure: the loss is {out.item()}; training has diverged (lower lr or raise damping)")
         return out.reshape(()), outputs
 
     def _evaluate(self, closure: Callable | None, create_graph: bool = False) -> Evaluation:

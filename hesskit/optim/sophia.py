@@ -103,34 +103,45 @@ class Sophia(ClosureOptimizer):
         fresh = {id(p): h for p, h in zip(params, h_hat)} if refresh else {}
         unclipped, total = 0, 0
         for group in self.param_groups:
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
+            live = [p for p in group["params"] if p.requires_grad]
+            if not live:
+                continue
+            for p in live:
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float64)
                     state["refreshes"] = torch.zeros((), dtype=torch.float64)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["hessian"] = torch.zeros_like(p)
-                state["step"] += 1
                 if refresh:
                     state["hessian"].mul_(group["betas"][1]).add_(fresh[id(p)], alpha=1 - group["betas"][1])
                     state["refreshes"] += 1
-                unclipped = unclipped + self._update(p, state, group, t)
-                total += p.numel()
-        self.win_rate = float(unclipped) / max(total, 1)
+            torch._foreach_add_([self.state[p]["step"] for p in live], 1)
+            unclipped += self._update(live, group, t, float(self.state[live[0]]["refreshes"]))
+            total += sum(p.numel() for p in live)
+        self.win_rate = unclipped / max(total, 1)
         return ev.loss.detach()
 
-    def _update(self, p: Tensor, state: dict, group: dict, t: int) -> Tensor:
-        """Decoupled decay, then theta -= lr * clip(m / max(gamma h, eps), 1). Returns the unclipped count."""
+    def _update(self, params: list[Tensor], group: dict, t: int, refreshes: float) -> int:
+        """Decoupled decay, then theta -= lr * clip(m / max(gamma h, eps), 1), for one group's
+        parameters at once (`torch._foreach_*` ops apply one operation to a list of tensors, as
+        torch.optim's own optimizers do). Returns the count of unclipped coordinates."""
         beta1, beta2 = group["betas"]
-        state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
-        m, h = state["exp_avg"], state["hessian"]
+        m = [self.state[p]["exp_avg"] for p in params]
+        h = [self.state[p]["hessian"] for p in params]
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, [p.grad for p in params], alpha=1 - beta1)
         if self.bias_correction:
-            m = m / (1 - beta1**t)
-            h = h / (1 - beta2 ** float(state["refreshes"]))
+            m = torch._foreach_div(m, 1 - beta1**t)
+            h = torch._foreach_div(h, 1 - beta2**refreshes)
         if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        ratio = m / (group["gamma"] * h).clamp(min=group["eps"])
-        p.add_(ratio.clamp(-1.0, 1.0), alpha=-group["lr"])
-        return (m.abs() < group["gamma"] * h).sum()  # the official script's count: |m| < gamma h
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        gamma_h = torch._foreach_mul(h, group["gamma"])
+        flat_m, flat_gamma_h = torch.cat([x.reshape(-1) for x in m]), torch.cat([x.reshape(-1) for x in gamma_h])
+        unclipped = int((flat_m.abs() < flat_gamma_h).sum())  # the official count: |m| < gamma h
+        torch._foreach_clamp_min_(gamma_h, group["eps"])
+        ratio = torch._foreach_div(m, gamma_h)
+        torch._foreach_clamp_min_(ratio, -1.0)
+        torch._foreach_clamp_max_(ratio, 1.0)
+        torch._foreach_add_(params, ratio, alpha=-group["lr"])
+        return unclipped
