@@ -13,7 +13,9 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def _github_refs(text: str) -> set[str]:
-    return set(re.findall(r"github(?:\.com)?/([\w.-]+/[\w.-]+)(?:/blob)?[/@]([\w.-]+)", text))
+    """(owner/name, ref) of every link that opens or installs a repository at a ref (Colab's
+    .../blob/REF/..., a pip spec's ...@REF); links to other projects' issues are not refs."""
+    return set(re.findall(r"github(?:\.com)?/([\w.-]+/[\w.-]+)(?:/blob/|/tree/|@)([\w.-]+)", text))
 
 
 def test_every_notebook_installs_from_and_links_to_the_constant():
