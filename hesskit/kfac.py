@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._batches import Batches, move_batch
+from . import trace
 from ._probe import check_choice, make_generator
 
 __all__ = ["KroneckerFactor", "kfac_factors"]
@@ -243,20 +244,11 @@ class LayerCapture:
 
 # --------------------------------------------------------------------- true Fisher labels
 def sampled_label_loss(outputs: Tensor, gen: torch.Generator) -> Tensor:
-    """Mean cross-entropy of `outputs` (logits, classes last) on labels drawn from their own softmax.
-
-    Its gradient is a sample of the true Fisher's "g" (Martens & Grosse 2015, section 5): for
-    each prediction, E_y[(p - e_y)(p - e_y)^T] = diag(p) - p p^T, the Hessian of the
-    cross-entropy in the logits, so E[A (x) G] of one sample is its GGN block.
-    """
+    """`hesskit.trace.sampled_label_loss` for fisher="mc": its gradient is a sample of the true
+    Fisher's "g" (Martens & Grosse 2015, section 5), so E[A (x) G] of one sample is its GGN block."""
     if not isinstance(outputs, Tensor) or outputs.dim() < 2 or not outputs.requires_grad:
         raise ValueError("outputs: fisher='mc' needs the logits (shape (..., classes)) with their graph")
-    flat = outputs.reshape(-1, outputs.shape[-1])
-    probs = torch.softmax(flat.detach().double(), dim=-1).cpu()
-    if not torch.isfinite(probs).all():
-        raise ValueError("outputs: the logits contain nan or inf")
-    labels = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(flat.device)
-    return F.cross_entropy(flat, labels)
+    return trace.sampled_label_loss(outputs, gen)
 
 
 # --------------------------------------------------------------------- public API

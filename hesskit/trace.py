@@ -115,6 +115,23 @@ def diagonal(
     )
 
 
+def sampled_label_loss(logits: Tensor, gen: torch.Generator) -> Tensor:
+    """Mean cross-entropy of `logits` (classes last) on labels drawn from their own softmax by `gen`.
+
+    Its gradient g_hat is the "true Fisher" sample behind Sophia-G's Gauss-Newton-Bartlett
+    estimate and K-FAC's fisher="mc": for each prediction E_y[(p - e_y)(p - e_y)^T] =
+    diag(p) - p p^T, the Hessian of the cross-entropy in the logits.
+    """
+    import torch.nn.functional as F
+
+    flat = logits.reshape(-1, logits.shape[-1])
+    probs = torch.softmax(flat.detach().double(), dim=-1).cpu()
+    if not torch.isfinite(probs).all():
+        raise ValueError("logits: contain nan or inf")
+    labels = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(flat.device)
+    return F.cross_entropy(flat, labels)
+
+
 def gauss_newton_bartlett(
     logits: Tensor, params: Any, num_samples: int = 1, seed: int | None = None
 ) -> DiagonalResult:
@@ -128,8 +145,6 @@ def gauss_newton_bartlett(
     exactly the GGN: the estimate is unbiased and never negative. Each sample costs one
     backward pass (counted in `num_matvecs`); the graph of `logits` is kept for the caller.
     """
-    import torch.nn.functional as F
-
     from .operators import _graph_params
 
     start = time.perf_counter()
@@ -138,19 +153,16 @@ def gauss_newton_bartlett(
     if not isinstance(logits, Tensor) or logits.dim() < 2 or not logits.requires_grad:
         raise ValueError("logits: expected model outputs of shape (..., classes) with their graph to params")
     seed, gen = make_generator(seed)
-    flat = logits.reshape(-1, logits.shape[-1])
-    probs = torch.softmax(flat.detach().double(), dim=-1).cpu()
-    if not torch.isfinite(probs).all():
-        raise ValueError("logits: contain nan or inf")
+    num_predictions = logits[..., 0].numel()
     samples = []
     backward_time = 0.0
     for _ in range(num_samples):
-        labels = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(flat.device)
+        loss = sampled_label_loss(logits, gen)
         t0 = time.perf_counter()
-        grads = torch.autograd.grad(F.cross_entropy(flat, labels), params, retain_graph=True, materialize_grads=True)
+        grads = torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)
         backward_time += time.perf_counter() - t0
         g = torch.cat([t.reshape(-1) for t in grads])
-        samples.append(len(labels) * g.double() ** 2)
+        samples.append(num_predictions * g.double() ** 2)
     S = torch.stack(samples)
     stderr = S.std(dim=0) / math.sqrt(num_samples) if num_samples > 1 else torch.full_like(S[0], math.nan)
     return DiagonalResult(

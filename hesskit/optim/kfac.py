@@ -7,6 +7,7 @@ step below; they differ in how they keep and apply the factors.
 from __future__ import annotations
 
 import warnings
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,7 @@ def eigen_factor(M: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(d > tol, d, torch.zeros_like(d)).to(M.dtype), Q.to(M.dtype)
 
 
-class _KroneckerOptimizer(ClosureOptimizer):
+class _KroneckerOptimizer(ClosureOptimizer, metaclass=ABCMeta):
     """The shared step: capture factors on refresh steps, precondition the layers, SGD-momentum update.
 
     Subclasses give `_refresh_due(t)`, `_refresh(t, capture)` and `_directions(t, grads)`.
@@ -156,14 +157,17 @@ class _KroneckerOptimizer(ClosureOptimizer):
     def _layer_grad(self, layer: Layer, grads: dict[int, Tensor]) -> Tensor:
         return layer.grad_matrix([grads[id(p)] for p in layer.params])
 
+    @abstractmethod
     def _refresh_due(self, t: int) -> bool:
-        raise NotImplementedError
+        """Whether step t captures factors."""
 
+    @abstractmethod
     def _refresh(self, t: int, capture: LayerCapture) -> None:
-        raise NotImplementedError
+        """Update the factors (and their inverses) from what `capture` recorded."""
 
+    @abstractmethod
     def _directions(self, t: int, grads: dict[int, Tensor]) -> dict[int, Tensor]:
-        raise NotImplementedError
+        """The preconditioned gradient of every preconditioned parameter, by id."""
 
 
 class KFAC(_KroneckerOptimizer):

@@ -17,7 +17,9 @@ import os
 from abc import ABC, abstractmethod
 from typing import Any
 
-__all__ = ["Explorer", "fast_mode", "budget", "TrainingRecord"]
+import torch
+
+__all__ = ["Explorer", "fast_mode", "budget", "TrainingRecord", "batch_order"]
 
 
 def fast_mode() -> bool:
@@ -78,6 +80,22 @@ class Explorer(ABC):
         """Render once (so the notebook shows results without a click) and return the widget."""
         self.render()
         return self.widget
+
+
+def batch_order(num_samples: int, steps: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Each step's batch indices: seeded reshuffles of the training set, epoch after epoch (the
+    last incomplete batch of an epoch is dropped), so every optimizer sees the same batches."""
+    if batch_size > num_samples:
+        raise ValueError(f"batch_size: expected at most {num_samples} (the training set), got {batch_size}")
+    gen = torch.Generator().manual_seed(seed)
+    order = []
+    perm, start = torch.randperm(num_samples, generator=gen), 0
+    while len(order) < steps:
+        if start + batch_size > num_samples:
+            perm, start = torch.randperm(num_samples, generator=gen), 0
+        order.append(perm[start : start + batch_size])
+        start += batch_size
+    return order
 
 
 class TrainingRecord:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..models import SmallCNN
 from ..operators import HessianOperator
 from ..optim import AdaHessian
-from ._base import Explorer, TrainingRecord
+from ._base import Explorer, TrainingRecord, batch_order
 
 __all__ = [
     "AdaHessianExplorer",
@@ -209,9 +209,7 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
         settings = {key: group[key] for key in ("betas", "eps", "weight_decay", "hessian_power")}
         settings.update({key: getattr(opt, key) for key in opt.settings})
     criterion = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(seed)
-    per_epoch = n // batch_size
-    order = torch.randperm(n, generator=gen)
+    batches = batch_order(n, steps, batch_size, seed)
 
     checkpoints = sorted(set(range(0, steps + 1, eval_every)) | {steps})
     losses = np.full(len(checkpoints), np.nan)
@@ -230,11 +228,7 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
     evaluate(0)
     c = 1
     for t in range(1, steps + 1):
-        b = (t - 1) % per_epoch
-        if b == 0 and t > 1:
-            order = torch.randperm(n, generator=gen)
-        idx = order[b * batch_size : (b + 1) * batch_size]
-        xb, yb = x[idx], y[idx]
+        xb, yb = x[batches[t - 1]], y[batches[t - 1]]
         start = time.perf_counter()
         try:
             if optimizer == "adahessian":

@@ -38,7 +38,7 @@ from ..kfac import KroneckerFactor, find_layers, kfac_factors
 from ..models import MLP, SmallCNN
 from ..operators import EmpiricalFisherOperator, GGNOperator
 from ..optim import KFAC, MKOR
-from ._base import Explorer
+from ._base import Explorer, batch_order
 
 __all__ = [
     "KFACExplorer",
@@ -176,22 +176,6 @@ def digits_task(architecture: str = "mlp", hidden: tuple[int, ...] = (64,), chan
         raise ValueError(f"architecture: expected 'mlp' or 'cnn', got {architecture!r}")
     (x, y), (x_test, y_test) = digits(flatten=architecture == "mlp", seed=seed)
     return DigitsTask(x, y, x_test, y_test, architecture, tuple(hidden), tuple(channels))
-
-
-def batch_order(num_samples: int, steps: int, batch_size: int, seed: int) -> list[Tensor]:
-    """Each step's batch indices: seeded reshuffles of the training set, epoch after epoch (the
-    last incomplete batch of an epoch is dropped), so every optimizer sees the same batches."""
-    if batch_size > num_samples:
-        raise ValueError(f"batch_size: expected at most {num_samples} (the training set), got {batch_size}")
-    gen = torch.Generator().manual_seed(seed)
-    order: list[Tensor] = []
-    perm, start = torch.randperm(num_samples, generator=gen), 0
-    while len(order) < steps:
-        if start + batch_size > num_samples:
-            perm, start = torch.randperm(num_samples, generator=gen), 0
-        order.append(perm[start : start + batch_size])
-        start += batch_size
-    return order
 
 
 # --------------------------------------------------------------------------- optimizers and the protocol

@@ -36,7 +36,7 @@ from ..data import digits
 from ..mfac import MFACInverse
 from ..models import MLP
 from ..optim import MFAC, NewtonCG
-from ._base import Explorer, TrainingRecord
+from ._base import Explorer, TrainingRecord, batch_order
 
 __all__ = [
     "MFACExplorer",
@@ -392,9 +392,7 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
     elif optimizer == "newton-cg":
         settings = dict(max_cg_iters=max_cg_iters, initial_damping=opt.damping)
     criterion = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(seed)
-    per_epoch = n // batch_size
-    order = torch.randperm(n, generator=gen)
+    batches = batch_order(n, steps, batch_size, seed)
 
     checkpoints = sorted(set(range(0, steps + 1, eval_every)) | {steps})
     losses = np.full(len(checkpoints), np.nan)
@@ -413,11 +411,7 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
     evaluate(0)
     c = 1
     for t in range(1, steps + 1):
-        b = (t - 1) % per_epoch
-        if b == 0 and t > 1:
-            order = torch.randperm(n, generator=gen)
-        idx = order[b * batch_size : (b + 1) * batch_size]
-        xb, yb = x[idx], y[idx]
+        xb, yb = x[batches[t - 1]], y[batches[t - 1]]
         before = _flat(params)
         start = time.perf_counter()
         try:

@@ -29,8 +29,9 @@ from ..data import char_windows, text
 from ..models import CharTransformerLM
 from ..optim import Sophia
 from ..optim._base import step_seed
+from .. import trace
 from ..optim.sophia import DEFAULT_GAMMA
-from ._base import Explorer
+from ._base import Explorer, batch_order
 
 __all__ = [
     "SophiaExplorer",
@@ -263,28 +264,11 @@ class TrainingRun:
         return float(np.median(self.step_seconds)) if len(self.step_seconds) else math.nan
 
 
-def batch_order(num_windows: int, steps: int, batch_size: int, seed: int) -> list[Tensor]:
-    """The indices of each step's batch: seeded reshuffles of the training windows, epoch after
-    epoch, so every optimizer sees the same batches in the same order."""
-    gen = torch.Generator().manual_seed(seed)
-    order: list[Tensor] = []
-    perm = torch.randperm(num_windows, generator=gen)
-    start = 0
-    while len(order) < steps:
-        if start + batch_size > num_windows:
-            perm, start = torch.randperm(num_windows, generator=gen), 0
-        order.append(perm[start : start + batch_size])
-        start += batch_size
-    return order
-
-
 def sampled_label_loss(logits: Tensor, seed: int) -> Tensor:
     """Mean cross-entropy of `logits` on labels drawn from the model's own softmax (seeded): the
-    loss whose gradient g_hat gives the Gauss-Newton-Bartlett estimate B * g_hat^2."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    probs = torch.softmax(flat.detach().double(), dim=-1)
-    labels = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
-    return F.cross_entropy(flat, labels)
+    loss whose gradient g_hat gives the Gauss-Newton-Bartlett estimate B * g_hat^2
+    (`hesskit.trace.sampled_label_loss` with a generator seeded by `seed`)."""
+    return trace.sampled_label_loss(logits, torch.Generator().manual_seed(seed))
 
 
 def train_lm(task: CharLMTask, optimizer: str, lr: float, steps: int = 300, batch_size: int = 32,
