@@ -3,9 +3,12 @@
     import hesskit as hk
     op = hk.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
     hk.eigenvalues(op, k=5).values, hk.trace(op, num_matvecs=99).value
+
+Subpackages: `hk.optim` (second-order optimizers), `hk.quant` (Hessian-aware quantization),
+`hk.prune` (Hessian-based pruning), `hk.data`, `hk.models`, `hk.widgets` (the notebooks' explorers).
 """
 
-from . import data, models, optim, widgets
+from . import data, models, optim, prune, quant, widgets
 from .density import spectral_density
 from .eigen import eigenvalues, power_iteration
 from .kfac import KroneckerFactor, kfac_factors
@@ -50,5 +53,7 @@ __all__ = [
     "data",
     "models",
     "optim",
+    "quant",
+    "prune",
     "widgets",
 ]

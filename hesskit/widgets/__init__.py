@@ -15,15 +15,23 @@ One module per notebook:
 - `kfac`: 08, K-FAC and MKOR
 - `mfac`: 09, M-FAC inverse-Hessian-vector products and Newton-CG
 - `shootout`: 10, the fair comparison of every optimizer
+- `hawq`: 11, HAWQ sensitivities and mixed-precision bit allocation
+- `qbert`: 12, Q-BERT's group-wise quantization of a tiny transformer
+- `pruning`: 13, OBD, OBS and M-FAC pruning
+- `gptq`: 14, GPTQ against round-to-nearest
 """
 
 from ._base import Explorer, budget, fast_mode
 from .adahessian import AdaHessianExplorer
 from .batch_size import BatchSizeExplorer
 from .eigenvalues import EigenExplorer
+from .gptq import GPTQExplorer
+from .hawq import HAWQExplorer
 from .hessian import HessianExplorer, mlp_hessian
 from .kfac import KFACExplorer
 from .mfac import MFACExplorer
+from .pruning import PruningExplorer
+from .qbert import QBERTExplorer
 from .sharpness import SharpnessExplorer
 from .shootout import ShootoutExplorer
 from .sophia import SophiaExplorer
@@ -46,4 +54,8 @@ __all__ = [
     "KFACExplorer",
     "MFACExplorer",
     "ShootoutExplorer",
+    "HAWQExplorer",
+    "QBERTExplorer",
+    "PruningExplorer",
+    "GPTQExplorer",
 ]

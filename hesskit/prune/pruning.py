@@ -1,0 +1,798 @@
+r"""Hessian-based pruning: magnitude, OBD, OBS with the damped empirical Fisher (WoodFisher, M-FAC),
+the exact sequential OBS with a dense matrix, and gradual pruning with masked fine-tuning.
+
+Every method answers the same question with a different second-order model of the loss. Setting
+the weights in a set Q to zero, w -> w + dw with dw_q = -w_q (q in Q), changes the loss by
+
+    dL ~ g^T dw + 1/2 dw^T H dw,        g ~ 0 at a trained model.
+
+* magnitude: ignore H (H ~ I, no update): drop the smallest |w_q|.
+* OBD (LeCun, Denker & Solla 1990): H diagonal, no update: saliency 1/2 H_qq w_q^2.
+* OBS (Hassibi & Stork 1993): the full H, and the other weights move to compensate. Removing one
+  weight q costs w_q^2 / (2 [H^-1]_qq) after the optimal update dw = -(w_q / [H^-1]_qq) H^-1 e_q.
+* WoodFisher (Singh & Alistarh 2020) and M-FAC (Frantar, Kurtic & Alistarh 2021): OBS with the
+  damped empirical Fisher F = damping I + (1/m) sum_i g_i g_i^T of m per-sample gradients for H,
+  its inverse by the Woodbury identity, restricted to blocks of consecutive weights.
+
+What is pruned: the `weight` of every Linear and Conv layer (not biases, not norms), unless
+`layers` names the modules whose `weight` to prune. The weights are flattened layer by layer in
+model order; that is the order of the n coordinates below (`prunable_layers`). Zeros already in
+the model count as pruned and stay zero. Every function returns a pruned copy: the model passed
+in keeps its weights, train/eval mode, `.grad` and `requires_grad`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .._batches import Batches, move_batch
+from ..operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
+from ..trace import diagonal as _estimate_diagonal
+
+__all__ = [
+    "magnitude",
+    "obd",
+    "obs",
+    "obs_with_inverse",
+    "obs_dense",
+    "gradual",
+    "sparsity",
+    "prunable_layers",
+    "per_sample_gradients",
+    "FisherInverse",
+    "Sparsity",
+    "GradualHistory",
+]
+
+SCOPES = ("global", "layer")
+METHODS = ("magnitude", "obd", "obs")
+CURVATURES = ("hessian", "ggn", "empirical_fisher")
+_OPTIONS = {  # the keyword arguments `gradual` passes on to each method
+    "magnitude": {"scope", "layers"},
+    "obd": {"scope", "layers", "curvature", "num_matvecs", "seed"},
+    "obs": {"scope", "layers", "num_grads", "damping", "block_size", "num_recomputations", "seed", "saliency",
+            "update"},
+}
+_PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+# --------------------------------------------------------------------------- checks and layers
+def _check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _check_sparsity(value: Any, name: str = "sparsity") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) < 1:
+        raise ValueError(f"{name}: expected a fraction of weights to prune in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def _check_count(name: str, value: Any, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name}: expected an integer >= 1{extra}, got {value!r}")
+    return int(value)
+
+
+def _check_damping(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
+        raise ValueError(f"damping: expected a finite number > 0 (F = damping * I + Fisher must be invertible), "
+                         f"got {value!r}")
+    return float(value)
+
+
+def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The Linear and Conv (1d/2d/3d, transposed too) modules of `model`, by name, in model order:
+    the layers whose `weight` is pruned by default. Biases and normalisation layers are never included."""
+    _check_model(model)
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, _PRUNABLE) and isinstance(getattr(m, "weight", None), Tensor)}
+
+
+def _resolve_layers(model: nn.Module, layers: Any) -> dict[str, nn.Module]:
+    """`layers` (None, a module name or a list of them) -> {name: module}, each with a weight Parameter."""
+    _check_model(model)
+    if layers is None:
+        found = prunable_layers(model)
+        if not found:
+            raise ValueError("model: has no Linear or Conv layer to prune; name the modules to prune in `layers`")
+        return found
+    if isinstance(layers, str):
+        layers = [layers]
+    if not isinstance(layers, Sequence):
+        raise TypeError(f"layers: expected None, a module name or a list of module names, got {type(layers).__name__}")
+    modules = dict(model.named_modules())
+    chosen: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for i, name in enumerate(layers):
+        if not isinstance(name, str):
+            raise TypeError(f"layers[{i}]: expected a module name (str), got {type(name).__name__}")
+        if name == "" or name not in modules:
+            raise ValueError(f"layers[{i}]: no module named {name!r}; the Linear/Conv layers are "
+                             f"{list(prunable_layers(model))}")
+        weight = getattr(modules[name], "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            raise ValueError(f"layers[{i}]: module {name!r} ({type(modules[name]).__name__}) has no weight parameter")
+        if name in chosen or id(weight) in seen:
+            raise ValueError(f"layers[{i}]: {name!r} is listed twice (or shares its weight with another listed layer)")
+        chosen[name] = modules[name]
+        seen.add(id(weight))
+    if not chosen:
+        raise ValueError("layers: expected at least one module name, got none")
+    return chosen
+
+
+def _weights(layers: Mapping[str, nn.Module]) -> list[nn.Parameter]:
+    return [m.weight for m in layers.values()]
+
+
+def _flat(layers: Mapping[str, nn.Module]) -> Tensor:
+    return torch.cat([m.weight.detach().reshape(-1) for m in layers.values()])
+
+
+def _sizes(layers: Mapping[str, nn.Module]) -> list[int]:
+    return [m.weight.numel() for m in layers.values()]
+
+
+def _write(layers: Mapping[str, nn.Module], w: Tensor) -> None:
+    """Copy the flat vector w into the layers' weights (in their dtype); zeros of w become exact zeros."""
+    offset = 0
+    with torch.no_grad():
+        for m in layers.values():
+            n = m.weight.numel()
+            m.weight.copy_(w[offset:offset + n].reshape(m.weight.shape))
+            offset += n
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy with no `.grad` (a pruned model with stale gradients would mislead)."""
+    clone = copy.deepcopy(model)
+    for p in clone.parameters():
+        p.grad = None
+    return clone
+
+
+@contextmanager
+def _requiring_grad(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Let frozen weights be differentiated for a while (their requires_grad is restored)."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _groups(layers: Mapping[str, nn.Module], scope: str) -> list[slice]:
+    """The coordinate ranges ranked together: all weights ("global") or each layer ("layer")."""
+    sizes = _sizes(layers)
+    if scope == "global":
+        return [slice(0, sum(sizes))]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _schedule(zeros: int, size: int, target: float, steps: int) -> list[int]:
+    """Zero counts after each of `steps` pruning steps from `zeros` of `size` to round(target * size).
+
+    As M-FAC's `nrecomps`: the density shrinks geometrically, (1 - s_j) = (1 - s_0) * fac^j with
+    fac = ((1 - target) / (1 - s_0))^(1/steps), so each step removes the same fraction of what is left.
+    """
+    final = round(target * size)
+    if final <= zeros or size == 0:
+        return [zeros] * steps
+    start = zeros / size
+    fac = ((1 - target) / (1 - start)) ** (1 / steps)
+    counts = [max(zeros, min(final, round(size * (1 - (1 - start) * fac**j)))) for j in range(1, steps)]
+    return counts + [final]
+
+
+def _select(scores: Tensor, alive: Tensor, groups: Sequence[slice], counts: Sequence[int]) -> Tensor:
+    """Indices to drop: in each group, the lowest-scoring alive weights until `count` are zero."""
+    drop = []
+    for group, count in zip(groups, counts):
+        alive_g = alive[group]
+        need = count - int((~alive_g).sum())
+        if need <= 0:
+            continue
+        idx = torch.nonzero(alive_g).squeeze(1)
+        order = torch.argsort(scores[group][idx], stable=True)
+        drop.append(idx[order[:need]] + group.start)
+    return torch.cat(drop) if drop else torch.zeros(0, dtype=torch.long, device=scores.device)
+
+
+def _targets(w: Tensor, groups: Sequence[slice], sparsity: float, steps: int) -> list[list[int]]:
+    """targets[j][g]: zeros wanted in group g after step j."""
+    per_group = [_schedule(int((w[g] == 0).sum()), g.stop - g.start, sparsity, steps) for g in groups]
+    return [[counts[j] for counts in per_group] for j in range(steps)]
+
+
+# --------------------------------------------------------------------------- sparsity report
+@dataclass(frozen=True)
+class Sparsity:
+    """Fractions of zero weights: `layers[name]` per layer, `overall` over all of them together;
+    `zeros[name]` and `sizes[name]` are the counts behind them."""
+
+    layers: dict[str, float]
+    overall: float
+    zeros: dict[str, int]
+    sizes: dict[str, int]
+
+    def __str__(self) -> str:
+        width = max(len(n) for n in self.layers)
+        rows = [f"{name:>{width}}: {100 * s:5.1f}% of {self.sizes[name]:,}" for name, s in self.layers.items()]
+        rows.append(f"{'overall':>{width}}: {100 * self.overall:5.1f}% of {sum(self.sizes.values()):,}")
+        return "\n".join(rows)
+
+
+def sparsity(model: nn.Module, layers: Any = None) -> Sparsity:
+    """The fraction of exactly-zero weights per layer and overall, for the layers `hk.prune` prunes
+    (all Linear and Conv layers by default, or the modules named in `layers`)."""
+    chosen = _resolve_layers(model, layers)
+    zeros = {name: int((m.weight == 0).sum()) for name, m in chosen.items()}
+    sizes = {name: m.weight.numel() for name, m in chosen.items()}
+    return Sparsity({n: zeros[n] / sizes[n] for n in chosen}, sum(zeros.values()) / sum(sizes.values()),
+                    zeros, sizes)
+
+
+# --------------------------------------------------------------------------- magnitude
+def magnitude(model: nn.Module, sparsity: float, *, scope: str = "global", layers: Any = None) -> nn.Module:
+    """Magnitude pruning: a copy of `model` with the smallest |w_q| set to zero, no other change.
+
+    `scope="global"` ranks all pruned weights together, so that exactly round(sparsity * n) of the
+    n weights are zero; `scope="layer"` prunes round(sparsity * n_l) weights in each layer. Zeros
+    already in the model count as pruned (M-FAC's `MagPruner`). The baseline of every pruning paper
+    (e.g. Han, Pool, Tran & Dally, "Learning both weights and connections", NeurIPS 2015).
+    """
+    sparsity = _check_sparsity(sparsity)
+    _check_choice("scope", scope, SCOPES)
+    pruned = _copy(_check_model(model))
+    chosen = _resolve_layers(pruned, layers)
+    w = _flat(chosen)
+    groups = _groups(chosen, scope)
+    (counts,) = _targets(w, groups, sparsity, 1)
+    drop = _select(w.abs(), w != 0, groups, counts)
+    w = w.clone()
+    w[drop] = 0
+    _write(chosen, w)
+    return pruned
+
+
+# --------------------------------------------------------------------------- per-sample gradients
+def _is_pair(data: Any) -> bool:
+    """One (inputs, targets) batch of two tensors with the same number of samples."""
+    return (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
+            and data[0].dim() > 0 and data[1].dim() > 0 and len(data[0]) == len(data[1]))
+
+
+def per_sample_gradients(model: nn.Module, criterion: Any, data: Any, *, layers: Any = None,
+                         num_grads: int | None = None, seed: int | None = None) -> Tensor:
+    """The (m, n) per-sample gradients g_i = d criterion(model(x_i), y_i) / d w of the pruned weights.
+
+    Computed in eval mode by hesskit's empirical-Fisher machinery (one vmapped pass per batch, as in
+    `hk.MFACInverse.from_model`; biases and other parameters are held fixed), in the model's dtype.
+    `num_grads=None` takes every sample of `data`. Otherwise m = num_grads samples: the first ones
+    in data order when `seed` is None, a seeded random subset of all samples when `seed` is an int
+    (then every sample's gradient is computed first). The model is left as it was.
+    """
+    _check_model(model)
+    num_grads = _check_count("num_grads", num_grads, allow_none=True)
+    chosen = _resolve_layers(model, layers)
+    weights = _weights(chosen)
+    if num_grads is not None and seed is not None and _is_pair(data) and len(data[0]) >= num_grads:
+        # one in-memory (x, y) batch: draw the samples first, so only m gradients are computed
+        # (the same rows as computing all N and indexing them)
+        idx = torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(int(seed)))[:num_grads]
+        data, seed = (data[0][idx], data[1][idx]), None
+    with _requiring_grad(weights):
+        op = EmpiricalFisherOperator(model, criterion, data, weights, mode="eval", cache_graphs=False)
+        rows: list[Tensor] = []
+        for _, per_sample in op._build_states():
+            rows.append(per_sample.detach())
+            if num_grads is not None and seed is None and sum(len(r) for r in rows) >= num_grads:
+                break
+    G = torch.cat(rows)
+    if num_grads is not None:
+        if len(G) < num_grads:
+            raise ValueError(f"num_grads: data has only {len(G)} samples, fewer than num_grads={num_grads}")
+        if seed is None:
+            G = G[:num_grads]
+        else:
+            G = G[torch.randperm(len(G), generator=torch.Generator().manual_seed(int(seed)))[:num_grads]]
+    return G
+
+
+# --------------------------------------------------------------------------- the inverse Fisher
+class FisherInverse:
+    r"""The block-diagonal inverse of the damped empirical Fisher of m gradients (WoodFisher, M-FAC).
+
+    The n coordinates are cut into blocks of `block_size` consecutive entries (the last block may
+    be shorter; `block_size=None`: one block, the full matrix). For block b with gradient columns G_b
+    (m x c),
+
+        F_b = damping * I + (1/m) G_b^T G_b,           this operator = blockdiag(F_b^{-1}).
+
+    This is M-FAC's `HInvFastBatch` (all blocks at once) and WoodFisher's "fittable params" chunking.
+    Each block is inverted exactly, in float64, by whichever is cheaper:
+
+    * c <= m ("dense"): the c x c matrix F_b by a batched Cholesky, O(c^2 m + c^3) per block;
+    * c > m ("woodbury"): with K_b = m * damping * I + G_b G_b^T (m x m),
+      F_b^{-1} x = (x - G_b^T K_b^{-1} G_b x) / damping, exactly `hk.MFACInverse`'s product, and
+      diag(F_b^{-1}) = (1 - sum_ij G_iq (K_b^{-1})_ij G_jq) / damping (`MFACInverse.inverse_diagonal`).
+
+    The official code builds the same inverse by m Sherman-Morrison steps in the gradients' dtype
+    (float32 on GPU); float64 here avoids the cancellation of x - G^T K^{-1} G x at damping 1e-5.
+
+    Args:
+        grads: (m, n) gradients, one per row (`per_sample_gradients`).
+        damping: lambda > 0 (default 1e-5, WoodFisher's `--fisher-damp` and M-FAC's `--prundamp`).
+        block_size: c >= 1, or None for one block (default 128, M-FAC's `--blocksize`).
+    """
+
+    def __init__(self, grads: Tensor, damping: float = 1e-5, block_size: int | None = 128):
+        if not isinstance(grads, Tensor) or grads.dim() != 2:
+            raise ValueError(f"grads: expected an (m, n) tensor of gradients, got "
+                             f"{tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__}")
+        if grads.shape[0] < 1:
+            raise ValueError("grads: expected at least one gradient (m >= 1), got none")
+        if not torch.isfinite(grads).all():
+            raise ValueError("grads: contain nan or inf")
+        self.damping = _check_damping(damping)
+        self.block_size = _check_count("block_size", block_size, allow_none=True)
+        self.num_grads, self.dim = grads.shape
+        m, n = grads.shape
+        c = max(1, n if self.block_size is None else min(self.block_size, n))
+        self.num_blocks = math.ceil(n / c)
+        self._c = c
+        self.method = "dense" if c <= m else "woodbury"
+        # zero columns pad the last block: F is damping * I there, decoupled from the real coordinates
+        G = torch.nn.functional.pad(grads.detach().double(), (0, self.num_blocks * c - n))
+        Gb = G.reshape(m, self.num_blocks, c).transpose(0, 1)  # (blocks, m, c)
+        if self.method == "dense":
+            F = Gb.transpose(1, 2) @ Gb / m
+            F.diagonal(dim1=1, dim2=2).add_(self.damping)
+            self._inverse = torch.cholesky_inverse(torch.linalg.cholesky(F))  # (blocks, c, c)
+        else:
+            K = Gb @ Gb.transpose(1, 2)
+            K.diagonal(dim1=1, dim2=2).add_(m * self.damping)
+            self._G, self._L = Gb, torch.linalg.cholesky(K)  # (blocks, m, c), (blocks, m, m)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    def diagonal(self) -> Tensor:
+        """diag(F^{-1}) (n,), float64: the denominators of the OBS saliencies w_q^2 / (2 [F^{-1}]_qq)."""
+        if self.method == "dense":
+            d = self._inverse.diagonal(dim1=1, dim2=2)
+        else:
+            d = (1 - (self._G * torch.cholesky_solve(self._G, self._L)).sum(dim=1)) / self.damping
+        return d.reshape(-1)[: self.dim]
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        """F^{-1} x for x of shape (n,) or (n, k), float64."""
+        if not isinstance(x, Tensor) or x.dim() not in (1, 2) or x.shape[0] != self.dim:
+            raise ValueError(f"x: expected a tensor of shape ({self.dim},) or ({self.dim}, k)")
+        X = x.double().reshape(self.dim, -1)
+        k = X.shape[1]
+        Xb = torch.nn.functional.pad(X, (0, 0, 0, self.num_blocks * self._c - self.dim))
+        Xb = Xb.reshape(self.num_blocks, self._c, k)
+        if self.method == "dense":
+            out = self._inverse @ Xb
+        else:
+            out = (Xb - self._G.transpose(1, 2) @ torch.cholesky_solve(self._G @ Xb, self._L)) / self.damping
+        return out.reshape(-1, k)[: self.dim].reshape(x.shape)
+
+    def dense(self) -> Tensor:
+        """The n x n block-diagonal matrix (for checks on small n)."""
+        return self @ torch.eye(self.dim, dtype=torch.float64)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, criterion: Any, data: Any, *, num_grads: int | None = None,
+                   damping: float = 1e-5, block_size: int | None = 128, layers: Any = None,
+                   seed: int | None = None) -> FisherInverse:
+        """The inverse over the model's *nonzero* pruned weights (in order), from per-sample
+        gradients (`per_sample_gradients`). Zero weights are left out, as in M-FAC's pruner: they
+        are constrained to stay zero, so the Fisher of the remaining weights is what OBS needs."""
+        G = per_sample_gradients(model, criterion, data, layers=layers, num_grads=num_grads, seed=seed)
+        alive = _flat(_resolve_layers(model, layers)) != 0
+        return cls(G[:, alive], damping, block_size)
+
+    def __repr__(self) -> str:
+        return (f"FisherInverse(n={self.dim}, num_grads={self.num_grads}, damping={self.damping:g}, "
+                f"blocks={self.num_blocks} of {self._c}, method={self.method!r})")
+
+
+# --------------------------------------------------------------------------- OBS
+def _obs_step(w: Tensor, alive: Tensor, inverse: Any, groups: Sequence[slice], counts: Sequence[int],
+              saliency: str = "obs", update: bool = True) -> Tensor:
+    """One OBS pruning step on the flat weights w (float64 result), M-FAC's pruner.
+
+    With d = diag(F^{-1}) over the alive weights: saliency rho_q = w_q^2 / (2 d_q); drop the lowest;
+    w += F^{-1} u with u_q = -w_q / d_q on the dropped q (0 elsewhere): the SUM of the individual
+    OBS updates, correlations among the dropped weights ignored; then the dropped weights are set to
+    exactly 0 (with several drops in one block the sum does not zero them by itself).
+    """
+    wa = w[alive].double()
+    d = inverse.diagonal().double()
+    if d.shape != wa.shape:
+        raise ValueError(f"inverse: expected an operator over the {len(wa)} nonzero pruned weights, got {len(d)}")
+    scores = torch.full(w.shape, math.inf, dtype=torch.float64, device=w.device)
+    scores[alive] = wa**2 / (2 * d) if saliency == "obs" else wa**2
+    drop = _select(scores, alive, groups, counts)
+    out = w.double().clone()
+    if update and len(drop):
+        position = torch.cumsum(alive.long(), 0) - 1  # index of each alive weight in the alive vector
+        u = torch.zeros_like(wa)
+        u[position[drop]] = -wa[position[drop]] / d[position[drop]]
+        out[alive] = wa + inverse @ u
+    out[drop] = 0
+    out[~alive] = 0
+    return out
+
+
+def obs_with_inverse(model: nn.Module, inverse: Any, sparsity: float, *, scope: str = "global",
+                     layers: Any = None, saliency: str = "obs", update: bool = True) -> nn.Module:
+    """One OBS step with a given inverse curvature: a copy of `model` pruned to `sparsity`.
+
+    `inverse` is any operator over the model's nonzero pruned weights (in `prunable_layers` order)
+    with `inverse.diagonal()` and `inverse @ x`, e.g. `FisherInverse.from_model(model, ...)`. The
+    step is M-FAC's pruner (see `obs`). For ablations: `saliency="magnitude"` ranks by w_q^2 instead
+    of w_q^2 / (2 [F^{-1}]_qq), and `update=False` drops without compensating (WoodFisher's
+    `--scale-prune-update 0`). One inverse serves every sparsity, which makes curves cheap.
+    """
+    sparsity = _check_sparsity(sparsity)
+    _check_choice("scope", scope, SCOPES)
+    _check_choice("saliency", saliency, ("obs", "magnitude"))
+    pruned = _copy(_check_model(model))
+    chosen = _resolve_layers(pruned, layers)
+    w = _flat(chosen)
+    groups = _groups(chosen, scope)
+    (counts,) = _targets(w, groups, sparsity, 1)
+    _write(chosen, _obs_step(w, w != 0, inverse, groups, counts, saliency, bool(update)))
+    return pruned
+
+
+def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_grads: int | None = None,
+        damping: float = 1e-5, block_size: int | None = 128, num_recomputations: int = 1, scope: str = "global",
+        layers: Any = None, seed: int | None = None, saliency: str = "obs", update: bool = True) -> nn.Module:
+    r"""Optimal Brain Surgeon with the damped empirical Fisher (WoodFisher / M-FAC): a pruned copy.
+
+    Curvature: F = damping * I + (1/m) sum_i g_i g_i^T over m per-sample gradients g_i of the
+    pruned weights (`per_sample_gradients`), restricted to blocks of `block_size` consecutive
+    weights and inverted exactly per block (`FisherInverse`). Then, as M-FAC's pruner
+    (IST-DASLab/M-FAC, `main_prun.py`):
+
+        rho_q = w_q^2 / (2 [F^{-1}]_qq)                      (Hassibi & Stork 1993)
+        drop the lowest rho_q until round(sparsity * n) weights are zero,
+        w <- w + F^{-1} u,   u_q = -w_q / [F^{-1}]_qq for the dropped q, 0 elsewhere,
+        w_q <- 0 for the dropped q.
+
+    For a single dropped weight this is the exact OBS update -(w_q / [F^{-1}]_qq) F^{-1} e_q. For
+    several it is the *sum* of their individual updates: the correlations among the dropped
+    weights are ignored (the joint optimum would need (F^{-1})_{QQ}^{-1}; `obs_dense` removes weights
+    one at a time with downdates instead). WoodFisher's `--woodburry-joint-sparsify` (used in its
+    MNIST test) solves the joint problem per block; M-FAC's pruner takes this sum and leans on
+    `num_recomputations` instead.
+
+    Args:
+        num_grads: m, the number of per-sample gradients; None (default) uses every sample of `data`
+            (WoodFisher's MNIST test: 100 gradients of single samples; M-FAC: 64 mini-batch
+            gradients of 32 samples each, a coarser Fisher than this per-sample one).
+        damping: lambda (default 1e-5, both official codes).
+        block_size: c (default 128, M-FAC's `--blocksize`); None for one block over all weights (the
+            full damped-EF OBS; WoodFisher's blocks are 100-2000). Smaller blocks ignore more
+            correlations but cost O(c n m) instead of O(n m^2).
+        num_recomputations: prune in this many steps (M-FAC's `--nrecomps`, 16 in its README), the
+            density shrinking geometrically towards the target; the gradients and the inverse are
+            recomputed at the updated weights before each step, over the weights still alive.
+        scope: "global" ranks all weights together (WoodFisher, M-FAC), "layer" prunes each layer
+            to the sparsity.
+        seed: None uses the first `num_grads` samples of `data`; an int draws them at random (a new
+            subset for each recomputation, seeds seed, seed + 1, ...).
+        saliency, update: ablation switches (default: OBS). `saliency="magnitude"` ranks by w_q^2
+            instead of w_q^2 / (2 [F^{-1}]_qq); `update=False` drops without compensating (then
+            the remaining weights never change; WoodFisher's `--scale-prune-update 0`).
+
+    Zeros already in the model stay zero and count towards the sparsity; the per-sample gradients
+    are taken in eval mode. Cost per step: m per-sample gradients, then O(n c m) (c <= m) or
+    O(n m^2) (c > m) in float64.
+
+    References: Hassibi & Stork, "Second order derivatives for network pruning: Optimal Brain
+    Surgeon", NeurIPS 1993; Singh & Alistarh, "WoodFisher: Efficient second-order approximation for
+    neural network compression", NeurIPS 2020; Frantar, Kurtic & Alistarh, "M-FAC: Efficient
+    matrix-free approximations of second-order information", NeurIPS 2021.
+    """
+    sparsity = _check_sparsity(sparsity)
+    _check_choice("scope", scope, SCOPES)
+    _check_damping(damping)
+    _check_count("block_size", block_size, allow_none=True)
+    _check_choice("saliency", saliency, ("obs", "magnitude"))
+    steps = _check_count("num_recomputations", num_recomputations)
+    num_grads = _check_count("num_grads", num_grads, allow_none=True)
+    pruned = _copy(_check_model(model))
+    chosen = _resolve_layers(pruned, layers)
+    names = [name for name in chosen]
+    groups = _groups(chosen, scope)
+    for j, counts in enumerate(_targets(_flat(chosen), groups, sparsity, steps)):
+        w = _flat(chosen)
+        alive = w != 0
+        if all(int((~alive[g]).sum()) >= k for g, k in zip(groups, counts)):
+            continue  # nothing to prune in this step
+        inverse = FisherInverse.from_model(pruned, criterion, data, num_grads=num_grads, damping=damping,
+                                           block_size=block_size, layers=names,
+                                           seed=None if seed is None else int(seed) + j)
+        _write(chosen, _obs_step(w, alive, inverse, groups, counts, saliency, bool(update)))
+    return pruned
+
+
+def obs_dense(model: nn.Module, hessian: Tensor, sparsity: float, *, layers: Any = None,
+              damping: float = 0.0) -> nn.Module:
+    r"""The original OBS with a dense matrix, one weight at a time (Hassibi & Stork 1993): a pruned copy.
+
+    `hessian` is the n x n curvature of the pruned weights (in `prunable_layers` order), e.g.
+    `hk.HessianOperator(model, criterion, data, params=[m.weight for m in
+    hk.prune.prunable_layers(model).values()]).dense()`, plus `damping * I`. With H^{-1} in float64,
+    repeat until round(sparsity * n) weights are zero (global ranking):
+
+        q = argmin over remaining q of w_q^2 / (2 [H^{-1}]_qq)
+        w <- w - (w_q / [H^{-1}]_qq) H^{-1} e_q                  (w_q becomes 0)
+        H^{-1} <- H^{-1} - H^{-1}_{:,q} H^{-1}_{q,:} / [H^{-1}]_qq  (remove q; OBC's `trueobs.py`)
+
+    The downdate makes H^{-1} the inverse of H with q constrained to zero, so later updates keep the
+    removed weights at zero, and each step is optimal given the earlier ones. Weights that are zero
+    at the start are removed first (downdate only). For tiny models: O(n^3) + O(n^2) per weight.
+    """
+    sparsity = _check_sparsity(sparsity)
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 <= damping < math.inf:
+        raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}")
+    pruned = _copy(_check_model(model))
+    chosen = _resolve_layers(pruned, layers)
+    w = _flat(chosen).double()
+    n = len(w)
+    if not isinstance(hessian, Tensor) or hessian.shape != (n, n):
+        raise ValueError(f"hessian: expected an ({n}, {n}) tensor over the pruned weights, got "
+                         f"{tuple(hessian.shape) if isinstance(hessian, Tensor) else type(hessian).__name__}")
+    H = hessian.detach().to(w.device, torch.float64) + damping * torch.eye(n, dtype=torch.float64, device=w.device)
+    Hinv = torch.linalg.inv((H + H.T) / 2)
+    if not (Hinv.diagonal() > 0).all():
+        raise ValueError("hessian: its inverse has a diagonal entry <= 0 (the matrix is not positive definite); "
+                         "add damping")
+    removed = torch.zeros(n, dtype=torch.bool, device=w.device)
+    for _ in range(round(sparsity * n)):
+        d = Hinv.diagonal()
+        scores = torch.where(removed, math.inf, w**2 / (2 * torch.where(removed, 1.0, d)))
+        q = int(torch.argmin(scores))
+        w -= (w[q] / d[q]) * Hinv[:, q]
+        w[q] = 0
+        Hinv -= torch.outer(Hinv[:, q], Hinv[q, :]) / Hinv[q, q]
+        removed[q] = True
+    w[removed] = 0
+    _write(chosen, w)
+    return pruned
+
+
+# --------------------------------------------------------------------------- OBD
+def obd(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, scope: str = "global", layers: Any = None,
+        curvature: Any = "hessian", num_matvecs: int = 100, seed: int | None = 0) -> nn.Module:
+    r"""Optimal Brain Damage (LeCun, Denker & Solla 1990): a copy with the lowest 1/2 H_qq w_q^2 set to zero.
+
+    No compensating update: OBD assumes H is diagonal, so removing q changes nothing else.
+    `curvature` says where diag(H) comes from:
+
+    * "hessian" (default): the loss Hessian's diagonal, estimated by `hk.diagonal` with `num_matvecs`
+      Rademacher probes (`seed`). Noisy: each entry has variance sum_{j != q} H_qj^2 / num_matvecs,
+      and estimates can be negative, which ranks those weights first.
+    * "ggn": the Gauss-Newton diagonal (nonnegative in expectation), estimated the same way. OBD
+      itself computed a Gauss-Newton ("Levenberg-Marquardt") diagonal by a backward pass.
+    * "empirical_fisher": (1/N) sum_i g_i^2 over all per-sample gradients, exactly (WoodFisher's
+      "diagonal Fisher" baseline; no probes).
+    * a tensor: the diagonal itself (shape (n,)), or an n x n matrix whose diagonal is used (e.g. a
+      dense Hessian from `op.dense()`), over the pruned weights in `prunable_layers` order.
+
+    Zeros already in the model count as pruned; curvature is evaluated in eval mode.
+    """
+    sparsity = _check_sparsity(sparsity)
+    _check_choice("scope", scope, SCOPES)
+    pruned = _copy(_check_model(model))
+    chosen = _resolve_layers(pruned, layers)
+    w = _flat(chosen)
+    n = len(w)
+    if isinstance(curvature, Tensor):
+        if curvature.shape == (n,):
+            diag = curvature.detach().double()
+        elif curvature.shape == (n, n):
+            diag = curvature.detach().diagonal().double()
+        else:
+            raise ValueError(f"curvature: expected a diagonal of shape ({n},) or a matrix ({n}, {n}) over the "
+                             f"pruned weights, got {tuple(curvature.shape)}")
+    elif curvature == "empirical_fisher":
+        diag = per_sample_gradients(pruned, criterion, data, layers=list(chosen)).double().pow(2).mean(dim=0)
+    elif curvature in ("hessian", "ggn"):
+        _check_count("num_matvecs", num_matvecs)
+        weights = _weights(chosen)
+        kind = HessianOperator if curvature == "hessian" else GGNOperator
+        with _requiring_grad(weights):
+            op = kind(pruned, criterion, data, weights, mode="eval")
+            diag = _estimate_diagonal(op, num_matvecs=num_matvecs, seed=seed).value.double()
+    else:
+        raise ValueError(f"curvature: expected one of {CURVATURES} or a tensor, got {curvature!r}")
+    if not torch.isfinite(diag).all():
+        raise ValueError("curvature: the diagonal contains nan or inf")
+    groups = _groups(chosen, scope)
+    (counts,) = _targets(w, groups, sparsity, 1)
+    drop = _select(0.5 * diag * w.double() ** 2, w != 0, groups, counts)
+    w = w.clone()
+    w[drop] = 0
+    _write(chosen, w)
+    return pruned
+
+
+# --------------------------------------------------------------------------- gradual pruning
+@dataclass
+class GradualHistory:
+    """What `gradual` measured. Per stage i (one per entry of the schedule): `targets[i]`, the
+    overall sparsity reached `sparsity[i]`, the mean loss on `data` right after pruning
+    (`loss_pruned`) and after fine-tuning (`loss_finetuned`), the `evaluate` results at both points
+    (`metrics_pruned`, `metrics_finetuned`), and the fine-tuning mini-batch losses (`train_losses[i]`).
+    `dense_loss` and `dense_metrics` describe the model before pruning."""
+
+    method: str
+    targets: list[float] = field(default_factory=list)
+    sparsity: list[float] = field(default_factory=list)
+    loss_pruned: list[float] = field(default_factory=list)
+    loss_finetuned: list[float] = field(default_factory=list)
+    metrics_pruned: list[dict] = field(default_factory=list)
+    metrics_finetuned: list[dict] = field(default_factory=list)
+    train_losses: list[np.ndarray] = field(default_factory=list)
+    dense_loss: float = math.nan
+    dense_metrics: dict = field(default_factory=dict)
+
+
+def _mean_loss(model: nn.Module, criterion: Any, data: Any) -> float:
+    """The sample-weighted mean loss over the batches of `data`, in eval mode (mode restored)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    try:
+        with torch.no_grad():
+            for n, batch in Batches(data):
+                x, y = move_batch(batch, device, dtype)
+                total += n * float(criterion(model(x), y))
+                count += n
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return total / count
+
+
+def _minibatches(data: Any, batch_size: int | None, seed: int) -> Iterator[Any]:
+    """Endless fine-tuning batches: seeded reshuffles of one (x, y) batch in `batch_size` pieces (all
+    of it when None), or the batches of a list / DataLoader in turn, over and over."""
+    if _is_pair(data):
+        x, y = data
+        n = len(x)
+        if batch_size is None or batch_size >= n:
+            while True:
+                yield x, y
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n - batch_size + 1, batch_size):
+                idx = perm[start:start + batch_size]
+                yield x[idx], y[idx]
+    batches = Batches(data)
+    while True:
+        for _, batch in batches:
+            yield batch
+
+
+def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[float], *, method: str = "obs",
+            finetune_steps: int = 100, lr: float = 1e-2, optimizer: str = "sgd", batch_size: int | None = None,
+            seed: int = 0, evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+            **prune_kwargs: Any) -> tuple[nn.Module, GradualHistory]:
+    """Gradual pruning: prune to each sparsity of the schedule in turn, fine-tuning in between.
+
+    For each target s_i (non-decreasing, in [0, 1)): prune the current model to s_i with `method`
+    ("obs", "obd" or "magnitude", given `prune_kwargs` such as num_grads, damping, block_size,
+    num_recomputations, scope, layers), then take `finetune_steps` steps of `optimizer` ("sgd": SGD
+    with momentum 0.9; "adam": Adam) at learning rate `lr` on mini-batches of `data` (`batch_size`
+    samples drawn from a single (x, y) batch, or the batches of a list / DataLoader in turn),
+    re-applying the mask after every step so that the pruned weights stay exactly zero (M-FAC's
+    `gradual_prun`; Zhu & Gupta, "To prune, or not to prune", 2017, for the schedule idea). A new
+    optimizer is made at each stage. `evaluate(model) -> {name: value}` (e.g. test accuracy) is
+    called after each pruning and each fine-tuning. Returns (pruned copy, `GradualHistory`).
+    The fine-tuning runs in train mode; the copy is returned in the model's original modes.
+    """
+    _check_model(model)
+    _check_choice("method", method, METHODS)
+    _check_choice("optimizer", optimizer, ("sgd", "adam"))
+    if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence) or len(sparsities) == 0:
+        raise ValueError(f"sparsities: expected a non-empty list of fractions in [0, 1), got {sparsities!r}")
+    schedule = [_check_sparsity(s, f"sparsities[{i}]") for i, s in enumerate(sparsities)]
+    if any(b < a for a, b in zip(schedule, schedule[1:])):
+        raise ValueError(f"sparsities: expected a non-decreasing schedule, got {list(sparsities)}")
+    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, numbers.Integral) or finetune_steps < 0:
+        raise ValueError(f"finetune_steps: expected an integer >= 0, got {finetune_steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+        raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
+    batch_size = _check_count("batch_size", batch_size, allow_none=True)
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"evaluate: expected a callable evaluate(model) -> dict, got {type(evaluate).__name__}")
+    Batches(data)  # clear errors for empty or one-shot data before any work
+    unknown = set(prune_kwargs) - _OPTIONS[method]
+    if unknown:
+        raise TypeError(f"{sorted(unknown)}: not options of method={method!r}; "
+                        f"expected some of {sorted(_OPTIONS[method])}")
+
+    def measure(m: nn.Module) -> tuple[float, dict]:
+        return _mean_loss(m, criterion, data), dict(evaluate(m)) if evaluate is not None else {}
+
+    history = GradualHistory(method)
+    history.dense_loss, history.dense_metrics = measure(model)
+    current = _copy(model)
+    modes = [m.training for m in current.modules()]
+    stream = _minibatches(data, batch_size, seed)
+    layers = prune_kwargs.get("layers")
+    for stage, target in enumerate(schedule):
+        if method == "magnitude":
+            current = magnitude(current, target, **prune_kwargs)
+        else:
+            current = (obs if method == "obs" else obd)(current, criterion, data, target, **prune_kwargs)
+        chosen = _resolve_layers(current, layers)
+        history.targets.append(target)
+        history.sparsity.append(sparsity(current, list(chosen)).overall)
+        loss, metrics = measure(current)
+        history.loss_pruned.append(loss)
+        history.metrics_pruned.append(metrics)
+
+        masks = [(m.weight, m.weight != 0) for m in chosen.values()]
+        params = [p for p in current.parameters() if p.requires_grad]
+        opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd"
+               else torch.optim.Adam(params, lr=lr))
+        device, dtype = params[0].device, params[0].dtype
+        current.train()
+        losses = []
+        for _ in range(finetune_steps if params else 0):
+            x, y = move_batch(next(stream), device, dtype)
+            opt.zero_grad()
+            batch_loss = criterion(current(x), y)
+            batch_loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for weight, mask in masks:
+                    weight.mul_(mask)
+            losses.append(float(batch_loss.detach()))
+        for m, flag in zip(current.modules(), modes):
+            m.training = flag
+        for p in current.parameters():
+            p.grad = None
+        history.train_losses.append(np.array(losses))
+        loss, metrics = measure(current)
+        history.loss_finetuned.append(loss)
+        history.metrics_finetuned.append(metrics)
+    return current, history

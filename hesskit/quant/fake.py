@@ -1,0 +1,412 @@
+"""Uniform fake quantization: grids, granularities, a straight-through estimator, size accounting.
+
+A weight w is replaced by the nearest point of a uniform grid (Jacob et al., CVPR 2018, "Quantization
+and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"):
+
+    symmetric   s = max|w| / (2^(b-1) - 1),   q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1),   w_hat = s q
+    asymmetric  s = (max(w, 0) - min(w, 0)) / (2^b - 1),  z = round(-min(w, 0) / s),
+                q = clamp(round(w / s) + z, 0, 2^b - 1),   w_hat = s (q - z)
+
+The range (max |w|, or min and max) is taken over a *group* of weights that shares one scale:
+
+    "tensor"   one range for the whole tensor;
+    "channel"  one range per output channel (row of w.flatten(1));
+    "rows"     one range per block of `group_size` consecutive output rows: Q-BERT's group-wise
+               quantization (Shen et al., AAAI 2020). For a fused attention projection whose rows are
+               [Q heads | K heads | V heads], `group_size = dim // heads` gives one range per head;
+    "columns"  inside each output row, one range per `group_size` consecutive input columns (GPTQ's
+               and AWQ's "group size", e.g. g128).
+
+When `group_size` does not divide the rows (columns), the last group is smaller, so one group size
+can serve layers of different shapes.
+
+Symmetric grids follow HAWQ (q in [-2^(b-1), 2^(b-1) - 1], s from max|w|); asymmetric grids force 0
+into the range, as GPTQ's `find_params` does, so that 0 is exactly representable. A group whose
+weights are all 0 gets scale 1 (it stays 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = [
+    "GRANULARITIES",
+    "grid",
+    "round_to_grid",
+    "fake_quantize",
+    "ste_fake_quantize",
+    "quantization_error",
+    "quantizable_layers",
+    "layer_bits",
+    "quantize_model",
+    "ModelSize",
+    "model_size",
+    "ActivationQuantizer",
+    "QuantizedLayer",
+    "quantization_aware",
+    "observe_activations",
+    "freeze",
+]
+
+GRANULARITIES = ("tensor", "channel", "rows", "columns")
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+# ----------------------------------------------------------------------------- checks
+def check_bits(bits: Any, symmetric: bool = True, name: str = "bits") -> int:
+    """An integer bit width: 2..16 for symmetric grids (1 bit has no symmetric grid), 1..16 asymmetric."""
+    lowest = 2 if symmetric else 1
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not lowest <= bits <= 16:
+        kind = "symmetric" if symmetric else "asymmetric"
+        raise ValueError(f"{name}: expected an integer from {lowest} to 16 for a {kind} grid, got {bits!r}")
+    return int(bits)
+
+
+def _check_granularity(granularity: Any, group_size: Any, shape: tuple[int, ...]) -> int | None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+    if granularity in ("tensor", "channel"):
+        if group_size is not None:
+            raise ValueError(f"group_size: only used with granularity 'rows' or 'columns', got {group_size!r} "
+                             f"with {granularity!r}")
+        return None
+    if len(shape) < 2:
+        raise ValueError(f"granularity: {granularity!r} needs a tensor with at least 2 dimensions, got shape {shape}")
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size <= 0:
+        raise ValueError(f"group_size: expected a positive integer (rows or columns per group), got {group_size!r}")
+    return int(group_size)
+
+
+def _as_groups(w: Tensor, granularity: str, group_size: int | None) -> Tensor:
+    """w reshaped to (number of groups, group length): each row shares one scale.
+
+    When `group_size` does not divide the rows (or columns), the last group is smaller: w is padded
+    with zeros to a whole number of groups. Every grid here contains 0 (symmetric grids are centred
+    on it, asymmetric ranges are widened to include it), so the padding changes no scale."""
+    if granularity == "tensor" or w.dim() == 0:
+        return w.reshape(1, -1)
+    rows = w.reshape(w.shape[0], -1)
+    if granularity == "channel":
+        return rows
+    if granularity == "rows":
+        rows = F.pad(rows, (0, 0, 0, -rows.shape[0] % group_size))
+        return rows.reshape(-1, group_size * rows.shape[1])
+    rows = F.pad(rows, (0, -rows.shape[1] % group_size))
+    return rows.reshape(-1, group_size)  # "columns": consecutive input columns inside each row
+
+
+def _from_groups(groups: Tensor, w: Tensor, granularity: str) -> Tensor:
+    """The inverse of `_as_groups`: drop the zero padding and restore w's shape."""
+    if granularity == "rows":
+        return groups.reshape(-1, w[0].numel())[: w.shape[0]].reshape(w.shape)
+    if granularity == "columns":
+        return groups.reshape(w.shape[0], -1)[:, : w[0].numel()].reshape(w.shape)
+    return groups.reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------- the grid
+def grid(w: Tensor, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor, int, int]:
+    """The uniform grid of each row of a 2-D tensor: (scale, zero, qmin, qmax), scale and zero (rows, 1).
+
+    The building block of every quantizer here, GPTQ included (it quantizes column by column with
+    grids fixed beforehand)."""
+    if w.dim() != 2:
+        raise ValueError(f"w: expected a 2-D tensor (one grid per row), got shape {tuple(w.shape)}")
+    bits = check_bits(bits, symmetric)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        qmin = -qmax - 1
+        scale = w.abs().amax(dim=1, keepdim=True) / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        low = w.amin(dim=1, keepdim=True).clamp(max=0)
+        high = w.amax(dim=1, keepdim=True).clamp(min=0)
+        scale = (high - low) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-low / scale)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, zero, qmin, qmax
+
+
+def round_to_grid(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
+    """The nearest grid point s (clamp(round(x / s) + z, qmin, qmax) - z), broadcasting scale and zero."""
+    return scale * (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - zero)
+
+
+def fake_quantize(w: Tensor, bits: int, symmetric: bool = True, granularity: str = "tensor",
+                  group_size: int | None = None) -> Tensor:
+    """w rounded to a uniform `bits`-bit grid, one range per group (see the module docstring).
+
+    Returns a new tensor of w's shape and dtype; w is not modified. No gradient flows through the
+    rounding (use `ste_fake_quantize` for training)."""
+    if not isinstance(w, Tensor):
+        raise TypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"w: expected a floating-point tensor, got dtype {w.dtype}")
+    bits = check_bits(bits, symmetric)
+    group_size = _check_granularity(granularity, group_size, tuple(w.shape))
+    if w.numel() == 0:
+        return w.detach().clone()
+    if not torch.isfinite(w).all():
+        from ..operators import NonFiniteError
+
+        raise NonFiniteError(f"w: expected finite weights, got {int((~torch.isfinite(w)).sum())} nan/inf entries")
+    with torch.no_grad():
+        groups = _as_groups(w.detach(), granularity, group_size)
+        scale, zero, qmin, qmax = grid(groups, bits, symmetric)
+        return _from_groups(round_to_grid(groups, scale, zero, qmin, qmax), w, granularity)
+
+
+def ste_fake_quantize(w: Tensor, bits: int, symmetric: bool = True, granularity: str = "tensor",
+                      group_size: int | None = None) -> Tensor:
+    """Fake quantization with the straight-through estimator (Bengio et al., 2013; HAWQ's `ste_round`):
+    the forward value is `fake_quantize(w)`, the gradient with respect to w is the identity.
+
+    With ranges taken from w itself nothing is clamped, so the identity is the clamp-masked gradient
+    of torch's fake-quantize ops too."""
+    return w + (fake_quantize(w, bits, symmetric, granularity, group_size) - w).detach()
+
+
+def quantization_error(w: Tensor, bits: int, symmetric: bool = True, granularity: str = "tensor",
+                       group_size: int | None = None) -> float:
+    """||Q_b(w) - w||^2, the perturbation HAWQ-V2's sensitivity multiplies by Tr(H) / n."""
+    return float((fake_quantize(w, bits, symmetric, granularity, group_size) - w.detach()).pow(2).sum())
+
+
+# ----------------------------------------------------------------------------- models
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers whose weights hesskit quantizes, by module name, in model order: Linear,
+    Conv1d/2d/3d and Embedding (biases, norms and free parameters stay in floating point)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)}
+    if not layers:
+        raise ValueError(f"model: has no Linear, Conv or Embedding layer to quantize ({type(model).__name__})")
+    return layers
+
+
+def layer_bits(model: nn.Module, bits: int | Mapping[str, int], symmetric: bool = True) -> dict[str, int]:
+    """`bits` as {layer name: bit width}: an int applies to every quantizable layer, a mapping names
+    some of them (the others stay float). Unknown names and invalid widths raise ValueError."""
+    layers = quantizable_layers(model)
+    if isinstance(bits, Mapping):
+        unknown = sorted(set(bits) - set(layers))
+        if unknown:
+            raise ValueError(f"bits: unknown layer names {unknown}; quantizable layers are {list(layers)}")
+        return {name: check_bits(bits[name], symmetric, f"bits[{name!r}]") for name in layers if name in bits}
+    bits = check_bits(bits, symmetric)
+    return {name: bits for name in layers}
+
+
+def _weight_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in the same mode, with the same requires_grad flags and no .grad."""
+    clone = copy.deepcopy(model)
+    for p in clone.parameters():
+        p.grad = None
+    return clone
+
+
+def quantize_model(model: nn.Module, bits: int | Mapping[str, int], granularity: str = "tensor",
+                   group_size: int | None = None, symmetric: bool = True) -> nn.Module:
+    """A copy of `model` whose layer weights are rounded to their grids (round-to-nearest, RTN).
+
+    `bits` is one width for every quantizable layer or {layer name: width}; layers left out, biases
+    and norms stay in floating point. The copy is an ordinary model (the weights hold the grid values).
+    """
+    widths = layer_bits(model, bits, symmetric)
+    clone = _weight_copy(model)
+    layers = quantizable_layers(clone)
+    with torch.no_grad():
+        for name, b in widths.items():
+            w = layers[name].weight
+            w.copy_(fake_quantize(w, b, symmetric, granularity, group_size))
+    return clone
+
+
+@dataclass
+class ModelSize:
+    """Storage of a (fake-)quantized model, in bits.
+
+    weight_bits: sum over quantized layers of n_i * b_i; overhead_bits: one scale (and, for
+    asymmetric grids, one b_i-bit zero point) per group; float_bits: every other parameter at its
+    dtype's width (biases, norms, unquantized layers); average_bits: weight_bits / quantized weights,
+    the "average bits" of HAWQ's budgets; bits_per_weight: the same with the overhead counted;
+    total_bits: everything."""
+
+    weight_bits: int
+    overhead_bits: int
+    float_bits: int
+    quantized_weights: int
+
+    @property
+    def total_bits(self) -> int:
+        return self.weight_bits + self.overhead_bits + self.float_bits
+
+    @property
+    def average_bits(self) -> float:
+        return self.weight_bits / self.quantized_weights if self.quantized_weights else float("nan")
+
+    @property
+    def bits_per_weight(self) -> float:
+        """(weight_bits + overhead_bits) / quantized weights: the average with the scales counted."""
+        return (self.weight_bits + self.overhead_bits) / self.quantized_weights if self.quantized_weights else float("nan")
+
+    @property
+    def megabytes(self) -> float:
+        return self.total_bits / 8 / 2**20
+
+
+def _num_groups(shape: tuple[int, ...], granularity: str, group_size: int | None) -> int:
+    """How many scales `fake_quantize` stores for a tensor of this shape (ragged last groups count)."""
+    if granularity == "tensor" or len(shape) == 0:
+        return 1
+    if granularity == "channel":
+        return shape[0]
+    if granularity == "rows":
+        return -(-shape[0] // group_size)
+    return shape[0] * -(-int(torch.Size(shape[1:]).numel()) // group_size)
+
+
+def model_size(model: nn.Module, bits: int | Mapping[str, int], granularity: str = "tensor",
+               group_size: int | None = None, symmetric: bool = True, scale_bits: int = 16) -> ModelSize:
+    """Exact storage of `quantize_model(model, bits, ...)`, scale overhead included (see `ModelSize`).
+
+    `scale_bits` is the width of a stored scale (16: fp16 scales, as GPTQ's packed format)."""
+    widths = layer_bits(model, bits, symmetric)
+    if isinstance(scale_bits, bool) or not isinstance(scale_bits, int) or scale_bits <= 0:
+        raise ValueError(f"scale_bits: expected a positive integer, got {scale_bits!r}")
+    layers = quantizable_layers(model)
+    quantized = {id(layers[name].weight): name for name in widths}
+    weight = overhead = floating = count = 0
+    for p in model.parameters():
+        if id(p) in quantized:
+            b = widths[quantized[id(p)]]
+            _check_granularity(granularity, group_size, tuple(p.shape))
+            groups = _num_groups(tuple(p.shape), granularity, group_size)
+            weight += p.numel() * b
+            overhead += groups * (scale_bits + (0 if symmetric else b))
+            count += p.numel()
+        else:
+            floating += p.numel() * torch.finfo(p.dtype).bits
+    return ModelSize(weight, overhead, floating, count)
+
+
+# ----------------------------------------------------------------------------- quantization-aware training
+class ActivationQuantizer(nn.Module):
+    """Fake-quantizes a layer's input on a fixed asymmetric per-tensor grid (static activation
+    quantization, as HAWQ-V3 and torch's observers): the range [min, max] is an exponential moving
+    average (momentum 0.99, HAWQ's `--act-range-momentum`) of the batch ranges seen while
+    `observing` (in train and eval mode alike, like torch's observers), and fixed afterwards. The
+    gradient is straight-through where rounding lands inside the grid and 0 where it is clamped
+    (torch.fake_quantize_per_tensor_affine's rule)."""
+
+    def __init__(self, bits: int, momentum: float = 0.99):
+        super().__init__()
+        self.bits = check_bits(bits, symmetric=False, name="act_bits")
+        self.momentum = momentum
+        self.observing = True
+        self.register_buffer("low", torch.tensor(float("nan")))
+        self.register_buffer("high", torch.tensor(float("nan")))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            low, high = x.detach().amin().clamp(max=0), x.detach().amax().clamp(min=0)
+            if torch.isnan(self.low):
+                self.low.copy_(low), self.high.copy_(high)
+            else:
+                self.low.lerp_(low, 1 - self.momentum), self.high.lerp_(high, 1 - self.momentum)
+        if torch.isnan(self.low):
+            raise RuntimeError("ActivationQuantizer: no range yet; run calibration batches with observing=True")
+        qmax = 2**self.bits - 1
+        scale = ((self.high - self.low) / qmax).clamp(min=torch.finfo(x.dtype).tiny)
+        zero = torch.round(-self.low / scale)
+        level = torch.round(x.detach() / scale) + zero  # before clamping: the gradient passes where no clamp acts
+        q = scale * (level.clamp(0, qmax) - zero)
+        inside = (level >= 0) & (level <= qmax)
+        return q + (x - x.detach()) * inside
+
+
+class QuantizedLayer(nn.Module):
+    """A Linear/Conv/Embedding whose forward pass uses its fake-quantized weight (straight-through
+    gradient to the float weight, which the optimizer keeps updating) and, with `act_bits`, a
+    fake-quantized input. The wrapped layer's parameters stay where they were (`.layer`)."""
+
+    def __init__(self, layer: nn.Module, bits: int, symmetric: bool = True, granularity: str = "tensor",
+                 group_size: int | None = None, act_bits: int | None = None):
+        super().__init__()
+        _check_granularity(granularity, group_size, tuple(layer.weight.shape))
+        self.layer, self.bits, self.symmetric = layer, check_bits(bits, symmetric), symmetric
+        self.granularity, self.group_size = granularity, group_size
+        self.act = None if act_bits is None or isinstance(layer, nn.Embedding) else ActivationQuantizer(act_bits)
+
+    def quantized_weight(self) -> Tensor:
+        return ste_fake_quantize(self.layer.weight, self.bits, self.symmetric, self.granularity, self.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        w, layer = self.quantized_weight(), self.layer
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, w, layer.bias)
+        if isinstance(layer, nn.Embedding):
+            return F.embedding(x, w, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq,
+                               layer.sparse)
+        return layer._conv_forward(x, w, layer.bias)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantization_aware(model: nn.Module, bits: int | Mapping[str, int], act_bits: int | None = None,
+                       granularity: str = "tensor", group_size: int | None = None,
+                       symmetric: bool = True) -> nn.Module:
+    """A copy of `model` ready for quantization-aware fine-tuning: each layer named by `bits` is
+    wrapped in a `QuantizedLayer` (fake-quantized weight with a straight-through gradient; with
+    `act_bits`, a fake-quantized input whose range is observed while `observing` is True: run a
+    few batches, then `observe_activations(qat_model, False)` to fix them, or keep observing).
+    `freeze(qat_model)` returns the plain quantized model afterwards."""
+    if act_bits is not None:
+        check_bits(act_bits, symmetric=False, name="act_bits")
+    if model is None or not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, QUANTIZABLE):
+        raise ValueError("model: expected a model containing layers, got a bare layer; wrap it in nn.Sequential")
+    widths = layer_bits(model, bits, symmetric)
+    clone = _weight_copy(model)
+    layers = quantizable_layers(clone)
+    for name, b in widths.items():
+        _replace(clone, name, QuantizedLayer(layers[name], b, symmetric, granularity, group_size, act_bits))
+    return clone
+
+
+def observe_activations(model: nn.Module, observing: bool) -> nn.Module:
+    """Switch range observation of every `ActivationQuantizer` in a quantization-aware model on or
+    off (like `model.train()`, it changes that model in place and returns it)."""
+    for m in model.modules():
+        if isinstance(m, ActivationQuantizer):
+            m.observing = bool(observing)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """After quantization-aware training: a copy in which every `QuantizedLayer` is replaced by its
+    plain layer holding the quantized weight. Activation quantizers stay, with their ranges fixed,
+    in front of their layer (`nn.Sequential(act, layer)`)."""
+    clone = _weight_copy(model)
+    observe_activations(clone, False)
+    wrapped = [(n, m) for n, m in clone.named_modules() if isinstance(m, QuantizedLayer)]
+    for name, m in wrapped:
+        with torch.no_grad():
+            m.layer.weight.copy_(fake_quantize(m.layer.weight, m.bits, m.symmetric, m.granularity, m.group_size))
+        _replace(clone, name, m.layer if m.act is None else nn.Sequential(m.act, m.layer))
+    return clone

@@ -1,0 +1,475 @@
+"""Per-layer sensitivities for mixed-precision quantization: HAWQ v1/v2, Q-BERT, measured.
+
+For a trained model with loss L and the weight W_i of quantizable layer i (n_i entries; biases
+and norms stay in floating point), a quantization perturbation dW_i = Q_b(W_i) - W_i changes the
+loss by about (1/2) dW_i^T H_i dW_i at a converged point (gradient ~ 0), H_i the Hessian block of
+W_i alone. The papers summarise H_i by one number:
+
+    "eigenvalue"  HAWQ (Dong et al., ICCV 2019):      S_i = lambda_max(H_i) / n_i, and
+                  Omega_i = lambda_max(H_i) ||dW_i||^2, the worst case of dW^T H dW for that size.
+    "trace"       HAWQ-V2 (Dong et al., NeurIPS 2020): S_i = Tr(H_i) / n_i, the average eigenvalue:
+                  for a perturbation of random direction, E[dW^T H dW] = ||dW||^2 Tr(H) / n, so
+                  Omega_i = (Tr(H_i) / n_i) ||dW_i||^2.
+    "qbert"       Q-BERT (Shen et al., AAAI 2020): S_i = |mean_s lambda_i^(s)| + std_s lambda_i^(s),
+                  the top eigenvalue on several disjoint data subsets s; the std penalises a
+                  curvature that depends on the data, and |.| copes with negative top eigenvalues.
+    "measured"    no proxy: S_i(b) = L(W with layer i alone quantized to b bits) - L(W), the loss
+                  change itself (the baseline practitioners trust, OpenPPL/ppq#203, MQBench#170).
+
+The Hessian metrics use hesskit's operators and estimators: `HessianOperator` restricted to the
+layer's weight for the eigenvalues (`eigenvalues`, Lanczos; HAWQ and PyHessian use power iteration,
+which finds the same largest-magnitude eigenvalue with more products), and for the trace one
+Rademacher probe z over *all* layers at once: z^T H z = sum_i z_i^T (H z)_i + (cross terms), and the
+cross terms z_i^T H_ij z_j have mean 0, so the per-layer dot products z_i^T (H z)_i estimate every
+Tr(H_i) from the same product (as the pilots of the research notes; HAWQ-V2 does not say how it
+batched its probes). Each layer's estimate has its own standard error from the spread of its
+quadratic forms.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._batches import Batches, is_batch
+from .._probe import check_count, make_generator, probes
+from ..eigen import eigenvalues
+from ..operators import HessianOperator, _mode_sensitive_modules
+from ..trace import _CHUNK, trace
+from .fake import check_bits, fake_quantize, quantizable_layers
+
+__all__ = [
+    "METRICS",
+    "Sensitivities",
+    "sensitivities",
+    "layer_traces",
+    "PairInteractions",
+    "pair_interactions",
+    "mean_loss",
+    "rank_correlation",
+]
+
+METRICS = ("trace", "eigenvalue", "qbert", "measured")
+TRACE_METHODS = ("joint", "hutchinson", "hutch++")
+
+
+class Sensitivities(dict):
+    """{layer name: sensitivity} (a dict) with what it took to get it.
+
+    Attributes:
+        metric: "trace", "eigenvalue", "qbert" or "measured" (see the module docstring).
+        stderr: {layer: standard error of the value} where one exists (the Hutchinson trace), nan
+            otherwise (Lanczos eigenvalues carry `residuals` instead, Q-BERT's statistic and
+            measured losses are not random estimates).
+        curvature: {layer: c_i}, the factor of ||Q_b(W_i) - W_i||^2 in the layer's cost Omega_i(b):
+            Tr(H_i)/n_i for "trace", lambda_max(H_i) for "eigenvalue" (HAWQ's Omega), the value
+            itself for "qbert"; empty for "measured", whose costs are measured per bit width.
+        num_params: {layer: n_i}, the weight entries of the layer.
+        table: "measured" only: {layer: {bits: loss change}} for every width measured.
+        samples: "qbert": {layer: per-subset top eigenvalues}; "trace" (joint): {layer: the per-probe
+            quadratic forms z_i^T (H z)_i / n_i}.
+        residuals: "eigenvalue": {layer: ||H v - lambda v|| / n_i}, a bound on the error.
+        bits, num_matvecs (Hessian-vector products in all), seed, wall_time, baseline_loss.
+    """
+
+    def __init__(self, values: Mapping[str, float] = (), *, metric: str = "", stderr: Mapping[str, float] | None = None,
+                 curvature: Mapping[str, float] | None = None, num_params: Mapping[str, int] | None = None,
+                 table: Mapping[str, Mapping[int, float]] | None = None,
+                 samples: Mapping[str, np.ndarray] | None = None,
+                 residuals: Mapping[str, float] | None = None, bits: Any = None, num_matvecs: int = 0,
+                 seed: int | None = None, wall_time: float = 0.0, baseline_loss: float = math.nan):
+        super().__init__(values)
+        self.metric = metric
+        self.stderr = dict(stderr or {name: math.nan for name in self})
+        self.curvature = dict(curvature or {})
+        self.num_params = dict(num_params or {})
+        self.table = None if table is None else {k: dict(v) for k, v in table.items()}
+        self.samples = dict(samples or {})
+        self.residuals = dict(residuals or {})
+        self.bits = bits
+        self.num_matvecs = num_matvecs
+        self.seed = seed
+        self.wall_time = wall_time
+        self.baseline_loss = baseline_loss
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{k!r}: {v:.4g}" for k, v in self.items())
+        return f"Sensitivities(metric={self.metric!r}, {{{values}}})"
+
+
+# ----------------------------------------------------------------------------- checks and helpers
+def _check_layers(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Module]:
+    everything = quantizable_layers(model)
+    if layers is None:
+        return everything
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    unknown = [name for name in layers if name not in everything]
+    if unknown or not layers:
+        raise ValueError(f"layers: expected names among the quantizable layers {list(everything)}, got {layers}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers: a layer is listed twice in {layers}")
+    return {name: everything[name] for name in everything if name in layers}
+
+
+def _check_data(data: Any) -> list[Any]:
+    """`data` as a list of (inputs, targets) batches (a DataLoader is read once)."""
+    if data is None:
+        raise ValueError("data: expected an (inputs, targets) batch or a list of batches, got None")
+    if is_batch(data):
+        batches = [data]
+    elif isinstance(data, (list, tuple)) or hasattr(data, "__iter__"):
+        if iter(data) is data:
+            raise TypeError("data: got a one-shot iterator (e.g. a generator); pass a list of batches or a DataLoader")
+        batches = list(data)
+    else:
+        raise TypeError(f"data: expected an (inputs, targets) batch or a list of batches, got {type(data).__name__}")
+    if not batches:
+        raise ValueError("data: expected at least one batch, got none")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"data: batch {i} should be an (inputs, targets) pair")
+        if len(batch[0]) == 0:
+            raise ValueError(f"data: batch {i} is empty (0 samples)")
+    return batches
+
+
+def _check_mode(model: nn.Module, mode: str | None) -> None:
+    if mode not in (None, "eval"):
+        raise ValueError(f"mode: expected None or 'eval', got {mode!r}")
+    batchnorms, dropouts = _mode_sensitive_modules(model)
+    if mode is None and model.training and (batchnorms or dropouts):
+        raise ValueError(f"mode: the model is in train mode and has {', '.join(batchnorms + dropouts)}; "
+                         "call model.eval() first or pass mode='eval'")
+
+
+def _check_criterion(criterion: Any) -> None:
+    if not callable(criterion):
+        raise TypeError(f"criterion: expected a callable criterion(outputs, targets), got {type(criterion).__name__}")
+
+
+def mean_loss(model: nn.Module, criterion: Any, data: Any) -> float:
+    """(1/N) sum_b N_b criterion(model(x_b), y_b) over the batches of `data`, without gradients,
+    in float64 accumulation: the loss every curvature operator of hesskit differentiates."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for n, (x, y) in Batches(_check_data(data)):
+            total += n * float(criterion(model(x), y))
+            count += n
+    return total / count
+
+
+class _Swapper:
+    """A private working copy of a model whose layer weights are swapped for precomputed
+    quantized versions: one deep copy, then only `copy_` per configuration. The user's model is
+    never touched."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], choices: Sequence[int], granularity: str = "tensor",
+                 group_size: int | None = None, symmetric: bool = True, mode: str | None = None):
+        self.model = copy.deepcopy(model)
+        for p in self.model.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+        if mode == "eval":
+            self.model.eval()
+        modules = quantizable_layers(self.model)
+        self.weights = {name: modules[name].weight for name in layers}
+        self.original = {name: w.detach().clone() for name, w in self.weights.items()}
+        self.quantized = {(name, b): fake_quantize(self.original[name], b, symmetric, granularity, group_size)
+                          for name in layers for b in choices}
+        self.current = {name: None for name in layers}
+
+    def apply(self, config: Mapping[str, int | None]) -> nn.Module:
+        """Set every layer to its width in `config` (absent or None: floating point)."""
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                b = config.get(name)
+                if b != self.current[name]:
+                    w.copy_(self.original[name] if b is None else self.quantized[(name, b)])
+                    self.current[name] = b
+        return self.model
+
+
+def _bits_tuple(bits: Any, symmetric: bool) -> tuple[int, ...]:
+    if bits is None:
+        raise ValueError("bits: metric='measured' needs the bit width(s) to quantize each layer to, e.g. bits=2 "
+                         "or bits=(2, 3, 4, 8)")
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        return (check_bits(bits, symmetric),)
+    return check_choices(bits, symmetric, "bits")
+
+
+def check_choices(choices: Any, symmetric: bool = True, name: str = "choices") -> tuple[int, ...]:
+    """The candidate widths as a sorted tuple of distinct valid bit widths."""
+    if isinstance(choices, np.ndarray):
+        choices = choices.tolist()
+    if isinstance(choices, (int, str)) or not isinstance(choices, Sequence):
+        raise TypeError(f"{name}: expected a sequence of bit widths such as (2, 3, 4, 8), got {choices!r}")
+    if len(choices) == 0:
+        raise ValueError(f"{name}: expected at least one bit width, got an empty sequence")
+    widths = tuple(check_bits(b, symmetric, name) for b in choices)
+    if len(set(widths)) != len(widths):
+        raise ValueError(f"{name}: a width is listed twice in {tuple(choices)}")
+    return tuple(sorted(widths))
+
+
+def _subsets(batches: list[Any], num_subsets: int) -> list[list[Any]]:
+    """`num_subsets` disjoint parts of the data: consecutive groups of batches, or of the samples
+    of a single batch (sizes differ by at most one)."""
+    if len(batches) >= num_subsets:
+        bounds = np.linspace(0, len(batches), num_subsets + 1).round().astype(int)
+        return [batches[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    if len(batches) == 1:
+        x, y = batches[0]
+        if len(x) < num_subsets:
+            raise ValueError(f"num_subsets: expected at most the {len(x)} samples of the batch, got {num_subsets}")
+        bounds = np.linspace(0, len(x), num_subsets + 1).round().astype(int)
+        return [[(x[a:b], y[a:b])] for a, b in zip(bounds[:-1], bounds[1:])]
+    raise ValueError(f"num_subsets: with {len(batches)} batches, expected at most {len(batches)} subsets "
+                     f"(or pass one batch to split), got {num_subsets}")
+
+
+# ----------------------------------------------------------------------------- the estimators
+def layer_traces(op: HessianOperator, groups: Mapping[str, Sequence[str]], num_matvecs: int = 100,
+                 seed: int | None = 0) -> tuple[dict[str, float], dict[str, float], dict[str, np.ndarray]]:
+    """Hutchinson traces of several diagonal blocks of `op` from the SAME probes (HAWQ-V2's trace,
+    one Hessian-vector product per probe for every block at once).
+
+    For Rademacher z over all of op's parameters, E[z_i^T (H z)_i] = Tr(H_ii): the cross terms
+    z_i^T H_ij z_j vanish in expectation because z_i and z_j are independent with mean 0. They do
+    add variance: Var = 2 ||H_ii||_F^2 - 2 sum_k (H_ii)_kk^2 + sum_{j != i} ||H_ij||_F^2 per probe.
+
+    `groups` maps a block name to the parameter names of op that form it. Returns (traces,
+    standard errors, per-probe quadratic forms) per block. The probes are drawn exactly as
+    `hk.trace(op, num_matvecs, method="hutchinson", seed=seed)` draws them, so the blocks' traces add
+    up to that estimate of the whole trace when the blocks cover op.
+    """
+    check_count("num_matvecs", num_matvecs)
+    seed, gen = make_generator(seed)
+    offsets, start = {}, 0
+    for name, p in zip(op.param_names, op.params):
+        offsets[name] = slice(start, start + p.numel())
+        start += p.numel()
+    for block, names in groups.items():
+        missing = [n for n in names if n not in offsets]
+        if missing:
+            raise ValueError(f"groups[{block!r}]: parameters {missing} are not in the operator ({op.param_names})")
+    forms = {block: [] for block in groups}
+    for begin in range(0, num_matvecs, _CHUNK):
+        Z = probes(op.shape[0], min(_CHUNK, num_matvecs - begin), "rademacher", gen, op)
+        HZ = (op @ Z).detach()
+        ZHZ = Z * HZ
+        for block, names in groups.items():
+            forms[block].append(sum(ZHZ[offsets[n]].sum(dim=0) for n in names).double())
+    samples = {block: torch.cat(f).cpu().numpy() for block, f in forms.items()}
+    values = {block: float(s.mean()) for block, s in samples.items()}
+    stderr = {block: float(s.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else math.nan
+              for block, s in samples.items()}
+    return values, stderr, samples
+
+
+def _weight(name: str) -> str:
+    return f"{name}.weight"
+
+
+def _top_eigenvalue(model, criterion, data, name, which, tol, max_matvecs, seed, mode):
+    op = HessianOperator(model, criterion, data, params=[_weight(name)], mode=mode)
+    result = eigenvalues(op, k=1, which=which, tol=tol, max_matvecs=max_matvecs, seed=seed)
+    return float(result.values[0]), float(result.residuals[0]), result.num_matvecs
+
+
+def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "trace", *, bits: Any = None,
+                  num_matvecs: int | None = None, num_subsets: int = 5, seed: int | None = 0,
+                  method: str = "joint", which: str = "magnitude", tol: float = 1e-3,
+                  layers: Sequence[str] | None = None, granularity: str = "tensor", group_size: int | None = None,
+                  symmetric: bool = True, mode: str | None = None) -> Sensitivities:
+    """Per-layer sensitivity of `model`'s loss to quantizing each layer's weight.
+
+    Args:
+        model, criterion, data: the loss (1/N) sum criterion(model(x), y) over `data` (one (x, y)
+            batch or a list/DataLoader of batches), as for `hk.HessianOperator`. The Hessian is
+            taken over the layers' weights only (biases stay in floating point).
+        metric: "trace" (HAWQ-V2, Tr(H_i)/n_i), "eigenvalue" (HAWQ, lambda_max(H_i)/n_i), "qbert"
+            (Q-BERT, |mean| + std of lambda_max(H_i) over `num_subsets` disjoint data subsets) or
+            "measured" (the loss change of quantizing layer i alone to `bits`).
+        bits: "measured" only (ignored otherwise): one width, or several (then `.table` holds every
+            width and the values are those of the smallest).
+        num_matvecs: "trace": Hutchinson probes (default 100, PyHessian's maxIter; HAWQ-V2 and the
+            research notes use 64-200), each one Hessian-vector product for all layers together
+            (`method="joint"`) or per layer (`method="hutchinson"` or `"hutch++"`, `hk.trace` on
+            each layer's block, with its lower variance at L times the cost). Eigenvalue metrics:
+            the product budget of each Lanczos run (default `hk.eigenvalues`' 20 x basis size).
+        num_subsets: "qbert": the number of disjoint subsets (consecutive batches, or parts of a
+            single batch); at least 2. Q-BERT used about 10% of the training data in each.
+        seed: probes and Lanczos start vectors.
+        which: eigenvalue metrics: "magnitude" (default: the signed eigenvalue of largest
+            magnitude, what HAWQ's and PyHessian's power iteration returns, and how Q-BERT can see
+            negative "top" eigenvalues) or "largest" (algebraic).
+        tol: Lanczos tolerance (PyHessian's default 1e-3).
+        layers: a subset of `hk.quant.quantizable_layers(model)` (default: all).
+        granularity, group_size, symmetric: the quantizer of "measured" (see `hk.quant.fake_quantize`).
+        mode: None (the model as it is; a model in train mode with BatchNorm or dropout is refused)
+            or "eval".
+
+    Returns a `Sensitivities` dict {layer: value} with `.stderr`, `.curvature` (the factor of
+    ||Q_b(W_i) - W_i||^2 in the allocation cost), `.num_params`, `.num_matvecs`, `.seed`.
+    The model is not modified.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    if method not in TRACE_METHODS:
+        raise ValueError(f"method: expected one of {TRACE_METHODS}, got {method!r}")
+    if which not in ("magnitude", "largest"):
+        raise ValueError(f"which: expected 'magnitude' or 'largest', got {which!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_criterion(criterion)
+    _check_mode(model, mode)
+    modules = _check_layers(model, layers)
+    names = list(modules)
+    batches = _check_data(data)
+    sizes = {name: modules[name].weight.numel() for name in names}
+    start = time.perf_counter()
+    common = dict(metric=metric, num_params=sizes, seed=seed)
+
+    if metric == "measured":
+        widths = _bits_tuple(bits, symmetric)
+        swapper = _Swapper(model, names, widths, granularity, group_size, symmetric, mode)
+        base = mean_loss(swapper.apply({}), criterion, batches)
+        table = {}
+        for name in names:
+            table[name] = {b: mean_loss(swapper.apply({name: b}), criterion, batches) - base for b in widths}
+        low = min(widths)
+        return Sensitivities({name: table[name][low] for name in names}, table=table, bits=widths if len(widths) > 1
+                             else widths[0], wall_time=time.perf_counter() - start, baseline_loss=base, **common)
+
+    if metric == "trace":
+        m = 100 if num_matvecs is None else check_count("num_matvecs", num_matvecs, 3 if method == "hutch++" else 1)
+        op = HessianOperator(model, criterion, batches, params=[_weight(n) for n in names], mode=mode)
+        if method == "joint":
+            values, stderr, samples = layer_traces(op, {n: [_weight(n)] for n in names}, m, seed)
+            used = op.num_matvecs
+        else:
+            values, stderr, samples, used = {}, {}, {}, 0
+            for name, block in zip(names, (op.restrict([_weight(n)]) for n in names)):
+                result = trace(block, m, method=method, seed=seed)
+                values[name], stderr[name], used = result.value, result.stderr, used + result.num_matvecs
+        per = {n: values[n] / sizes[n] for n in names}
+        return Sensitivities(per, stderr={n: stderr[n] / sizes[n] for n in names}, curvature=per,
+                             samples={n: s / sizes[n] for n, s in samples.items()}, num_matvecs=used,
+                             wall_time=time.perf_counter() - start, **common)
+
+    if metric == "eigenvalue":
+        values, residuals, used = {}, {}, 0
+        for name in names:
+            lam, res, count = _top_eigenvalue(model, criterion, batches, name, which, tol, num_matvecs, seed, mode)
+            values[name], residuals[name], used = lam, res, used + count
+        return Sensitivities({n: values[n] / sizes[n] for n in names}, curvature=values,
+                             residuals={n: residuals[n] / sizes[n] for n in names}, num_matvecs=used,
+                             wall_time=time.perf_counter() - start, **common)
+
+    # Q-BERT
+    check_count("num_subsets", num_subsets, 2)
+    parts = _subsets(batches, num_subsets)
+    lams = {name: [] for name in names}
+    used = 0
+    for part in parts:
+        for name in names:
+            lam, _, count = _top_eigenvalue(model, criterion, part, name, which, tol, num_matvecs, seed, mode)
+            lams[name].append(lam)
+            used += count
+    samples = {n: np.array(v) for n, v in lams.items()}
+    stat = {n: abs(float(s.mean())) + float(s.std(ddof=1)) for n, s in samples.items()}
+    return Sensitivities(stat, curvature=stat, samples=samples, num_matvecs=used,
+                         wall_time=time.perf_counter() - start, **common)
+
+
+# ----------------------------------------------------------------------------- inter-layer terms
+@dataclass
+class PairInteractions:
+    """Measured interactions of adjacent layers (a published, implementable stand-in for the
+    inter-layer dependencies of Schaefer et al. 2023, whose exact term is NOT reproduced here).
+
+    With D_i(a) the measured loss change of quantizing layer i alone to a bits, and D_ij(a, b) that
+    of quantizing layers i and j = i + 1 together,
+
+        terms[i][a, b] = D_ij(a, b) - D_i(a) - D_j(b),
+
+    the part of the joint damage that the additive (block-diagonal) model misses. `singles[i, a]`
+    is D_i(choices[a]). Added to an additive objective, it makes the cost a chain
+    sum_i c_i(b_i) + sum_i terms[i][b_i, b_{i+1}], which `pareto_frontier`/`allocate_bits` still
+    minimise exactly."""
+
+    layers: list[str]
+    choices: tuple[int, ...]
+    singles: np.ndarray  # (L, B)
+    terms: np.ndarray  # (L - 1, B, B)
+    baseline_loss: float
+    num_evaluations: int
+
+
+def pair_interactions(model: nn.Module, criterion: Any, data: Any, choices: Sequence[int] = (2, 3, 4, 8), *,
+                      layers: Sequence[str] | None = None, granularity: str = "tensor", group_size: int | None = None,
+                      symmetric: bool = True, mode: str | None = None) -> PairInteractions:
+    """Measure the interaction terms of every pair of consecutive quantizable layers (in model
+    order) at every pair of widths in `choices`: L |B| + (L - 1) |B|^2 loss evaluations.
+
+    Consecutive in model order is "adjacent" for a chain (an MLP, a plain CNN); for residual
+    networks it is a heuristic. The model is not modified."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_criterion(criterion)
+    _check_mode(model, mode)
+    widths = check_choices(choices, symmetric)
+    names = list(_check_layers(model, layers))
+    batches = _check_data(data)
+    swapper = _Swapper(model, names, widths, granularity, group_size, symmetric, mode)
+    base = mean_loss(swapper.apply({}), criterion, batches)
+    L, B = len(names), len(widths)
+    singles = np.array([[mean_loss(swapper.apply({n: b}), criterion, batches) - base for b in widths] for n in names])
+    terms = np.zeros((max(L - 1, 0), B, B))
+    for i in range(L - 1):
+        for a, ba in enumerate(widths):
+            for c, bc in enumerate(widths):
+                joint = mean_loss(swapper.apply({names[i]: ba, names[i + 1]: bc}), criterion, batches) - base
+                terms[i, a, c] = joint - singles[i, a] - singles[i + 1, c]
+    return PairInteractions(names, widths, singles, terms, base, 1 + L * B + (L - 1) * B * B)
+
+
+# ----------------------------------------------------------------------------- proxy quality
+def rank_correlation(proxy: Any, measured: Any) -> float:
+    """Spearman's rank correlation rho between a proxy and the measured truth.
+
+    Either two {layer: value} mappings with the same keys (per-layer sensitivities), or two
+    equally long sequences/arrays (e.g. the predicted cost and the measured loss change of every
+    enumerated configuration). rho = 1: the proxy orders everything as the truth does."""
+    from scipy.stats import spearmanr
+
+    if isinstance(proxy, Mapping) != isinstance(measured, Mapping):
+        raise TypeError("proxy, measured: expected two mappings {layer: value} or two sequences, got one of each")
+    if isinstance(proxy, Mapping):
+        if set(proxy) != set(measured):
+            raise ValueError(f"proxy, measured: expected the same layers, got {sorted(proxy)} and {sorted(measured)}")
+        keys = list(proxy)
+        a = np.array([float(proxy[k]) for k in keys])
+        b = np.array([float(measured[k]) for k in keys])
+    else:
+        a, b = np.asarray(proxy, dtype=float).ravel(), np.asarray(measured, dtype=float).ravel()
+    if len(a) != len(b):
+        raise ValueError(f"proxy, measured: expected the same length, got {len(a)} and {len(b)}")
+    if len(a) < 2:
+        raise ValueError(f"proxy: expected at least 2 values to rank, got {len(a)}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("proxy, measured: contain nan or inf")
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan  # a constant ranking correlates with nothing
+    return float(spearmanr(a, b).statistic)

@@ -1,0 +1,141 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+# Notebook 11's HAWQ explorer and the experiment functions behind it, on a small digits MLP (three
+# layers, 4^3 = 64 configurations): the prefix-sharing enumeration against hk.quant.exhaustive, the
+# budget comparison against direct lookups, and every control of the widget.
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hesskit.quant.allocate import exhaustive, knapsack  # noqa: E402
+from hesskit.quant.fake import quantize_model  # noqa: E402
+from hesskit.widgets.hawq import (  # noqa: E402
+    CHOICE_SETS,
+    PROXIES,
+    HAWQExplorer,
+    all_sensitivities,
+    compare_at_budget,
+    correlations,
+    digits_problem,
+    enumerate_configs,
+    proxy_tables,
+    restrict,
+    seed_study,
+)
+
+SMALL = dict(width=16, depth=2, steps=150, calibration=64, num_subsets=2, subset_size=32)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return digits_problem(seed=0, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def setup(problem):
+    sens, pairs = all_sensitivities(problem, num_matvecs=20)
+    tables = proxy_tables(problem, sens, pairs)
+    return sens, pairs, tables, enumerate_configs(problem)
+
+
+def test_enumeration_equals_the_generic_exhaustive_search(problem, setup):
+    e = setup[3]
+    assert e.configs.shape == (64, 3) and e.layers == ["1", "3", "5"]
+    x, y = problem.calibration
+    xt, yt = problem.test
+
+    def evaluate(m):
+        with torch.no_grad():
+            accuracy = (m(xt).argmax(1) == yt).double().mean().item()
+            return {"loss": problem.criterion(m(x), y).item(), "accuracy": accuracy}
+
+    generic = exhaustive(problem.model, (2, 3, 4, 8), evaluate, granularity="channel")
+    np.testing.assert_array_equal(generic.configs, e.configs)
+    np.testing.assert_allclose(e.values["loss"], generic.values["loss"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(e.values["accuracy"], generic.values["accuracy"])
+    np.testing.assert_allclose(e.values["delta"], e.values["loss"] - generic.baseline["loss"], atol=1e-6)
+    q = quantize_model(problem.model, e.config(17), granularity="channel")
+    assert e.values["accuracy"][17] == problem.accuracy(q)
+    assert e.baseline["accuracy"] == problem.accuracy()
+
+
+def test_proxies_and_correlations(problem, setup):
+    sens, pairs, tables, e = setup
+    assert set(tables) == set(PROXIES.values())
+    assert set(sens) == {"trace", "eigenvalue", "qbert", "measured"} and pairs.terms.shape == (2, 4, 4)
+    rho = correlations(tables, e)
+    assert all(-1 <= r <= 1 for r in rho.values())
+    assert rho["measured"] > 0.5 and rho["pairs"] > 0.5  # measured losses rank configurations well
+    t = restrict(tables["trace"], (2, 8))
+    assert t.choices == (2, 8) and t.omega.shape == (3, 2)
+    np.testing.assert_array_equal(t.omega[:, 1], tables["trace"].omega[:, 3])
+    np.testing.assert_array_equal(restrict(tables["pairs"], (2, 8)).pairs[:, 1, 0], tables["pairs"].pairs[:, 3, 0])
+
+
+def test_compare_at_budget_against_direct_lookups(setup):
+    _, _, tables, e = setup
+    c = compare_at_budget(tables, e, 2.5)
+    assert c.uniform[0] == 2 and c.uniform[1] == e.value({n: 2 for n in e.layers}, "accuracy")
+    mask = (e.weight_bits <= 2.5 * e.total_params) & (e.weight_bits >= 0.85 * 2.5 * e.total_params)
+    assert c.num_random == mask.sum() and c.random_median == np.median(e.values["accuracy"][mask])
+    assert c.best[1] == e.values["accuracy"][e.weight_bits <= 2.5 * e.total_params].max()
+    for name, (config, acc) in c.chosen.items():
+        assert acc <= c.best[1] and acc == e.value(config, "accuracy")
+        assert sum(config[n] * k for n, k in zip(e.layers, tables[name].num_params)) <= 2.5 * e.total_params
+        assert dict(knapsack(tables[name], 2.5)) == config
+    narrow = compare_at_budget(tables, e, 5.0, choices=(4, 8))
+    assert all(set(cfg.values()) <= {4, 8} for cfg, _ in narrow.chosen.values()) and narrow.uniform[0] == 4
+    with pytest.raises(ValueError, match="avg_bits"):
+        compare_at_budget(tables, e, 3.0, choices=(4, 8))
+
+
+def test_explorer_over_its_controls(setup):
+    _, _, tables, e = setup
+    explorer = HAWQExplorer(tables, e, avg_bits=2.5)
+    explorer.show()
+    r = explorer.result
+    assert r["feasible"] and r["average"] <= 2.5 and len(explorer.figure.axes) == 4
+    assert explorer.figure.axes[0].get_xlabel() == "average bits per weight"
+    slider = explorer.controls["avg_bits"]
+    assert (slider.min, slider.max, slider.step) == (2.0, 8.0, 0.25)
+    slider.value = slider.max
+    r = explorer.result
+    assert r["config"] == {n: 8 for n in e.layers}  # everything fits: the smallest Omega is all 8-bit
+    assert r["comparison"].uniform[0] == 8
+    slider.value = slider.min
+    assert set(explorer.result["config"].values()) == {2}  # only all 2-bit fits
+    assert explorer.result["gap"] == 0.0
+    for proxy in explorer.controls["proxy"].options:  # compute only: drawing each costs time, not coverage
+        r = explorer.compute(**{**explorer.values(), "proxy": proxy})
+        assert r["proxy"] == proxy and r["average"] <= 2.0
+    for name in explorer.controls["choices"].options:
+        r = explorer.compute(**{**explorer.values(), "avg_bits": 3.0, "choices": name})
+        if min(CHOICE_SETS[name]) > 3.0:
+            assert not r["feasible"] and "comparison" not in r
+        else:
+            assert set(r["config"].values()) <= set(CHOICE_SETS[name]) and r["average"] <= 3.0
+            assert r["accuracy"] <= r["comparison"].best[1]
+        assert len(r["frontier_accuracy"]) == len(r["frontier"])
+    explorer.controls["proxy"].value = "measured + adjacent pairs"
+    explorer.controls["choices"].value = "{4, 8} (HAWQ-V3)"  # 2 bits per weight: nothing fits, drawn as such
+    assert not explorer.result["feasible"] and explorer.figure is not None
+    (output,) = explorer.output.outputs
+    assert output["data"]["image/png"].startswith("iVBOR")
+    with pytest.raises(ValueError, match="proxy"):
+        HAWQExplorer(tables, e, proxy="nope")
+    with pytest.raises(ValueError, match="choices"):
+        HAWQExplorer(tables, e, choices="{1, 2}")
+
+
+def test_seed_study_and_problem():
+    r = seed_study([0], avg_bits=(2.5,), proxies=("trace",), **SMALL)
+    assert r["trace"].shape == (1, 1) and r["rho_trace"].shape == (1,)
+    assert r["best"][0, 0] >= r["trace"][0, 0] and r["best"][0, 0] >= r["uniform"][0, 0]
+    assert math.isfinite(r["random"][0, 0])
+    with pytest.raises(ValueError, match="calibration"):
+        digits_problem(calibration=10_000, steps=1)
