@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/curvature.py
 	$(BIN)/python bench/optimizers.py
+	$(BIN)/python bench/compression.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -24,9 +24,10 @@ reuses the tested experiment functions of the notebooks (`hesskit.widgets.hawq`,
   fp16 scales (`hk.quant.model_size`).
 * GPTQ vs round-to-nearest at 2, 3 and 4 bits (asymmetric per-channel grids, the official default; sequential over
   the Linear layers; 256 calibration inputs).
-* Pruning at 50/70/90% global sparsity of the Linear weights, one shot: magnitude, OBD (diagonal from 100
-  Hutchinson probes) and OBS with the M-FAC/WoodFisher inverse of the damped empirical Fisher (256 per-sample
-  gradients, blocks of 128, damping 1e-5).
+* Pruning at 50/70/90% global sparsity of the Linear weights: magnitude, OBD (the Gauss-Newton diagonal, as LeCun et
+  al., from 100 Hutchinson probes) and OBS with the M-FAC/WoodFisher inverse of the damped empirical Fisher (256
+  per-sample gradients, blocks of 128, damping 1e-5), one shot and with M-FAC's 16 recomputations (gradients
+  recomputed at the pruned weights between steps).
 * Reference implementations: HAWQ's released code ships hard-coded traces and needs CUDA; Q-BERT has no code; the
   official GPTQ and M-FAC need CUDA. So the one reference run here is PyHessian's trace per layer, the route HAWQ-V2
   users take (one PyHessian `trace()` per layer), against hesskit's single Hutchinson pass over all layers, with
@@ -147,7 +148,7 @@ def gptq_rows(problem: HAWQProblem, bits: int) -> dict[str, tuple[float, float]]
     return {"round to nearest": (accuracy(problem, rtn), rtn_seconds), "GPTQ": (accuracy(problem, q), gptq_seconds)}
 
 
-PRUNERS = {"magnitude": "magnitude", "obd": "OBD (Hessian diagonal, Hutchinson)",
+PRUNERS = {"magnitude": "magnitude", "obd": "OBD (Gauss-Newton diagonal, 100 Hutchinson probes)",
            "obs": "OBS one-shot (M-FAC inverse, blocks of 128)"}
 
 
@@ -157,7 +158,7 @@ def pruning_rows(problem: HAWQProblem, quick: bool) -> dict[str, dict[float, tup
     sparsities = (0.5, 0.7, 0.9)
     m, c, calib = problem.model, problem.criterion, problem.calibration
     grads = 64 if quick else 256
-    curve = pruning.one_shot_curve(m, c, calib, problem.test, sparsities, num_grads=grads,
+    curve = pruning.one_shot_curve(m, c, calib, problem.test, sparsities, num_grads=grads, obd_curvature="ggn",
                                    num_matvecs=16 if quick else 100, seed=0)
     out = {PRUNERS[k]: {s: (100 * a, curve.seconds[k]) for s, a in zip(sparsities, curve.accuracy[k])}
            for k in curve.accuracy}
@@ -222,7 +223,7 @@ def print_table(title: str, columns: list[str], rows: dict[str, list[str]]) -> N
     print("| " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * (len(columns) - 1))
     for label, cells in rows.items():
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        print(f"| {label.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
 
 
 def report_task(name: str, problems: list[HAWQProblem], quick: bool) -> None:

@@ -472,6 +472,57 @@ class GGNOperator(CurvatureOperator):
         hjv = self._vjp(loss_grad, detached, jv).reshape(k, *outputs.shape)
         return self._vjp(outputs, self.params, hjv).T
 
+    def exact_diagonal(self) -> Tensor:
+        """diag(G) exactly, with no probes (BackPACK's DiagGGNExact), for models with few outputs per sample.
+
+        Per sample i, the output Hessian of its own loss l_i = criterion(f_i[None], y_i[None]) is
+        diagonalised, H_i = sum_c lambda_ic u_ic u_ic^T, and
+
+            diag(G) = (1/N) sum_i sum_c lambda_ic (J_i^T u_ic)^2,
+
+        where J_i^T u_ic is the gradient of u_ic . f(x_i) (first derivatives only, torch.func
+        vmapped over samples). Cost: C per-sample-gradient passes per batch, C = outputs per sample.
+        The criterion must average per-sample losses (as mean-reduced cross-entropy and MSE do);
+        otherwise a ValueError says so.
+        """
+        from torch.func import functional_call, grad, hessian, vmap
+
+        batchnorms, _ = _mode_sensitive_modules(self.model)
+        if self.mode == "train" and batchnorms:
+            raise ValueError(f"mode: per-sample terms are undefined with BatchNorm batch statistics ({batchnorms}); "
+                             "use mode='eval'")
+        criterion = self.criterion
+        weights = {name: p.detach() for name, p in zip(self.param_names, self.params)}
+        fixed = {name: p.detach() for name, p in self.model.named_parameters() if name not in weights}
+
+        def sample_loss(f: Tensor, y: Any) -> Tensor:
+            one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), y)
+            return criterion(f.unsqueeze(0), one)
+
+        def projected_output(w: dict[str, Tensor], x: Any, u: Tensor) -> Tensor:
+            one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), x)
+            return functional_call(self.model, {**fixed, **w}, (one,)).reshape(-1) @ u
+
+        total, out = 0, torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        for index, (count, batch) in enumerate(self.batches):
+            inputs, targets = self._split(move_batch(batch, self.device, self.dtype), index)
+            with self._forward_mode(), torch.no_grad():
+                outputs = self._forward(inputs, index)
+                loss = self._criterion_loss(outputs, targets, index)
+            outputs = outputs.detach()
+            n, c = outputs.shape[0], outputs[0].numel()
+            if not torch.allclose(vmap(sample_loss)(outputs, targets).mean(), loss, rtol=1e-5, atol=0):
+                raise ValueError("criterion: exact_diagonal needs a batch loss equal to the mean of the per-sample "
+                                 "losses criterion(f_i[None], y_i[None])")
+            lam, U = torch.linalg.eigh(vmap(hessian(sample_loss))(outputs, targets).reshape(n, c, c))
+            with self._forward_mode():
+                for j in range(c):
+                    g = vmap(grad(projected_output), in_dims=(None, 0, 0))(weights, inputs, U[:, :, j])
+                    flat = torch.cat([g[name].reshape(n, -1) for name in self.param_names], dim=1)
+                    out.add_((lam[:, j : j + 1] * flat.square()).sum(dim=0) / n, alpha=count)
+            total += count
+        return out.div_(total)
+
 
 class EmpiricalFisherOperator(CurvatureOperator):
     """The empirical Fisher F = (1/N) sum_i g_i g_i^T, g_i the gradient of sample i's loss alone.

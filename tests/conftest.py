@@ -119,6 +119,17 @@ def case(request) -> Case:
     return make_case(request.param)
 
 
+def fit(model: nn.Module, x, y, steps: int = 30, lr: float = 0.05) -> nn.Module:
+    """A few full-batch Adam steps on cross-entropy (a model near, not at, a minimum); grads cleared."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model
+
+
 def random_symmetric(n: int, seed: int = 0, decay: float = 0.9, negative: bool = True) -> torch.Tensor:
     """A dense symmetric test matrix with eigenvalues decaying geometrically (some negative)."""
     gen = torch.Generator().manual_seed(seed)

@@ -326,3 +326,19 @@ def test_rejects_non_finite_products_from_a_finite_loss():
     op = hk.HessianOperator(model, data=(torch.ones(1, 2),), loss_fn=lambda m, b: m.weight.abs().pow(1.5).sum())
     with pytest.raises(ValueError, match="nan or inf"):
         op @ torch.ones(2, dtype=torch.float64)
+
+
+def test_exact_ggn_diagonal_matches_the_dense_ggn(case):
+    """GGNOperator.exact_diagonal (per-sample output-Hessian factors, no probes) equals diag of the dense GGN."""
+    op = hk.GGNOperator(case.model, case.criterion, case.batches)
+    torch.testing.assert_close(op.exact_diagonal(), op.dense().diagonal(), rtol=1e-10, atol=1e-12)
+    first = case.names[:1]
+    block = op.restrict(first)
+    torch.testing.assert_close(block.exact_diagonal(), block.dense().diagonal(), rtol=1e-10, atol=1e-12)
+
+
+def test_exact_ggn_diagonal_refuses_a_loss_that_is_not_a_mean_of_sample_losses():
+    case = make_case("mlp")
+    summed = lambda f, y: nn.functional.cross_entropy(f, y, reduction="sum")  # noqa: E731
+    with pytest.raises(ValueError, match="mean of the per-sample"):
+        hk.GGNOperator(case.model, summed, case.batches).exact_diagonal()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import fit
 import hesskit as hk
 from hesskit.quant.allocate import (
     CostTable,
@@ -162,13 +163,7 @@ def test_random_configs_fill_the_budget():
 def deep_mlp(seed: int = 0):
     torch.manual_seed(seed)
     x, y = hk.data.classification(n=64, dim=8, num_classes=4, seed=seed)
-    model = hk.models.MLP(8, (8, 8, 8), 4, activation="relu")
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(100):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    model = fit(hk.models.MLP(8, (8, 8, 8), 4, activation="relu"), x, y, steps=100, lr=0.02)
     return model.eval(), nn.CrossEntropyLoss(), x, y
 
 

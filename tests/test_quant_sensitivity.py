@@ -11,6 +11,7 @@ import torch
 from reference import hessian
 from torch import nn
 
+from conftest import fit
 import hesskit as hk
 from hesskit.quant.fake import quantize_model
 from hesskit.quant.sensitivity import (
@@ -28,13 +29,7 @@ def tiny_problem(seed: int = 0, n: int = 24):
     torch.manual_seed(seed)
     x, y = hk.data.classification(n=n, dim=4, num_classes=3, seed=seed)
     x = x.double()
-    model = hk.models.MLP(4, (5, 4), 3, activation="tanh").double()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(30):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    model = fit(hk.models.MLP(4, (5, 4), 3, activation="tanh").double(), x, y)
     return model, nn.CrossEntropyLoss(), x, y
 
 

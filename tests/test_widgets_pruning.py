@@ -18,7 +18,6 @@ from hesskit.widgets.pruning import (  # noqa: E402
     compensation_ablation,
     evaluate,
     layer_weights,
-    obd_diagonal,
     obs_path,
     obs_sweep,
     one_shot_curve,
@@ -129,12 +128,12 @@ def test_one_shot_curve_reuses_curvature_exactly(setup):
         for label, pruned in expected.items():
             assert curve.accuracy[label][i] == pytest.approx(evaluate(pruned, CRITERION, test)[1]), label
             assert curve.layers[label][i] == pytest.approx(prune.sparsity(pruned).layers), label
-    diag = obd_diagonal(model, CRITERION, data, "hessian", num_matvecs=10, seed=1)
+    diag = prune.obd_diagonal(model, CRITERION, data, "hessian", num_matvecs=10, seed=1)
     assert diag.shape == (model[1].weight.numel() + model[3].weight.numel(),)
     with pytest.raises(ValueError, match="methods"):
         one_shot_curve(model, CRITERION, data, test, [0.5], methods=("snip",))
     with pytest.raises(ValueError, match="curvature"):
-        obd_diagonal(model, CRITERION, data, "kfac")
+        prune.obd_diagonal(model, CRITERION, data, "kfac")
 
 
 def test_obs_path_is_obs_with_recomputations(setup):

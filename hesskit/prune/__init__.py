@@ -13,6 +13,7 @@ from .pruning import (
     gradual,
     magnitude,
     obd,
+    obd_diagonal,
     obs,
     obs_dense,
     obs_with_inverse,
@@ -24,6 +25,7 @@ from .pruning import (
 __all__ = [
     "magnitude",
     "obd",
+    "obd_diagonal",
     "obs",
     "obs_with_inverse",
     "obs_dense",

@@ -42,6 +42,7 @@ from ..trace import diagonal as _estimate_diagonal
 __all__ = [
     "magnitude",
     "obd",
+    "obd_diagonal",
     "obs",
     "obs_with_inverse",
     "obs_dense",
@@ -595,18 +596,38 @@ def obs_dense(model: nn.Module, hessian: Tensor, sparsity: float, *, layers: Any
 
 
 # --------------------------------------------------------------------------- OBD
+def obd_diagonal(model: nn.Module, criterion: Any, data: Any, curvature: str = "ggn", *, layers: Any = None,
+                 num_matvecs: int = 100, seed: int | None = 0) -> Tensor:
+    """The diagonal that `obd` ranks by, over the pruned weights in `prunable_layers` order (float64):
+    "ggn" exactly, "hessian" from `num_matvecs` Hutchinson probes, "empirical_fisher" exactly
+    (see `obd`). Computed once, it serves a whole curve of sparsities via `obd(curvature=diag)`."""
+    _check_choice("curvature", curvature, CURVATURES)
+    chosen = _resolve_layers(_check_model(model), layers)
+    weights = _weights(chosen)
+    if curvature == "empirical_fisher":
+        return per_sample_gradients(model, criterion, data, layers=list(chosen)).double().pow(2).mean(dim=0)
+    with _requiring_grad(weights):
+        if curvature == "ggn":
+            return GGNOperator(model, criterion, data, weights, mode="eval").exact_diagonal().double()
+        _check_count("num_matvecs", num_matvecs)
+        op = HessianOperator(model, criterion, data, weights, mode="eval")
+        return _estimate_diagonal(op, num_matvecs=num_matvecs, seed=seed).value.double()
+
+
 def obd(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, scope: str = "global", layers: Any = None,
-        curvature: Any = "hessian", num_matvecs: int = 100, seed: int | None = 0) -> nn.Module:
+        curvature: Any = "ggn", num_matvecs: int = 100, seed: int | None = 0) -> nn.Module:
     r"""Optimal Brain Damage (LeCun, Denker & Solla 1990): a copy with the lowest 1/2 H_qq w_q^2 set to zero.
 
     No compensating update: OBD assumes H is diagonal, so removing q changes nothing else.
     `curvature` says where diag(H) comes from:
 
-    * "hessian" (default): the loss Hessian's diagonal, estimated by `hk.diagonal` with `num_matvecs`
-      Rademacher probes (`seed`). Noisy: each entry has variance sum_{j != q} H_qj^2 / num_matvecs,
-      and estimates can be negative, which ranks those weights first.
-    * "ggn": the Gauss-Newton diagonal (nonnegative in expectation), estimated the same way. OBD
-      itself computed a Gauss-Newton ("Levenberg-Marquardt") diagonal by a backward pass.
+    * "ggn" (default): the Gauss-Newton diagonal, exactly (`hk.GGNOperator.exact_diagonal`: one
+      per-sample gradient pass per model output). OBD itself used a Gauss-Newton
+      ("Levenberg-Marquardt") diagonal, computed by a second backward pass.
+    * "hessian": the loss Hessian's diagonal, estimated by `hk.diagonal` with `num_matvecs`
+      Rademacher probes (`seed`). Each entry has variance sum_{j != q} H_qj^2 / num_matvecs: on a
+      64-wide ReLU MLP, 100 probes leave a median relative error above 100% and a third of the
+      entries negative (which ranks those weights first), so prefer "ggn" unless the model is tiny.
     * "empirical_fisher": (1/N) sum_i g_i^2 over all per-sample gradients, exactly (WoodFisher's
       "diagonal Fisher" baseline; no probes).
     * a tensor: the diagonal itself (shape (n,)), or an n x n matrix whose diagonal is used (e.g. a
@@ -628,15 +649,9 @@ def obd(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, scope: 
         else:
             raise ValueError(f"curvature: expected a diagonal of shape ({n},) or a matrix ({n}, {n}) over the "
                              f"pruned weights, got {tuple(curvature.shape)}")
-    elif curvature == "empirical_fisher":
-        diag = per_sample_gradients(pruned, criterion, data, layers=list(chosen)).double().pow(2).mean(dim=0)
-    elif curvature in ("hessian", "ggn"):
-        _check_count("num_matvecs", num_matvecs)
-        weights = _weights(chosen)
-        kind = HessianOperator if curvature == "hessian" else GGNOperator
-        with _requiring_grad(weights):
-            op = kind(pruned, criterion, data, weights, mode="eval")
-            diag = _estimate_diagonal(op, num_matvecs=num_matvecs, seed=seed).value.double()
+    elif curvature in CURVATURES:
+        diag = obd_diagonal(pruned, criterion, data, curvature, layers=list(chosen), num_matvecs=num_matvecs,
+                            seed=seed)
     else:
         raise ValueError(f"curvature: expected one of {CURVATURES} or a tensor, got {curvature!r}")
     if not torch.isfinite(diag).all():

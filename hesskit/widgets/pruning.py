@@ -32,8 +32,6 @@ from torch import Tensor, nn
 from .. import prune
 from ..data import digits
 from ..models import MLP
-from ..operators import GGNOperator, HessianOperator
-from ..trace import diagonal as estimate_diagonal
 from ._base import Explorer
 
 __all__ = [
@@ -42,7 +40,6 @@ __all__ = [
     "train_digits_mlp",
     "evaluate",
     "layer_weights",
-    "obd_diagonal",
     "one_shot_curve",
     "obs_path",
     "path_sparsities",
@@ -93,20 +90,6 @@ def layer_weights(model: nn.Module) -> list[nn.Parameter]:
     return [m.weight for m in prune.prunable_layers(model).values()]
 
 
-def obd_diagonal(model: nn.Module, criterion: Any, data: Any, curvature: str = "hessian", num_matvecs: int = 100,
-                 seed: int = 0) -> Tensor:
-    """The diagonal OBD ranks by, over the pruned weights: exactly what `hk.prune.obd(curvature=...)`
-    uses, computed once so that a curve of sparsities reuses it ("hessian" / "ggn": `hk.diagonal`
-    with `num_matvecs` probes; "empirical_fisher": the exact mean of squared per-sample gradients)."""
-    if curvature == "empirical_fisher":
-        return prune.per_sample_gradients(model, criterion, data).double().pow(2).mean(dim=0)
-    if curvature not in ("hessian", "ggn"):
-        raise ValueError(f"curvature: expected 'hessian', 'ggn' or 'empirical_fisher', got {curvature!r}")
-    kind = HessianOperator if curvature == "hessian" else GGNOperator
-    op = kind(model, criterion, data, layer_weights(model), mode="eval")
-    return estimate_diagonal(op, num_matvecs=num_matvecs, seed=seed).value.double()
-
-
 # --------------------------------------------------------------------------- curves
 @dataclass
 class Curve:
@@ -152,7 +135,7 @@ def one_shot_curve(model: nn.Module, criterion: Any, data: Any, test: tuple[Tens
         if method == "magnitude":
             models = [prune.magnitude(model, s) for s in sparsities]
         elif method == "obd":
-            diag = obd_diagonal(model, criterion, data, obd_curvature, num_matvecs, seed)
+            diag = prune.obd_diagonal(model, criterion, data, obd_curvature, num_matvecs=num_matvecs, seed=seed)
             models = [prune.obd(model, criterion, data, s, curvature=diag) for s in sparsities]
         elif method == "obs":
             inverse = prune.FisherInverse.from_model(model, criterion, data, num_grads=num_grads, damping=damping,
@@ -277,7 +260,7 @@ class PruningExplorer(Explorer):
         if block_value not in [v for _, v in blocks]:
             blocks.insert(0, (str(block_value), block_value))
             blocks.sort(key=lambda item: item[1])
-        self._diag = obd_diagonal(model, criterion, data, obd_curvature, num_matvecs, self.seed)
+        self._diag = prune.obd_diagonal(model, criterion, data, obd_curvature, num_matvecs=num_matvecs, seed=self.seed)
         self.obd_curvature = obd_curvature
         self.curve = Curve(dense=evaluate(model, criterion, test))
         self.curve.add("magnitude", self.grid, [prune.magnitude(model, s) for s in self.grid], criterion, test, 0.0)
