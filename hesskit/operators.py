@@ -485,7 +485,7 @@ class GGNOperator(CurvatureOperator):
         The criterion must average per-sample losses (as mean-reduced cross-entropy and MSE do);
         otherwise a ValueError says so.
         """
-        from torch.func import functional_call, grad, hessian, vmap
+        from torch.func import functional_call, grad, jacrev, vmap
 
         batchnorms, _ = _mode_sensitive_modules(self.model)
         if self.mode == "train" and batchnorms:
@@ -514,7 +514,8 @@ class GGNOperator(CurvatureOperator):
             if not torch.allclose(vmap(sample_loss)(outputs, targets).mean(), loss, rtol=1e-5, atol=0):
                 raise ValueError("criterion: exact_diagonal needs a batch loss equal to the mean of the per-sample "
                                  "losses criterion(f_i[None], y_i[None])")
-            lam, U = torch.linalg.eigh(vmap(hessian(sample_loss))(outputs, targets).reshape(n, c, c))
+            hess = vmap(jacrev(jacrev(sample_loss)))(outputs, targets)  # reverse-over-reverse: no jvp rules needed
+            lam, U = torch.linalg.eigh(hess.reshape(n, c, c))
             with self._forward_mode():
                 for j in range(c):
                     g = vmap(grad(projected_output), in_dims=(None, 0, 0))(weights, inputs, U[:, :, j])
