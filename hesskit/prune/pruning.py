@@ -23,7 +23,6 @@ in keeps its weights, train/eval mode, `.grad` and `requires_grad`.
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Batches, move_batch
+from .._copy import model_copy
 from ..operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 from ..trace import diagonal as _estimate_diagonal
 
@@ -165,14 +165,6 @@ def _write(layers: Mapping[str, nn.Module], w: Tensor) -> None:
             offset += n
 
 
-def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy with no `.grad` (a pruned model with stale gradients would mislead)."""
-    clone = copy.deepcopy(model)
-    for p in clone.parameters():
-        p.grad = None
-    return clone
-
-
 @contextmanager
 def _requiring_grad(params: Sequence[nn.Parameter]) -> Iterator[None]:
     """Let frozen weights be differentiated for a while (their requires_grad is restored)."""
@@ -269,7 +261,7 @@ def magnitude(model: nn.Module, sparsity: float, *, scope: str = "global", layer
     """
     sparsity = _check_sparsity(sparsity)
     _check_choice("scope", scope, SCOPES)
-    pruned = _copy(_check_model(model))
+    pruned = model_copy(_check_model(model))
     chosen = _resolve_layers(pruned, layers)
     w = _flat(chosen)
     groups = _groups(chosen, scope)
@@ -467,7 +459,7 @@ def obs_with_inverse(model: nn.Module, inverse: Any, sparsity: float, *, scope: 
     sparsity = _check_sparsity(sparsity)
     _check_choice("scope", scope, SCOPES)
     _check_choice("saliency", saliency, ("obs", "magnitude"))
-    pruned = _copy(_check_model(model))
+    pruned = model_copy(_check_model(model))
     chosen = _resolve_layers(pruned, layers)
     w = _flat(chosen)
     groups = _groups(chosen, scope)
@@ -533,7 +525,7 @@ def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_gra
     _check_choice("saliency", saliency, ("obs", "magnitude"))
     steps = _check_count("num_recomputations", num_recomputations)
     num_grads = _check_count("num_grads", num_grads, allow_none=True)
-    pruned = _copy(_check_model(model))
+    pruned = model_copy(_check_model(model))
     chosen = _resolve_layers(pruned, layers)
     names = [name for name in chosen]
     groups = _groups(chosen, scope)
@@ -569,7 +561,7 @@ def obs_dense(model: nn.Module, hessian: Tensor, sparsity: float, *, layers: Any
     sparsity = _check_sparsity(sparsity)
     if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 <= damping < math.inf:
         raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}")
-    pruned = _copy(_check_model(model))
+    pruned = model_copy(_check_model(model))
     chosen = _resolve_layers(pruned, layers)
     w = _flat(chosen).double()
     n = len(w)
@@ -637,7 +629,7 @@ def obd(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, scope: 
     """
     sparsity = _check_sparsity(sparsity)
     _check_choice("scope", scope, SCOPES)
-    pruned = _copy(_check_model(model))
+    pruned = model_copy(_check_model(model))
     chosen = _resolve_layers(pruned, layers)
     w = _flat(chosen)
     n = len(w)
@@ -769,7 +761,7 @@ def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[fl
 
     history = GradualHistory(method)
     history.dense_loss, history.dense_metrics = measure(model)
-    current = _copy(model)
+    current = model_copy(model)
     modes = [m.training for m in current.modules()]
     stream = _minibatches(data, batch_size, seed)
     layers = prune_kwargs.get("layers")

@@ -27,7 +27,6 @@ weights are all 0 gets scale 1 (it stays 0).
 
 from __future__ import annotations
 
-import copy
 import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -35,6 +34,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from .._copy import model_copy
 
 __all__ = [
     "GRANULARITIES",
@@ -206,14 +207,6 @@ def layer_bits(model: nn.Module, bits: int | Mapping[str, int], symmetric: bool 
     return {name: bits for name in layers}
 
 
-def _weight_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in the same mode, with the same requires_grad flags and no .grad."""
-    clone = copy.deepcopy(model)
-    for p in clone.parameters():
-        p.grad = None
-    return clone
-
-
 def quantize_model(model: nn.Module, bits: int | Mapping[str, int], granularity: str = "tensor",
                    group_size: int | None = None, symmetric: bool = True) -> nn.Module:
     """A copy of `model` whose layer weights are rounded to their grids (round-to-nearest, RTN).
@@ -222,7 +215,7 @@ def quantize_model(model: nn.Module, bits: int | Mapping[str, int], granularity:
     and norms stay in floating point. The copy is an ordinary model (the weights hold the grid values).
     """
     widths = layer_bits(model, bits, symmetric)
-    clone = _weight_copy(model)
+    clone = model_copy(model)
     layers = quantizable_layers(clone)
     with torch.no_grad():
         for name, b in widths.items():
@@ -382,7 +375,7 @@ def quantization_aware(model: nn.Module, bits: int | Mapping[str, int], act_bits
     if isinstance(model, QUANTIZABLE):
         raise ValueError("model: expected a model containing layers, got a bare layer; wrap it in nn.Sequential")
     widths = layer_bits(model, bits, symmetric)
-    clone = _weight_copy(model)
+    clone = model_copy(model)
     layers = quantizable_layers(clone)
     for name, b in widths.items():
         _replace(clone, name, QuantizedLayer(layers[name], b, symmetric, granularity, group_size, act_bits))
@@ -402,7 +395,7 @@ def freeze(model: nn.Module) -> nn.Module:
     """After quantization-aware training: a copy in which every `QuantizedLayer` is replaced by its
     plain layer holding the quantized weight. Activation quantizers stay, with their ranges fixed,
     in front of their layer (`nn.Sequential(act, layer)`)."""
-    clone = _weight_copy(model)
+    clone = model_copy(model)
     observe_activations(clone, False)
     wrapped = [(n, m) for n, m in clone.named_modules() if isinstance(m, QuantizedLayer)]
     for name, m in wrapped:

@@ -53,7 +53,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .fake import _weight_copy, check_bits, grid, quantizable_layers, quantize_model, round_to_grid
+from .._copy import model_copy
+from .fake import check_bits, grid, quantizable_layers, quantize_model, round_to_grid
 
 __all__ = ["gptq", "gptq_layer", "layer_hessian", "layer_inputs", "round_to_nearest", "gptq_layers"]
 
@@ -276,7 +277,7 @@ def gptq(model: nn.Module, calibration_inputs: Any, bits: int, *, group_size: in
     check_bits(bits, symmetric)
     _check_options(group_size, damping, act_order, block_size)
     batches = _calibration_batches(calibration_inputs)
-    clone = _weight_copy(model)
+    clone = model_copy(model)
     chosen = {n: m for n, m in quantizable_layers(clone).items() if n in targets}
     with torch.no_grad():
         for name, layer in chosen.items():
