@@ -241,10 +241,7 @@ class MFACInverse(MatrixFreeOperator):
         op = EmpiricalFisherOperator(model, criterion, data, params, mode=mode, cache_graphs=False)
         rows: list[Tensor] = []
         if per_sample:
-            for _, per_sample_grads in op._build_states():
-                rows.append(per_sample_grads.detach())
-                if num_grads is not None and sum(len(r) for r in rows) >= num_grads:
-                    break
+            rows.append(op.per_sample_gradients(num_grads))
         else:
             for index, (_, batch) in enumerate(op.batches):
                 batch = move_batch(batch, op.device, op.dtype)

@@ -570,6 +570,18 @@ class EmpiricalFisherOperator(CurvatureOperator):
     def _apply(self, per_sample: Tensor, V: Tensor) -> Tensor:
         return per_sample.T @ (per_sample @ V) / per_sample.shape[0]
 
+    def per_sample_gradients(self, limit: int | None = None) -> Tensor:
+        """The (N, n) matrix G whose rows are the per-sample gradients g_i in data order, so that
+        F = G^T G / N; with `limit`, its first `limit` rows (later batches are not evaluated).
+        M-FAC's and WoodFisher's inverses are built from these rows."""
+        rows: list[Tensor] = []
+        for _, per_sample in self._build_states():
+            rows.append(per_sample.detach())
+            if limit is not None and sum(len(r) for r in rows) >= limit:
+                break
+        G = torch.cat(rows)
+        return G if limit is None else G[:limit]
+
 
 # --------------------------------------------------------------------- on one computed loss
 def _graph_params(params: Any) -> list[Tensor]:

@@ -342,3 +342,16 @@ def test_exact_ggn_diagonal_refuses_a_loss_that_is_not_a_mean_of_sample_losses()
     summed = lambda f, y: nn.functional.cross_entropy(f, y, reduction="sum")  # noqa: E731
     with pytest.raises(ValueError, match="mean of the per-sample"):
         hk.GGNOperator(case.model, summed, case.batches).exact_diagonal()
+
+
+def test_per_sample_gradients_are_the_rows_of_the_empirical_fisher():
+    case = make_case("mlp")  # ragged batches of 10, 10 and 3 samples
+    op = hk.EmpiricalFisherOperator(case.model, case.criterion, case.batches)
+    G = op.per_sample_gradients()
+    assert G.shape == (23, case.num_params)
+    _close(G.T @ G / 23, op.dense(), rtol=1e-12)
+    x, y = case.batches[0]
+    single = torch.cat([g.reshape(-1) for g in torch.autograd.grad(case.criterion(case.model(x[:1]), y[:1]),
+                                                                   list(case.model.parameters()))])
+    _close(G[0], single, rtol=1e-12)
+    torch.testing.assert_close(op.per_sample_gradients(limit=12), G[:12], rtol=0, atol=0)

@@ -284,8 +284,9 @@ def per_sample_gradients(model: nn.Module, criterion: Any, data: Any, *, layers:
                          num_grads: int | None = None, seed: int | None = None) -> Tensor:
     """The (m, n) per-sample gradients g_i = d criterion(model(x_i), y_i) / d w of the pruned weights.
 
-    Computed in eval mode by hesskit's empirical-Fisher machinery (one vmapped pass per batch, as in
-    `hk.MFACInverse.from_model`; biases and other parameters are held fixed), in the model's dtype.
+    Computed in eval mode by `hk.EmpiricalFisherOperator.per_sample_gradients` (one vmapped pass per
+    batch, as in `hk.MFACInverse.from_model`; biases and other parameters are held fixed), in the
+    model's dtype.
     `num_grads=None` takes every sample of `data`. Otherwise m = num_grads samples: the first ones
     in data order when `seed` is None, a seeded random subset of all samples when `seed` is an int
     (then every sample's gradient is computed first). The model is left as it was.
@@ -301,12 +302,7 @@ def per_sample_gradients(model: nn.Module, criterion: Any, data: Any, *, layers:
         data, seed = (data[0][idx], data[1][idx]), None
     with _requiring_grad(weights):
         op = EmpiricalFisherOperator(model, criterion, data, weights, mode="eval", cache_graphs=False)
-        rows: list[Tensor] = []
-        for _, per_sample in op._build_states():
-            rows.append(per_sample.detach())
-            if num_grads is not None and seed is None and sum(len(r) for r in rows) >= num_grads:
-                break
-    G = torch.cat(rows)
+        G = op.per_sample_gradients(num_grads if seed is None else None)
     if num_grads is not None:
         if len(G) < num_grads:
             raise ValueError(f"num_grads: data has only {len(G)} samples, fewer than num_grads={num_grads}")
