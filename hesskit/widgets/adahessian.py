@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..models import SmallCNN
 from ..operators import HessianOperator
 from ..optim import AdaHessian
-from ._base import Explorer, TrainingRecord, batch_order
+from ._base import Explorer, TrainingRecord, batch_order, make_closure
 
 __all__ = [
     "AdaHessianExplorer",
@@ -229,20 +229,13 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
     c = 1
     for t in range(1, steps + 1):
         xb, yb = x[batches[t - 1]], y[batches[t - 1]]
+        closure = make_closure("loss" if optimizer == "adahessian" else "backward", opt,
+                               lambda: (criterion(model(xb), yb), None))
         start = time.perf_counter()
         try:
+            loss = opt.step(closure)
             if optimizer == "adahessian":
-                def closure():
-                    opt.zero_grad()
-                    return criterion(model(xb), yb)
-
-                loss = opt.step(closure)
                 num_hvps += (t - 1) % opt.update_every == 0
-            else:
-                opt.zero_grad()
-                loss = criterion(model(xb), yb)
-                loss.backward()
-                opt.step()
         except FloatingPointError:
             diverged = True
         step_times.append(time.perf_counter() - start)

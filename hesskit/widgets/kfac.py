@@ -38,7 +38,7 @@ from ..kfac import KroneckerFactor, find_layers, kfac_factors
 from ..models import MLP, SmallCNN
 from ..operators import EmpiricalFisherOperator, GGNOperator
 from ..optim import KFAC, MKOR
-from ._base import Explorer, batch_order
+from ._base import Explorer, batch_order, make_closure
 
 __all__ = [
     "KFACExplorer",
@@ -336,13 +336,11 @@ def _training(task: DigitsTask, name: str, lr: float, steps: int = 300, batch_si
     for t in range(1, steps + 1):
         xb, yb = task.x[batches[t - 1]], task.y[batches[t - 1]]
 
-        def closure():
-            opt.zero_grad()
+        def compute():
             logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            if not ours:
-                loss.backward()
-            return (loss, logits) if wants_logits else loss
+            return F.cross_entropy(logits, yb), logits
+
+        closure = make_closure("backward" if not ours else "loss_outputs" if wants_logits else "loss", opt, compute)
 
         start, cpu_start = time.perf_counter(), time.process_time()
         try:

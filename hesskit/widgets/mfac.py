@@ -36,7 +36,7 @@ from ..data import digits
 from ..mfac import MFACInverse
 from ..models import MLP
 from ..optim import MFAC, NewtonCG
-from ._base import Explorer, TrainingRecord, batch_order
+from ._base import Explorer, TrainingRecord, batch_order, make_closure
 
 __all__ = [
     "MFACExplorer",
@@ -413,26 +413,15 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
     for t in range(1, steps + 1):
         xb, yb = x[batches[t - 1]], y[batches[t - 1]]
         before = _flat(params)
+
+        def compute():
+            logits = model(xb)
+            return criterion(logits, yb), logits
+
+        closure = make_closure({"mfac": "loss", "newton-cg": "loss_outputs"}.get(optimizer, "backward"), opt, compute)
         start = time.perf_counter()
         try:
-            if optimizer == "mfac":
-                def closure():
-                    opt.zero_grad()
-                    return criterion(model(xb), yb)
-
-                loss = opt.step(closure)
-            elif optimizer == "newton-cg":
-                def closure():
-                    opt.zero_grad()
-                    logits = model(xb)
-                    return criterion(logits, yb), logits
-
-                loss = opt.step(closure)
-            else:
-                opt.zero_grad()
-                loss = criterion(model(xb), yb)
-                loss.backward()
-                opt.step()
+            loss = opt.step(closure)
         except FloatingPointError:
             diverged = True
         step_times.append(time.perf_counter() - start)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..data import char_windows, digits, text
 from ..models import CharTransformerLM, SmallCNN
 from ..optim import KFAC, MFAC, MKOR, AdaHessian, NewtonCG, Sophia
-from ._base import Explorer
+from ._base import CLOSURES, Explorer, make_closure
 
 __all__ = [
     "CLOSURES",
@@ -73,7 +73,6 @@ __all__ = [
 LR_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)  # the same 5-point grid around each optimizer's default lr
 TARGET_FRACTION = 0.6  # target = AdamW's median training loss (best lr) at 60% of the step budget
 REFERENCE = "AdamW"
-CLOSURES = ("backward", "loss", "loss_outputs")
 
 
 # --------------------------------------------------------------------------- the registry
@@ -262,13 +261,7 @@ def train_run(task: Task, name: str, lr: float, seed: int, steps: int, batch_siz
             for step in range(1, steps + 1):
                 xb, yb = x[order[step - 1]], y[order[step - 1]]
 
-                def closure():
-                    opt.zero_grad()
-                    loss, logits = task.loss(model(xb), yb)
-                    if spec.closure == "backward":
-                        loss.backward()
-                    return (loss, logits) if spec.closure == "loss_outputs" else loss
-
+                closure = make_closure(spec.closure, opt, lambda: task.loss(model(xb), yb))
                 start = time.perf_counter()
                 try:
                     loss = opt.step(closure)

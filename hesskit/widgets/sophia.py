@@ -31,7 +31,7 @@ from ..optim import Sophia
 from ..optim._base import step_seed
 from .. import trace
 from ..optim.sophia import DEFAULT_GAMMA
-from ._base import Explorer, batch_order
+from ._base import Explorer, batch_order, make_closure
 
 __all__ = [
     "SophiaExplorer",
@@ -306,14 +306,12 @@ def train_lm(task: CharLMTask, optimizer: str, lr: float, steps: int = 300, batc
     for t in range(1, steps + 1):
         xb, yb = task.x[batches[t - 1]], task.y[batches[t - 1]]
 
-        def closure():
-            opt.zero_grad()
+        def compute():
             logits = model(xb)
-            loss = task.loss(logits, yb)
-            if not hesskit_optimizer:
-                loss.backward()
-                return loss
-            return (loss, logits) if optimizer == "sophia-g" else loss
+            return task.loss(logits, yb), logits
+
+        kind = "backward" if not hesskit_optimizer else "loss_outputs" if optimizer == "sophia-g" else "loss"
+        closure = make_closure(kind, opt, compute)
 
         start = time.perf_counter()
         try:
@@ -371,14 +369,12 @@ def step_cost(task: CharLMTask, configs: dict[str, float], blocks: int = 8, bloc
             for idx in batches[r * block : (r + 1) * block]:
                 xb, yb = task.x[idx], task.y[idx]
 
-                def closure():
-                    opt.zero_grad()
+                def compute():
                     logits = model(xb)
-                    loss = task.loss(logits, yb)
-                    if not isinstance(opt, Sophia):
-                        loss.backward()
-                        return loss
-                    return (loss, logits) if name == "sophia-g" else loss
+                    return task.loss(logits, yb), logits
+
+                kind = "backward" if not isinstance(opt, Sophia) else "loss_outputs" if name == "sophia-g" else "loss"
+                closure = make_closure(kind, opt, compute)
 
                 if isinstance(opt, OfficialSophiaG):
                     raise ValueError("step_cost: the official training loop is not timed here")
