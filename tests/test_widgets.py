@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import hesskit as hk  # noqa: E402
 
@@ -48,3 +49,24 @@ def test_render_puts_a_png_into_the_output_widget():
     explorer.show()
     (output,) = explorer.output.outputs
     assert output["output_type"] == "display_data" and output["data"]["image/png"].startswith("iVBOR")
+
+
+def test_make_closure_gives_each_optimizer_kind_its_closure():
+    from hesskit.widgets._base import make_closure
+
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def compute():
+        logits = model(x)
+        return torch.nn.functional.cross_entropy(logits, y), logits
+
+    loss = make_closure("backward", opt, compute)()
+    assert model.weight.grad is not None and loss.dim() == 0  # torch.optim: backward inside the closure
+    loss = make_closure("loss", opt, compute)()
+    assert model.weight.grad is None and loss.requires_grad  # hesskit: zeroed, not differentiated
+    loss, logits = make_closure("loss_outputs", opt, compute)()
+    assert logits.shape == (5, 2)
+    with pytest.raises(ValueError, match="kind"):
+        make_closure("grad", opt, compute)
