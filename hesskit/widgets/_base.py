@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Explorer", "fast_mode", "budget", "TrainingRecord", "batch_order", "CLOSURES", "make_closure"]
+__all__ = ["Explorer", "fast_mode", "budget", "TrainingRecord", "batch_order", "best_run", "CLOSURES", "make_closure"]
 
 
 def fast_mode() -> bool:
@@ -96,6 +96,12 @@ def batch_order(num_samples: int, steps: int, batch_size: int, seed: int) -> lis
         order.append(perm[start : start + batch_size])
         start += batch_size
     return order
+
+
+def best_run(runs):
+    """The run with the lowest `final_loss` (inf when it diverged): the one an lr grid picks. Each
+    explorer's run type says which loss that is (training or held-out)."""
+    return min(runs, key=lambda r: r.final_loss)
 
 
 CLOSURES = ("backward", "loss", "loss_outputs")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..models import SmallCNN
 from ..operators import HessianOperator
 from ..optim import AdaHessian
-from ._base import Explorer, TrainingRecord, batch_order, make_closure
+from ._base import Explorer, TrainingRecord, batch_order, best_run, make_closure
 
 __all__ = [
     "AdaHessianExplorer",
@@ -275,8 +275,7 @@ class Tuning:
 
     def best(self, optimizer: str) -> Run:
         """The run with the lowest final training loss (a diverged run counts as inf)."""
-        runs = self.runs[optimizer]
-        return runs[int(np.argmin(self.final_losses(optimizer)))]
+        return best_run(self.runs[optimizer])
 
     def train(self, optimizer: str, lr: float, **settings: Any) -> Run:
         """One more run on the same data, budget, initialisation and batch order."""

@@ -38,7 +38,7 @@ from ..kfac import KroneckerFactor, find_layers, kfac_factors
 from ..models import MLP, SmallCNN
 from ..operators import EmpiricalFisherOperator, GGNOperator
 from ..optim import KFAC, MKOR
-from ._base import Explorer, batch_order, make_closure
+from ._base import Explorer, batch_order, best_run, make_closure
 
 __all__ = [
     "KFACExplorer",
@@ -417,11 +417,6 @@ def lr_sweep(task: DigitsTask, names: Sequence[str], lrs: Sequence[float], steps
     configs = [dict(name=name, lr=lr) for name in names for lr in lrs]
     runs = iter(train_together(task, configs, steps=steps, **kwargs))
     return {name: [next(runs) for _ in lrs] for name in names}
-
-
-def best_run(runs: Sequence[TrainingRun]) -> TrainingRun:
-    """The run with the lowest final training-set loss (the lr the grid picks)."""
-    return min(runs, key=lambda r: r.final_loss)
 
 
 # --------------------------------------------------------------------------- which layers are preconditioned

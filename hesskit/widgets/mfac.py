@@ -36,7 +36,7 @@ from ..data import digits
 from ..mfac import MFACInverse
 from ..models import MLP
 from ..optim import MFAC, NewtonCG
-from ._base import Explorer, TrainingRecord, batch_order, make_closure
+from ._base import Explorer, TrainingRecord, batch_order, best_run, make_closure
 
 __all__ = [
     "MFACExplorer",
@@ -471,8 +471,7 @@ class Tuning:
 
     def best(self, optimizer: str) -> Run:
         """The run with the lowest final training loss (a diverged run counts as inf)."""
-        runs = self.runs[optimizer]
-        return runs[int(np.argmin(self.final_losses(optimizer)))]
+        return best_run(self.runs[optimizer])
 
     def train(self, optimizer: str, lr: float, **overrides: Any) -> Run:
         """One more run on the same data, budget, initialisation and batch order (`overrides`:

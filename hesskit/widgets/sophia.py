@@ -31,7 +31,7 @@ from ..optim import Sophia
 from ..optim._base import step_seed
 from .. import trace
 from ..optim.sophia import DEFAULT_GAMMA
-from ._base import Explorer, batch_order, make_closure
+from ._base import Explorer, batch_order, best_run, make_closure
 
 __all__ = [
     "SophiaExplorer",
@@ -387,11 +387,6 @@ def lr_sweep(task: CharLMTask, optimizers: Sequence[str], lrs: Sequence[float], 
              **kwargs) -> dict[str, list[TrainingRun]]:
     """`train_lm` for every optimizer and every learning rate of one grid (same seed, data, init)."""
     return {name: [train_lm(task, name, lr, steps=steps, **kwargs) for lr in lrs] for name in optimizers}
-
-
-def best_run(runs: Sequence[TrainingRun]) -> TrainingRun:
-    """The run with the lowest final held-out loss (the lr picked by the grid)."""
-    return min(runs, key=lambda r: r.final_loss)
 
 
 # --------------------------------------------------------------------------- the explorer
