@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from .._batches import Batches, move_batch
 from .._copy import model_copy
+from .._probe import check_choice
 from ..operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 from ..trace import diagonal as _estimate_diagonal
 
@@ -78,12 +79,6 @@ def _check_sparsity(value: Any, name: str = "sparsity") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) < 1:
         raise ValueError(f"{name}: expected a fraction of weights to prune in [0, 1), got {value!r}")
     return float(value)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-    return value
 
 
 def _check_count(name: str, value: Any, allow_none: bool = False) -> int | None:
@@ -260,7 +255,7 @@ def magnitude(model: nn.Module, sparsity: float, *, scope: str = "global", layer
     (e.g. Han, Pool, Tran & Dally, "Learning both weights and connections", NeurIPS 2015).
     """
     sparsity = _check_sparsity(sparsity)
-    _check_choice("scope", scope, SCOPES)
+    check_choice("scope", scope, SCOPES)
     pruned = model_copy(_check_model(model))
     chosen = _resolve_layers(pruned, layers)
     w = _flat(chosen)
@@ -453,8 +448,8 @@ def obs_with_inverse(model: nn.Module, inverse: Any, sparsity: float, *, scope: 
     `--scale-prune-update 0`). One inverse serves every sparsity, which makes curves cheap.
     """
     sparsity = _check_sparsity(sparsity)
-    _check_choice("scope", scope, SCOPES)
-    _check_choice("saliency", saliency, ("obs", "magnitude"))
+    check_choice("scope", scope, SCOPES)
+    check_choice("saliency", saliency, ("obs", "magnitude"))
     pruned = model_copy(_check_model(model))
     chosen = _resolve_layers(pruned, layers)
     w = _flat(chosen)
@@ -515,10 +510,10 @@ def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_gra
     matrix-free approximations of second-order information", NeurIPS 2021.
     """
     sparsity = _check_sparsity(sparsity)
-    _check_choice("scope", scope, SCOPES)
+    check_choice("scope", scope, SCOPES)
     _check_damping(damping)
     _check_count("block_size", block_size, allow_none=True)
-    _check_choice("saliency", saliency, ("obs", "magnitude"))
+    check_choice("saliency", saliency, ("obs", "magnitude"))
     steps = _check_count("num_recomputations", num_recomputations)
     num_grads = _check_count("num_grads", num_grads, allow_none=True)
     pruned = model_copy(_check_model(model))
@@ -589,7 +584,7 @@ def obd_diagonal(model: nn.Module, criterion: Any, data: Any, curvature: str = "
     """The diagonal that `obd` ranks by, over the pruned weights in `prunable_layers` order (float64):
     "ggn" exactly, "hessian" from `num_matvecs` Hutchinson probes, "empirical_fisher" exactly
     (see `obd`). Computed once, it serves a whole curve of sparsities via `obd(curvature=diag)`."""
-    _check_choice("curvature", curvature, CURVATURES)
+    check_choice("curvature", curvature, CURVATURES)
     chosen = _resolve_layers(_check_model(model), layers)
     weights = _weights(chosen)
     if curvature == "empirical_fisher":
@@ -624,7 +619,7 @@ def obd(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, scope: 
     Zeros already in the model count as pruned; curvature is evaluated in eval mode.
     """
     sparsity = _check_sparsity(sparsity)
-    _check_choice("scope", scope, SCOPES)
+    check_choice("scope", scope, SCOPES)
     pruned = model_copy(_check_model(model))
     chosen = _resolve_layers(pruned, layers)
     w = _flat(chosen)
@@ -732,8 +727,8 @@ def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[fl
     The fine-tuning runs in train mode; the copy is returned in the model's original modes.
     """
     _check_model(model)
-    _check_choice("method", method, METHODS)
-    _check_choice("optimizer", optimizer, ("sgd", "adam"))
+    check_choice("method", method, METHODS)
+    check_choice("optimizer", optimizer, ("sgd", "adam"))
     if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence) or len(sparsities) == 0:
         raise ValueError(f"sparsities: expected a non-empty list of fractions in [0, 1), got {sparsities!r}")
     schedule = [_check_sparsity(s, f"sparsities[{i}]") for i, s in enumerate(sparsities)]

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Explorer", "fast_mode", "budget", "TrainingRecord", "batch_order", "best_run", "CLOSURES", "make_closure"]
+__all__ = ["Explorer", "fast_mode", "budget", "TrainingRecord", "batch_order", "best_run", "CLOSURES", "make_closure",
+           "run_plan", "loss_and_accuracy"]
 
 
 def fast_mode() -> bool:
@@ -125,6 +126,24 @@ def make_closure(kind: str, opt: Any, compute) -> Any:
         return (loss, outputs) if kind == "loss_outputs" else loss
 
     return closure
+
+
+def run_plan(num_samples: int, steps: int, batch_size: int, eval_every: int, seed: int) -> tuple[list, list[int]]:
+    """A training run's budget, checked: each step's batch indices (`batch_order`) and the
+    checkpoint steps (0, every `eval_every`, and the last)."""
+    if not 1 <= batch_size <= num_samples:
+        raise ValueError(f"batch_size: expected 1..{num_samples}, got {batch_size}")
+    if steps < 1 or eval_every < 1:
+        raise ValueError(f"steps, eval_every: expected positive integers, got {steps} and {eval_every}")
+    return batch_order(num_samples, steps, batch_size, seed), sorted(set(range(0, steps + 1, eval_every)) | {steps})
+
+
+@torch.no_grad()
+def loss_and_accuracy(model, criterion, data, test) -> tuple[float, float]:
+    """(mean loss on `data`, nan if not finite; accuracy on `test`) at a checkpoint of a run."""
+    loss = criterion(model(data[0]), data[1]).item()
+    accuracy = (model(test[0]).argmax(dim=1) == test[1]).double().mean().item()
+    return (loss if math.isfinite(loss) else math.nan), accuracy
 
 
 class TrainingRecord:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..models import SmallCNN
 from ..operators import HessianOperator
 from ..optim import AdaHessian
-from ._base import Explorer, TrainingRecord, batch_order, best_run, make_closure
+from ._base import Explorer, TrainingRecord, best_run, loss_and_accuracy, make_closure, run_plan
 
 __all__ = [
     "AdaHessianExplorer",
@@ -193,12 +193,7 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
     reaches `divergence` (default 2 log 10 = 4.6, twice the loss of a uniform guess).
     """
     x, y = data
-    x_test, y_test = test
-    n = len(x)
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size: expected 1..{n}, got {batch_size}")
-    if steps < 1 or eval_every < 1:
-        raise ValueError(f"steps, eval_every: expected positive integers, got {steps} and {eval_every}")
+    batches, checkpoints = run_plan(len(x), steps, batch_size, eval_every, seed)
     if optimizer == "adahessian":
         settings.setdefault("seed", seed)
     model = digits_cnn(channels, seed, x.dtype)
@@ -209,9 +204,6 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
         settings = {key: group[key] for key in ("betas", "eps", "weight_decay", "hessian_power")}
         settings.update({key: getattr(opt, key) for key in opt.settings})
     criterion = nn.CrossEntropyLoss()
-    batches = batch_order(n, steps, batch_size, seed)
-
-    checkpoints = sorted(set(range(0, steps + 1, eval_every)) | {steps})
     losses = np.full(len(checkpoints), np.nan)
     accuracies = np.full(len(checkpoints), np.nan)
     thetas = np.full((len(checkpoints), sum(p.numel() for p in params)), np.nan)
@@ -219,10 +211,8 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
     num_hvps, diverged = 0, False
 
     def evaluate(c: int) -> None:
+        losses[c], accuracies[c] = loss_and_accuracy(model, criterion, data, test)
         with torch.no_grad():
-            loss = criterion(model(x), y).item()
-            losses[c] = loss if math.isfinite(loss) else np.nan
-            accuracies[c] = (model(x_test).argmax(dim=1) == y_test).double().mean().item()
             thetas[c] = torch.cat([p.reshape(-1) for p in params]).double().numpy()
 
     evaluate(0)

@@ -36,7 +36,7 @@ from ..data import digits
 from ..mfac import MFACInverse
 from ..models import MLP
 from ..optim import MFAC, NewtonCG
-from ._base import Explorer, TrainingRecord, batch_order, best_run, make_closure
+from ._base import Explorer, TrainingRecord, best_run, loss_and_accuracy, make_closure, run_plan
 
 __all__ = [
     "MFACExplorer",
@@ -377,12 +377,7 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
     at a checkpoint reaches `divergence` (2 log 10 = 4.6, twice a uniform guess's loss).
     """
     x, y = data
-    x_test, y_test = test
-    n = len(x)
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size: expected 1..{n}, got {batch_size}")
-    if steps < 1 or eval_every < 1:
-        raise ValueError(f"steps, eval_every: expected positive integers, got {steps} and {eval_every}")
+    batches, checkpoints = run_plan(len(x), steps, batch_size, eval_every, seed)
     model = digits_mlp(hidden, seed, x.dtype)
     params = list(model.parameters())
     opt = make_optimizer(optimizer, params, lr, num_grads, damping, max_cg_iters)
@@ -392,9 +387,6 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
     elif optimizer == "newton-cg":
         settings = dict(max_cg_iters=max_cg_iters, initial_damping=opt.damping)
     criterion = nn.CrossEntropyLoss()
-    batches = batch_order(n, steps, batch_size, seed)
-
-    checkpoints = sorted(set(range(0, steps + 1, eval_every)) | {steps})
     losses = np.full(len(checkpoints), np.nan)
     accuracies = np.full(len(checkpoints), np.nan)
     per_step = {key: np.full(steps, np.nan) for key in ("grad_norm", "step_norm", "step_cosine", "cg_iterations",
@@ -403,10 +395,7 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
     diverged = False
 
     def evaluate(c: int) -> None:
-        with torch.no_grad():
-            loss = criterion(model(x), y).item()
-            losses[c] = loss if math.isfinite(loss) else np.nan
-            accuracies[c] = (model(x_test).argmax(dim=1) == y_test).double().mean().item()
+        losses[c], accuracies[c] = loss_and_accuracy(model, criterion, data, test)
 
     evaluate(0)
     c = 1
