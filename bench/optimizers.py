@@ -108,6 +108,10 @@ REGISTRY: dict[str, Entry] = {
                                           "loss_outputs"),
 }
 
+# Entries measured here only: notebook 10's shootout (hesskit.widgets.shootout.REGISTRY) offers the others,
+# with the same settings; notebook 06 covers AdaHessian's delayed refresh.
+BENCH_ONLY = ("AdaHessian (D every 2 steps)",)
+
 
 # ------------------------------------------------------------------ the tasks
 @dataclass

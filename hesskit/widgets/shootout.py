@@ -115,7 +115,7 @@ def entry(cls: type, closure: str = "loss", takes_model: bool = False, lr: float
     return Entry(cls, dict(kwargs), closure, takes_model, float(centre))
 
 
-# The same entries as bench/optimizers.py's REGISTRY (names, settings, closures, grid centres).
+# The same entries as bench/optimizers.py's REGISTRY (names, settings, closures, grid centres), less its BENCH_ONLY.
 REGISTRY: dict[str, Entry] = {
     "SGD (momentum 0.9)": entry(torch.optim.SGD, "backward", lr=0.1, momentum=0.9),
     "AdamW": entry(torch.optim.AdamW, "backward"),
