@@ -1,7 +1,8 @@
-"""Helpers shared by the estimators: counted products, seeds and random probe vectors."""
+"""Helpers shared across hesskit: counted products, seeds, random probe vectors and argument checks."""
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from contextlib import nullcontext
@@ -49,10 +50,20 @@ class Counted:
         )
 
 
+def is_int(value: Any) -> bool:
+    """A Python or numpy integer (`np.arange` gives numpy ones), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A Python or numpy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_count(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -65,9 +76,9 @@ def make_generator(seed: int | None) -> tuple[int, torch.Generator]:
     """A private CPU generator (the global RNG is untouched); a fresh seed is drawn and reported if None."""
     if seed is None:
         seed = int.from_bytes(os.urandom(7), "little")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
-    return seed, torch.Generator().manual_seed(seed)
+    return int(seed), torch.Generator().manual_seed(int(seed))
 
 
 def probes(n: int, k: int, distribution: str, gen: torch.Generator, like: Counted) -> Tensor:

@@ -21,19 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._probe import check_count, is_real
 from .operators import MatrixFreeOperator
 
 __all__ = ["MFACInverse"]
 
 
-def _check_dim(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
-
-
-def _check_damping(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+def check_damping(value: Any) -> float:
+    """The damping of F = damping * I + Fisher: a finite number > 0 (also used by `hk.prune`)."""
+    if not is_real(value) or not 0 < value < float("inf"):
         raise ValueError(f"damping: expected a finite number > 0 (so that F = damping * I + Fisher is invertible), "
                          f"got {value!r}")
     return float(value)
@@ -86,9 +82,9 @@ class MFACInverse(MatrixFreeOperator):
 
     def __init__(self, dim: int, num_grads: int = 32, damping: float = 1e-4, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None):
-        dim = _check_dim("dim", dim)
-        self.num_grads = _check_dim("num_grads", num_grads)
-        self.damping = _check_damping(damping)
+        dim = check_count("dim", dim)
+        self.num_grads = check_count("num_grads", num_grads)
+        self.damping = check_damping(damping)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
@@ -236,8 +232,8 @@ class MFACInverse(MatrixFreeOperator):
         from .operators import EmpiricalFisherOperator
 
         if num_grads is not None:
-            _check_dim("num_grads", num_grads)
-        damping = _check_damping(damping)
+            num_grads = check_count("num_grads", num_grads)
+        damping = check_damping(damping)
         op = EmpiricalFisherOperator(model, criterion, data, params, mode=mode, cache_graphs=False)
         rows: list[Tensor] = []
         if per_sample:

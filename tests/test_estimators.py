@@ -3,6 +3,7 @@ tolerances come from the estimator's variance (each bound is derived where it is
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 
@@ -276,6 +277,29 @@ def test_estimators_reject_bad_arguments():
         hk.trace(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="nan"):
         hk.trace(torch.full((4, 4), float("nan")), 3)
+
+
+def test_numpy_numbers_are_accepted_and_give_the_same_results():
+    """Sweeps written with np.arange / np.logspace pass numpy integers and floats."""
+    A = random_symmetric(12)
+    assert hk.trace(A, num_matvecs=np.int64(9), seed=np.int64(3)).value == hk.trace(A, num_matvecs=9, seed=3).value
+    assert torch.equal(hk.diagonal(A, num_matvecs=np.int32(5), seed=np.uint8(1)).value,
+                       hk.diagonal(A, num_matvecs=5, seed=1).value)
+    ours, plain = hk.eigenvalues(A, k=np.int64(2), seed=np.int64(0)), hk.eigenvalues(A, k=2, seed=0)
+    assert torch.equal(ours.values, plain.values) and ours.seed == 0 and type(ours.seed) is int
+    assert hk.spectral_density(A, num_runs=np.int64(2), num_steps=np.int64(4), seed=0).nodes.shape == (2, 4)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = hk.optim.AdaHessian([p], lr=np.float32(0.1), update_every=np.int64(2), seed=np.int64(1))
+    assert opt.update_every == 2 and type(opt.update_every) is int
+    opt.step(lambda: (p**2).sum())
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)  # plain Python numbers: loadable with weights_only=True
+    saved.seek(0)
+    assert torch.load(saved, weights_only=True)["param_groups"][0]["lr"] == pytest.approx(0.1)
+    assert hk.MFACInverse(3, num_grads=np.int64(2), damping=np.float32(1e-3)).num_grads == 2
+    for bad in (np.bool_(True), True, 2.0, np.float64(2.0)):
+        with pytest.raises(ValueError, match="num_matvecs"):
+            hk.trace(A, num_matvecs=bad)
 
 
 def test_no_warnings_on_the_happy_path():

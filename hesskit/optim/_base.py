@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._probe import check_count, is_int, is_real
 from ..operators import NonFiniteError
 
 __all__ = ["ClosureOptimizer", "Evaluation"]
@@ -40,7 +41,7 @@ class Evaluation:
 def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf, *, open_low: bool = False,
                  open_high: bool = False) -> float:
     """A finite number in [low, high] (ends excluded when open_*), else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     below = value <= low if open_low else value < low
     above = value >= high if open_high else value > high
@@ -57,16 +58,15 @@ def check_betas(name: str, betas: Any, count: int = 2) -> tuple[float, ...]:
 
 
 def check_interval(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
+    """An interval or count of steps: an integer >= 1."""
+    return check_count(name, value)
 
 
 def check_seed(seed: Any) -> int:
     """The optimizer's probe seed: a fixed default keeps runs reproducible, and it is saved in state_dict."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-    return seed
+    return int(seed)
 
 
 def step_seed(seed: int, step: int) -> int:

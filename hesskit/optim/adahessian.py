@@ -67,13 +67,13 @@ class AdaHessian(ClosureOptimizer):
     def __init__(self, params, lr: float = 0.15, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-4,
                  weight_decay: float = 0.0, hessian_power: float = 1.0, update_every: int = 1, num_probes: int = 1,
                  spatial_average: bool = True, distribution: str = "rademacher", seed: int = 0):
-        check_number("lr", lr, open_low=True)
-        check_betas("betas", betas)
-        check_number("eps", eps, open_low=True)
-        check_number("weight_decay", weight_decay)
-        check_number("hessian_power", hessian_power, 0.0, 1.0)
-        check_interval("update_every", update_every)
-        check_interval("num_probes", num_probes)
+        lr = check_number("lr", lr, open_low=True)
+        betas = check_betas("betas", betas)
+        eps = check_number("eps", eps, open_low=True)
+        weight_decay = check_number("weight_decay", weight_decay)
+        hessian_power = check_number("hessian_power", hessian_power, 0.0, 1.0)
+        update_every = check_interval("update_every", update_every)
+        num_probes = check_interval("num_probes", num_probes)
         if distribution not in ("rademacher", "gaussian"):
             raise ValueError(f"distribution: expected 'rademacher' or 'gaussian', got {distribution!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)

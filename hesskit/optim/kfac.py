@@ -88,9 +88,9 @@ class _KroneckerOptimizer(ClosureOptimizer, metaclass=ABCMeta):
         self._check_group(self.param_groups[-1])
 
     def _check_group(self, group: dict) -> None:
-        check_number("lr", group["lr"])
-        check_number("momentum", group["momentum"], 0.0, 1.0, open_high=True)
-        check_number("weight_decay", group["weight_decay"])
+        group["lr"] = check_number("lr", group["lr"])
+        group["momentum"] = check_number("momentum", group["momentum"], 0.0, 1.0, open_high=True)
+        group["weight_decay"] = check_number("weight_decay", group["weight_decay"])
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
@@ -241,7 +241,7 @@ class KFAC(_KroneckerOptimizer):
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
-        check_number("damping", group["damping"], open_low=True)
+        group["damping"] = check_number("damping", group["damping"], open_low=True)
 
     def _refresh_due(self, t: int) -> bool:
         return t % self.factor_every == 0

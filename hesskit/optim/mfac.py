@@ -66,11 +66,11 @@ class MFAC(ClosureOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, num_grads: int = 32, damping: float = 1e-5, momentum: float = 0.0,
                  weight_decay: float = 0.0):
-        check_number("lr", lr, open_low=True)
-        check_interval("num_grads", num_grads)
-        check_number("damping", damping, open_low=True)
-        check_number("momentum", momentum, 0.0, 1.0, open_high=True)
-        check_number("weight_decay", weight_decay)
+        lr = check_number("lr", lr, open_low=True)
+        num_grads = check_interval("num_grads", num_grads)
+        damping = check_number("damping", damping, open_low=True)
+        momentum = check_number("momentum", momentum, 0.0, 1.0, open_high=True)
+        weight_decay = check_number("weight_decay", weight_decay)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         params = self._trainable()
         if not params:

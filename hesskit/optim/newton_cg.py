@@ -136,18 +136,18 @@ class NewtonCG(ClosureOptimizer):
     def __init__(self, params, lr: float = 1.0, curvature: str = "ggn", damping: float = 1.0, max_cg_iters: int = 100,
                  cg_tol: float = 1e-5, adapt_damping: bool = True, warm_start_decay: float = 0.95,
                  min_damping: float = 1e-6):
-        check_number("lr", lr, open_low=True)
+        lr = check_number("lr", lr, open_low=True)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature: expected one of {CURVATURES}, got {curvature!r}")
-        check_number("damping", damping)
+        damping = check_number("damping", damping)
         if not isinstance(adapt_damping, bool):
             raise ValueError(f"adapt_damping: expected True or False, got {adapt_damping!r}")
         if adapt_damping and damping == 0:
             raise ValueError("damping: adapt_damping=True scales damping by 3/2 or 2/3, so it needs damping > 0")
-        check_interval("max_cg_iters", max_cg_iters)
-        check_number("cg_tol", cg_tol)
-        check_number("warm_start_decay", warm_start_decay, 0.0, 1.0)
-        check_number("min_damping", min_damping)
+        max_cg_iters = check_interval("max_cg_iters", max_cg_iters)
+        cg_tol = check_number("cg_tol", cg_tol)
+        warm_start_decay = check_number("warm_start_decay", warm_start_decay, 0.0, 1.0)
+        min_damping = check_number("min_damping", min_damping)
         super().__init__(params, dict(lr=lr))
         if not self._trainable():
             raise ValueError("params: expected at least one parameter that requires grad")

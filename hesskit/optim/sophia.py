@@ -66,12 +66,12 @@ class Sophia(ClosureOptimizer):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
         gamma = DEFAULT_GAMMA[estimator] if gamma is None else gamma
-        check_number("lr", lr, open_low=True)
-        check_betas("betas", betas)
-        check_number("gamma", gamma, open_low=True)
-        check_number("eps", eps, open_low=True)
-        check_number("weight_decay", weight_decay)
-        check_interval("update_every", update_every)
+        lr = check_number("lr", lr, open_low=True)
+        betas = check_betas("betas", betas)
+        gamma = check_number("gamma", gamma, open_low=True)
+        eps = check_number("eps", eps, open_low=True)
+        weight_decay = check_number("weight_decay", weight_decay)
+        update_every = check_interval("update_every", update_every)
         if distribution not in ("rademacher", "gaussian"):
             raise ValueError(f"distribution: expected 'rademacher' or 'gaussian', got {distribution!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), gamma=gamma, eps=eps, weight_decay=weight_decay))

@@ -24,7 +24,6 @@ in keeps its weights, train/eval mode, `.grad` and `requires_grad`.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +35,8 @@ from torch import Tensor, nn
 
 from .._batches import Batches, move_batch
 from .._copy import model_copy
-from .._probe import check_choice
+from .._probe import check_choice, check_count, is_int, is_real
+from ..mfac import check_damping as _check_damping
 from ..operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 from ..trace import diagonal as _estimate_diagonal
 
@@ -76,7 +76,7 @@ def _check_model(model: Any) -> nn.Module:
 
 
 def _check_sparsity(value: Any, name: str = "sparsity") -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) < 1:
+    if not is_real(value) or not 0 <= value < 1:
         raise ValueError(f"{name}: expected a fraction of weights to prune in [0, 1), got {value!r}")
     return float(value)
 
@@ -84,17 +84,9 @@ def _check_sparsity(value: Any, name: str = "sparsity") -> float:
 def _check_count(name: str, value: Any, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name}: expected an integer >= 1{extra}, got {value!r}")
-    return int(value)
-
-
-def _check_damping(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
-        raise ValueError(f"damping: expected a finite number > 0 (F = damping * I + Fisher must be invertible), "
-                         f"got {value!r}")
-    return float(value)
+    if allow_none and not (is_int(value) and value >= 1):
+        raise ValueError(f"{name}: expected an integer >= 1 or None, got {value!r}")
+    return check_count(name, value)
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -550,7 +542,7 @@ def obs_dense(model: nn.Module, hessian: Tensor, sparsity: float, *, layers: Any
     at the start are removed first (downdate only). For tiny models: O(n^3) + O(n^2) per weight.
     """
     sparsity = _check_sparsity(sparsity)
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 <= damping < math.inf:
+    if not is_real(damping) or not 0 <= damping < math.inf:
         raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}")
     pruned = model_copy(_check_model(model))
     chosen = _resolve_layers(pruned, layers)
@@ -734,9 +726,9 @@ def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[fl
     schedule = [_check_sparsity(s, f"sparsities[{i}]") for i, s in enumerate(sparsities)]
     if any(b < a for a, b in zip(schedule, schedule[1:])):
         raise ValueError(f"sparsities: expected a non-decreasing schedule, got {list(sparsities)}")
-    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, numbers.Integral) or finetune_steps < 0:
+    if not is_int(finetune_steps) or finetune_steps < 0:
         raise ValueError(f"finetune_steps: expected an integer >= 0, got {finetune_steps!r}")
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+    if not is_real(lr) or not 0 < lr < math.inf:
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
     batch_size = _check_count("batch_size", batch_size, allow_none=True)
     if evaluate is not None and not callable(evaluate):

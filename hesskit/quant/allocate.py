@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._probe import is_int, is_real
 from .fake import check_bits, quantizable_layers, quantization_error
 from .sensitivity import PairInteractions, Sensitivities, _check_layers, _Swapper, check_choices
 
@@ -260,7 +261,7 @@ class Allocation(dict):
 def size_limit(table: CostTable, avg_bits: float) -> int:
     """The largest total weight bits allowed by `avg_bits` per weight: floor(avg_bits * sum n_i),
     computed exactly (the float avg_bits as a fraction), so the budget is respected exactly."""
-    if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float)) or not math.isfinite(avg_bits):
+    if not is_real(avg_bits) or not math.isfinite(avg_bits):
         raise ValueError(f"avg_bits: expected a finite number of bits per weight, got {avg_bits!r}")
     if avg_bits < min(table.choices):
         raise ValueError(f"avg_bits: {avg_bits} is below the smallest choice {min(table.choices)}; no "
@@ -294,7 +295,7 @@ class ParetoFrontier:
 
     def at(self, avg_bits: float) -> Allocation:
         """The frontier point with the smallest Omega whose size fits `avg_bits` bits per weight."""
-        if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float)) or not math.isfinite(avg_bits):
+        if not is_real(avg_bits) or not math.isfinite(avg_bits):
             raise ValueError(f"avg_bits: expected a finite number of bits per weight, got {avg_bits!r}")
         limit = math.floor(Fraction(avg_bits) * self.total_params)
         fits = np.flatnonzero(self.weight_bits <= limit)
@@ -404,7 +405,7 @@ def interpolated_limit(costs: CostTable, table: Any, r: float, low: int | None =
     (the model zoo's r = 0.25, 0.5, 0.75 are the "low/medium/high" rows; the official ILP notebook:
     "0.25 means 4bit_model_size * 0.75 + 8bit_model_size * 0.25"). low/high default to the
     smallest and largest choice."""
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
+    if not is_real(r) or not 0 <= r <= 1:
         raise ValueError(f"r: expected a number in [0, 1], got {r!r}")
     low = min(costs.choices) if low is None else low
     high = max(costs.choices) if high is None else high
@@ -492,7 +493,7 @@ def allocate_bits_ilp(costs: CostTable, resources: Mapping[str, tuple[Any, float
         if not isinstance(spec, (tuple, list)) or len(spec) != 2:
             raise ValueError(f"resources[{name!r}]: expected a (table, limit) pair")
         table, limit = spec
-        if isinstance(limit, bool) or not isinstance(limit, (int, float, np.number)) or not math.isfinite(limit):
+        if not is_real(limit) or not math.isfinite(limit):
             raise ValueError(f"resources[{name!r}]: expected a finite limit, got {limit!r}")
         tables[name] = (_as_table(table, costs, name), float(limit))
     allowed = np.ones((L, B), dtype=bool)
@@ -681,7 +682,7 @@ def random_configs(costs: CostTable, avg_bits: float, num: int, *, min_fill: flo
     uniform over the configurations that qualify (rejection sampling). The research notes' random
     baseline used min_fill = 0.85, so that random allocations do not win by being small."""
     limit = size_limit(costs, avg_bits)
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+    if not is_int(num) or num < 1:
         raise ValueError(f"num: expected a positive integer, got {num!r}")
     if not 0 <= min_fill <= 1:
         raise ValueError(f"min_fill: expected a fraction in [0, 1], got {min_fill!r}")
@@ -740,7 +741,7 @@ def bisection_search(model: nn.Module, order: Sequence[str], evaluate: Callable[
     low_bits, high_bits = check_bits(low_bits, symmetric, "low_bits"), check_bits(high_bits, symmetric, "high_bits")
     if not low_bits < high_bits:
         raise ValueError(f"low_bits, high_bits: expected low_bits < high_bits, got {low_bits} and {high_bits}")
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
+    if not is_real(max_drop) or not max_drop >= 0:
         raise ValueError(f"max_drop: expected a non-negative accuracy drop, got {max_drop!r}")
     if min_drop is not None and not 0 <= min_drop <= max_drop:
         raise ValueError(f"min_drop: expected 0 <= min_drop <= max_drop = {max_drop}, got {min_drop!r}")

@@ -27,7 +27,6 @@ weights are all 0 gets scale 1 (it stays 0).
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._copy import model_copy
+from .._probe import is_int
 
 __all__ = [
     "GRANULARITIES",
@@ -64,7 +64,7 @@ QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 def check_bits(bits: Any, symmetric: bool = True, name: str = "bits") -> int:
     """An integer bit width: 2..16 for symmetric grids (1 bit has no symmetric grid), 1..16 asymmetric."""
     lowest = 2 if symmetric else 1
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not lowest <= bits <= 16:
+    if not is_int(bits) or not lowest <= bits <= 16:
         kind = "symmetric" if symmetric else "asymmetric"
         raise ValueError(f"{name}: expected an integer from {lowest} to 16 for a {kind} grid, got {bits!r}")
     return int(bits)
@@ -80,7 +80,7 @@ def _check_granularity(granularity: Any, group_size: Any, shape: tuple[int, ...]
         return None
     if len(shape) < 2:
         raise ValueError(f"granularity: {granularity!r} needs a tensor with at least 2 dimensions, got shape {shape}")
-    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size <= 0:
+    if not is_int(group_size) or group_size <= 0:
         raise ValueError(f"group_size: expected a positive integer (rows or columns per group), got {group_size!r}")
     return int(group_size)
 
@@ -274,7 +274,7 @@ def model_size(model: nn.Module, bits: int | Mapping[str, int], granularity: str
 
     `scale_bits` is the width of a stored scale (16: fp16 scales, as GPTQ's packed format)."""
     widths = layer_bits(model, bits, symmetric)
-    if isinstance(scale_bits, bool) or not isinstance(scale_bits, int) or scale_bits <= 0:
+    if not is_int(scale_bits) or scale_bits <= 0:
         raise ValueError(f"scale_bits: expected a positive integer, got {scale_bits!r}")
     layers = quantizable_layers(model)
     quantized = {id(layers[name].weight): name for name in widths}

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._copy import model_copy
+from .._probe import is_int, is_real
 from .fake import check_bits, grid, quantizable_layers, quantize_model, round_to_grid
 
 __all__ = ["gptq", "gptq_layer", "layer_hessian", "layer_inputs", "round_to_nearest", "gptq_layers"]
@@ -306,14 +307,14 @@ def round_to_nearest(model: nn.Module, bits: int, *, group_size: int | None = No
 
 # ----------------------------------------------------------------------------- checks
 def _check_options(group_size: Any, damping: Any, act_order: Any, block_size: Any) -> None:
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
+    if group_size is not None and (not is_int(group_size) or group_size <= 0):
         raise ValueError(f"group_size: expected None or a positive integer, got {group_size!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
+    if not is_real(damping) or not 0 <= damping < float("inf"):
         raise ValueError(f"damping: expected a finite number >= 0 (a fraction of mean(diag H), e.g. 0.01), "
                          f"got {damping!r}")
     if not isinstance(act_order, bool):
         raise TypeError(f"act_order: expected True or False, got {act_order!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+    if not is_int(block_size) or block_size <= 0:
         raise ValueError(f"block_size: expected a positive integer, got {block_size!r}")
 
 

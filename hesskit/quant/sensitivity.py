@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .._batches import Batches, is_batch
-from .._probe import check_count, make_generator, probes
+from .._probe import check_count, is_int, make_generator, probes
 from ..eigen import eigenvalues
 from ..operators import HessianOperator, _mode_sensitive_modules
 from ..trace import _CHUNK, trace
@@ -203,7 +203,7 @@ def _bits_tuple(bits: Any, symmetric: bool) -> tuple[int, ...]:
     if bits is None:
         raise ValueError("bits: metric='measured' needs the bit width(s) to quantize each layer to, e.g. bits=2 "
                          "or bits=(2, 3, 4, 8)")
-    if isinstance(bits, int) and not isinstance(bits, bool):
+    if is_int(bits):
         return (check_bits(bits, symmetric),)
     return check_choices(bits, symmetric, "bits")
 
