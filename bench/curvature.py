@@ -9,8 +9,7 @@ the exact answer; and, for the ~6k CNN at five points of training (0 to 1,000 Ad
 seeds), the products PyHessian and hesskit need for the top-5 eigenvalues to 1e-3, which set the
 ratio of their wall times. Exact answers: eigenvalues of the dense Hessian for the ~6k model; for the
 121k model and the table across training a float64 Lanczos run at tol 1e-10 (its residuals bound the
-error by 1e-10 * ||H||) and, for
-the trace, a 3,000-product Hutch++ estimate (given with its standard error).
+error by 1e-10 * ||H||) and, for the trace, a 3,000-product Hutch++ estimate (given with its standard error).
 
 curvlinops is not measured: it requires backpack-for-pytorch, which requires torchvision, which
 has no CPU build for torch 2.13 here (and curvlinops 3.0.1 is wrong on LayerNorm models).
