@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._probe import check_count, is_int, is_real
+from .._probe import is_int, is_real
 from ..operators import NonFiniteError
 
 __all__ = ["ClosureOptimizer", "Evaluation"]
@@ -55,11 +55,6 @@ def check_betas(name: str, betas: Any, count: int = 2) -> tuple[float, ...]:
     if not isinstance(betas, (tuple, list)) or len(betas) != count:
         raise ValueError(f"{name}: expected a tuple of {count} numbers in [0, 1), got {betas!r}")
     return tuple(check_number(f"{name}[{i}]", b, 0.0, 1.0, open_high=True) for i, b in enumerate(betas))
-
-
-def check_interval(name: str, value: Any) -> int:
-    """An interval or count of steps: an integer >= 1."""
-    return check_count(name, value)
 
 
 def check_seed(seed: Any) -> int:

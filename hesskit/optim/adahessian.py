@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ..operators import LossHessian
 from ..trace import diagonal
-from ._base import ClosureOptimizer, check_betas, check_interval, check_number, check_seed, split_like, step_seed
+from .._probe import check_count
+from ._base import ClosureOptimizer, check_betas, check_number, check_seed, split_like, step_seed
 
 __all__ = ["AdaHessian", "hutchinson_diagonal"]
 
@@ -72,8 +73,8 @@ class AdaHessian(ClosureOptimizer):
         eps = check_number("eps", eps, open_low=True)
         weight_decay = check_number("weight_decay", weight_decay)
         hessian_power = check_number("hessian_power", hessian_power, 0.0, 1.0)
-        update_every = check_interval("update_every", update_every)
-        num_probes = check_interval("num_probes", num_probes)
+        update_every = check_count("update_every", update_every)
+        num_probes = check_count("num_probes", num_probes)
         if distribution not in ("rademacher", "gaussian"):
             raise ValueError(f"distribution: expected 'rademacher' or 'gaussian', got {distribution!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)

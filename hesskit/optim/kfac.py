@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._probe import check_choice
+from .._probe import check_choice, check_count
 from ..kfac import FISHERS, Layer, LayerCapture, find_layers, sampled_label_loss
-from ._base import ClosureOptimizer, check_interval, check_number, check_seed, step_seed
+from ._base import ClosureOptimizer, check_number, check_seed, step_seed
 
 __all__ = ["KFAC", "MKOR", "sherman_morrison_update"]
 
@@ -234,8 +234,8 @@ class KFAC(_KroneckerOptimizer):
                  params: Any = None):
         self.factor_decay = check_number("factor_decay", factor_decay, 0.0, 1.0, open_high=True)
         self.kl_clip = None if kl_clip is None else check_number("kl_clip", kl_clip, open_low=True)
-        self.factor_every = check_interval("factor_every", factor_every)
-        self.inverse_every = check_interval("inverse_every", inverse_every)
+        self.factor_every = check_count("factor_every", factor_every)
+        self.inverse_every = check_count("inverse_every", inverse_every)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
         super().__init__(model, params, defaults, fisher, seed)
 
@@ -338,7 +338,7 @@ class MKOR(_KroneckerOptimizer):
                  inverse_every: int = 10, factor_decay: float = 0.95, stabilization: float = 0.1,
                  clip: float = 100.0, stabilization_threshold: float = 2.0, fisher: str = "empirical", seed: int = 0,
                  params: Any = None):
-        self.inverse_every = check_interval("inverse_every", inverse_every)
+        self.inverse_every = check_count("inverse_every", inverse_every)
         self.factor_decay = check_number("factor_decay", factor_decay, 0.0, 1.0, open_low=True, open_high=True)
         self.stabilization = check_number("stabilization", stabilization, 0.0, 1.0)
         self.clip = check_number("clip", clip, open_low=True)

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from ..mfac import MFACInverse
-from ._base import ClosureOptimizer, check_interval, check_number
+from .._probe import check_count
+from ._base import ClosureOptimizer, check_number
 
 __all__ = ["MFAC"]
 
@@ -67,7 +68,7 @@ class MFAC(ClosureOptimizer):
     def __init__(self, params, lr: float = 1e-3, num_grads: int = 32, damping: float = 1e-5, momentum: float = 0.0,
                  weight_decay: float = 0.0):
         lr = check_number("lr", lr, open_low=True)
-        num_grads = check_interval("num_grads", num_grads)
+        num_grads = check_count("num_grads", num_grads)
         damping = check_number("damping", damping, open_low=True)
         momentum = check_number("momentum", momentum, 0.0, 1.0, open_high=True)
         weight_decay = check_number("weight_decay", weight_decay)

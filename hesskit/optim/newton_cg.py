@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from ..operators import LossGGN, LossHessian
-from ._base import ClosureOptimizer, check_interval, check_number, split_like
+from .._probe import check_count
+from ._base import ClosureOptimizer, check_number, split_like
 
 __all__ = ["NewtonCG", "conjugate_gradient", "CGResult"]
 
@@ -144,7 +145,7 @@ class NewtonCG(ClosureOptimizer):
             raise ValueError(f"adapt_damping: expected True or False, got {adapt_damping!r}")
         if adapt_damping and damping == 0:
             raise ValueError("damping: adapt_damping=True scales damping by 3/2 or 2/3, so it needs damping > 0")
-        max_cg_iters = check_interval("max_cg_iters", max_cg_iters)
+        max_cg_iters = check_count("max_cg_iters", max_cg_iters)
         cg_tol = check_number("cg_tol", cg_tol)
         warm_start_decay = check_number("warm_start_decay", warm_start_decay, 0.0, 1.0)
         min_damping = check_number("min_damping", min_damping)

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from ..trace import gauss_newton_bartlett
-from ._base import ClosureOptimizer, check_betas, check_interval, check_number, check_seed, split_like, step_seed
+from .._probe import check_count
+from ._base import ClosureOptimizer, check_betas, check_number, check_seed, split_like, step_seed
 from .adahessian import hutchinson_diagonal
 
 __all__ = ["Sophia"]
@@ -71,7 +72,7 @@ class Sophia(ClosureOptimizer):
         gamma = check_number("gamma", gamma, open_low=True)
         eps = check_number("eps", eps, open_low=True)
         weight_decay = check_number("weight_decay", weight_decay)
-        update_every = check_interval("update_every", update_every)
+        update_every = check_count("update_every", update_every)
         if distribution not in ("rademacher", "gaussian"):
             raise ValueError(f"distribution: expected 'rademacher' or 'gaussian', got {distribution!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), gamma=gamma, eps=eps, weight_decay=weight_decay))
