@@ -6,34 +6,5 @@ the exact sequential OBS with a dense matrix, and gradual pruning with masked fi
     hk.prune.sparsity(pruned).overall        # 0.9
 """
 
-from .pruning import (
-    FisherInverse,
-    GradualHistory,
-    Sparsity,
-    gradual,
-    magnitude,
-    obd,
-    obd_diagonal,
-    obs,
-    obs_dense,
-    obs_with_inverse,
-    per_sample_gradients,
-    prunable_layers,
-    sparsity,
-)
-
-__all__ = [
-    "magnitude",
-    "obd",
-    "obd_diagonal",
-    "obs",
-    "obs_with_inverse",
-    "obs_dense",
-    "gradual",
-    "sparsity",
-    "prunable_layers",
-    "per_sample_gradients",
-    "FisherInverse",
-    "Sparsity",
-    "GradualHistory",
-]
+from .pruning import *  # noqa: F403 (the package exports exactly pruning.__all__)
+from .pruning import __all__
