@@ -12,6 +12,7 @@ from . import data, models, optim, prune, quant, widgets
 from .density import spectral_density
 from .eigen import eigenvalues, power_iteration
 from .kfac import KroneckerFactor, kfac_factors
+from .losses import SequenceCrossEntropy
 from .mfac import MFACInverse
 from .operators import (
     CurvatureOperator,
@@ -40,6 +41,7 @@ __all__ = [
     "MFACInverse",
     "KroneckerFactor",
     "kfac_factors",
+    "SequenceCrossEntropy",
     "trace",
     "diagonal",
     "gauss_newton_bartlett",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,6 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Batches, move_batch
+from ._model import (as_one_sample, call_model, differentiable_attention, explain_backward_error, model_output,
+                     per_sample_grads, split_batch, LowPrecisionSpy)
+from .layers import tied_names
 
 __all__ = [
     "NonFiniteError",
@@ -54,9 +57,11 @@ def _select_params(model: nn.Module, params: Any) -> tuple[list[str], list[nn.Pa
         params = [params]
     by_name = dict(named)
     by_id = {id(p): n for n, p in named}
+    aliases = tied_names(model)  # a tied parameter may be named by any of its names
     names: list[str] = []
     for i, item in enumerate(params):
         if isinstance(item, str):
+            item = aliases.get(item, item)
             if item not in by_name:
                 raise ValueError(f"params[{i}]: no parameter named {item!r}; the model has {list(by_name)}")
             names.append(item)
@@ -69,7 +74,7 @@ def _select_params(model: nn.Module, params: Any) -> tuple[list[str], list[nn.Pa
     if not names:
         raise ValueError("params: expected at least one parameter, got none")
     if len(set(names)) != len(names):
-        raise ValueError("params: a parameter is listed twice")
+        raise ValueError("params: a parameter is listed twice (a tied parameter counts once, under any of its names)")
     frozen = [n for n in names if not by_name[n].requires_grad]
     if frozen:
         raise ValueError(f"params: these parameters do not require grad: {frozen}")
@@ -181,8 +186,14 @@ class MatrixFreeOperator(ABC):
         if not torch.isfinite(V).all():
             raise ValueError("v: contains nan or inf")
         start = time.perf_counter()
-        with torch.enable_grad():
-            out = self._matmat(V)
+        try:
+            with torch.enable_grad():
+                out = self._matmat(V)
+        except RuntimeError as exc:
+            clear = explain_backward_error(exc, type(self).__name__)
+            if clear is exc:
+                raise
+            raise clear from exc
         self.num_matvecs += V.shape[1]
         self.matvec_time += time.perf_counter() - start
         if not torch.isfinite(out).all():
@@ -225,30 +236,47 @@ class CurvatureOperator(MatrixFreeOperator):
     """A symmetric n x n curvature matrix of a model's mean loss, available through products.
 
     Args:
-        model: the network. Its train/eval mode, parameters, `.grad`, `requires_grad` and
-            buffers are left as they were.
+        model: the network, any nn.Module (Hugging Face models included). Its train/eval mode,
+            parameters, `.grad`, `requires_grad` and buffers are left as they were.
         criterion: `criterion(outputs, targets)` returning the mean loss of a batch, like
-            `nn.CrossEntropyLoss()`. Give either this or `loss_fn`.
-        data: one `(inputs, targets)` batch or an iterable of them (list, DataLoader).
+            `nn.CrossEntropyLoss()` or `hk.SequenceCrossEntropy()` for language models. Give
+            either this or `loss_fn`.
+        data: one `(inputs, targets)` batch or an iterable of them (list, DataLoader). Tensor
+            inputs are passed as `model(inputs)`, a dict as `model(**inputs)`.
         params: the parameters to differentiate: None (all that require grad), a list of
-            names or parameter tensors, or a submodule.
-        loss_fn: `loss_fn(model, batch) -> scalar mean loss`, for models that do not fit the
-            outputs/targets mould (dict inputs, custom or regularised losses).
-        mode: None uses the model as it is, but refuses a model in train mode that holds
-            BatchNorm or dropout (its loss would depend on the mode you forgot to set).
-            "eval" evaluates in eval mode. "train" evaluates in train mode (BatchNorm uses
-            batch statistics; its running statistics are restored); dropout is refused there.
-            The model's own mode is restored after every pass.
+            names (a tied parameter under any of its names) or parameter tensors, or a submodule.
+        loss_fn: `loss_fn(model, batch) -> scalar mean loss`, or `-> (loss, outputs)` with the
+            loss computed from those outputs (the GGN needs them), for models that do not fit
+            the outputs/targets mould (custom or regularised losses, HF's `labels=` loss).
+        output_fn: `output_fn(model outputs) -> tensor`, what the criterion and the GGN see.
+            Default: a tensor as it is, the `logits` of a Hugging Face ModelOutput (or any
+            Mapping with a `logits` entry); anything else asks for output_fn.
+        mode: None uses the model as it is, but refuses one whose loss depends on a mode you may
+            have forgotten to set: a BatchNorm or dropout module in train mode, or a loss that
+            comes out different on two evaluations (dropout inside attention, any other
+            randomness). "eval" evaluates in eval mode. "train" evaluates in train mode
+            (BatchNorm uses batch statistics; its running statistics are restored); randomness is
+            refused there. The model's own mode is restored after every pass.
         cache_graphs: keep each batch's graph between products. Default: True for
             in-memory data, False for other iterables such as DataLoaders.
         batch_size_fn: `batch_size_fn(batch) -> int` samples in a batch, used to weight batches
             (default: the leading dimension of the batch's first tensor).
         batched_products: evaluate the k columns of `op @ V` in one vmapped backward pass
             (faster on GPU) instead of a loop reusing the graph (faster on CPU). Default: by device.
+
+    Samples. A sample is one entry along the batch's leading dimension; for a language model
+    that is a sequence, and a batch's loss is whatever the criterion returns for it (for token
+    cross-entropy, the mean over the batch's non-padding tokens). Batches are weighted by their
+    sample counts; the per-sample terms (EF, exact GGN diagonal) use each sequence's own loss
+    `criterion(f_i[None], y_i[None])`.
+
+    Attention. Passes that are differentiated twice (Hessian and GGN products) run
+    `F.scaled_dot_product_attention` on PyTorch's math kernel, which has a double backward
+    (the fused kernels have none, pytorch#116350); products on an SDPA model equal those of the
+    same model with eager attention. The user's kernel setting is untouched outside.
     """
 
     kind = "curvature"
-    needs_criterion = False
 
     def __init__(
         self,
@@ -258,6 +286,7 @@ class CurvatureOperator(MatrixFreeOperator):
         params: Any = None,
         *,
         loss_fn: LossFn | None = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
         mode: str | None = None,
         cache_graphs: bool | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
@@ -271,8 +300,8 @@ class CurvatureOperator(MatrixFreeOperator):
             raise TypeError(f"criterion: expected a callable criterion(outputs, targets), got {type(criterion).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch), got {type(loss_fn).__name__}")
-        if self.needs_criterion and criterion is None:
-            raise ValueError(f"loss_fn: {type(self).__name__} needs criterion(outputs, targets) to split model and loss")
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn: expected a callable output_fn(outputs) -> tensor, got {type(output_fn).__name__}")
         if getattr(criterion, "reduction", "mean") != "mean":
             raise ValueError(f"criterion: expected reduction='mean', got reduction={criterion.reduction!r}")
         if mode not in _MODES:
@@ -280,6 +309,7 @@ class CurvatureOperator(MatrixFreeOperator):
         self.model = model
         self.criterion = criterion
         self.loss_fn = loss_fn
+        self.output_fn = output_fn
         self.mode = mode
         self.param_names, self.params = _select_params(model, params)
         self._check_mode()
@@ -289,19 +319,22 @@ class CurvatureOperator(MatrixFreeOperator):
         super().__init__(sum(self._sizes), self.params[0].dtype, self.params[0].device)
         self.batched_products = self.device.type != "cpu" if batched_products is None else bool(batched_products)
         self._init_kwargs = dict(
-            loss_fn=loss_fn, mode=mode, cache_graphs=cache_graphs, batch_size_fn=batch_size_fn,
+            loss_fn=loss_fn, output_fn=output_fn, mode=mode, cache_graphs=cache_graphs, batch_size_fn=batch_size_fn,
             batched_products=batched_products,
         )
         self._data = data
         self._cache: list[tuple[int, Any]] | None = None
         self._cache_key: tuple[int, ...] | None = None
+        self._checked_model = False  # precision and randomness, checked before the first pass
 
     # ----------------------------------------------------------------- model safety
     def _check_mode(self) -> None:
         batchnorms, dropouts = _mode_sensitive_modules(self.model)
-        if self.mode is None and self.model.training and (batchnorms or dropouts):
+        modules = dict(self.model.named_modules())
+        training = [name for name in batchnorms + dropouts if modules.get(name, self.model).training]
+        if self.mode is None and training:
             raise ValueError(
-                f"mode: the model is in train mode and has {', '.join(batchnorms + dropouts)}, whose output "
+                f"mode: {', '.join(training)} {'is' if len(training) == 1 else 'are'} in train mode, so the loss "
                 "depends on the mode. Call model.eval() first, or pass mode='eval' (inference loss) or "
                 "mode='train' (BatchNorm batch statistics; running statistics are restored)"
             )
@@ -310,9 +343,40 @@ class CurvatureOperator(MatrixFreeOperator):
                 f"mode: 'train' would make the loss random through dropout in {dropouts}; use mode='eval'"
             )
 
+    def _ensure_checked(self) -> None:
+        if not self._checked_model:
+            self._check_model()
+            self._checked_model = True
+
+    def _check_model(self) -> None:
+        """Once, on the first batch, before the first pass over the data: warn when a computation that
+        depends on the parameters runs in lower precision than they have (`LowPrecisionSpy`), and,
+        with any module in train mode (and mode != "eval"), refuse a random loss: the loss is evaluated
+        twice and must agree to the bit. That catches what module types cannot show: dropout inside
+        attention (`F.dropout(x, p, self.training)`, SDPA's dropout_p), noise layers, stochastic
+        depth. The global random state is restored afterwards."""
+        _, batch = next(iter(self.batches))
+        batch = move_batch(batch, self.device, self.dtype)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            with self._forward_mode(), LowPrecisionSpy(self.model, self.dtype) as spy:
+                first = self._batch_loss(batch, 0).detach()
+            spy.warn(type(self).__name__)
+            if self.mode == "eval" or not any(m.training for m in self.model.modules()):
+                return
+            with self._forward_mode(), torch.no_grad():
+                second = self._batch_loss(batch, 0)
+        if not torch.equal(first, second):
+            raise ValueError(
+                f"mode: the model is in train mode and its loss is random (two evaluations of batch 0 gave "
+                f"{first.item():.6g} and {second.item():.6g}), e.g. dropout inside attention; curvature of a "
+                "random loss is not one matrix. Call model.eval() first or pass mode='eval'"
+            )
+
     @contextmanager
     def _forward_mode(self) -> Iterator[None]:
-        """Evaluate the model in the chosen mode, then restore every module's mode and buffers."""
+        """Evaluate the model in the chosen mode, with the math attention kernel (its graph can be
+        differentiated twice and under vmap), then restore every module's mode and buffers."""
         flags = [(m, m.training) for m in self.model.modules()]
         saved, momenta = None, []
         if self.mode == "train":
@@ -327,7 +391,8 @@ class CurvatureOperator(MatrixFreeOperator):
                 self.model.eval()
             elif self.mode == "train":
                 self.model.train()
-            yield
+            with differentiable_attention():
+                yield
         finally:
             for m, flag in flags:
                 m.training = flag
@@ -338,15 +403,28 @@ class CurvatureOperator(MatrixFreeOperator):
                     if not torch.equal(b, value):
                         b.copy_(value)
 
-    def _batch_loss(self, batch: Any, index: int) -> Tensor:
-        """The mean loss of one batch, built with a graph to the parameters."""
+    def _evaluate(self, batch: Any, index: int) -> tuple[Tensor, Tensor | None]:
+        """One batch's mean loss, built with a graph to the parameters, and the output tensor it was
+        computed from (None for a loss_fn that returns the loss alone)."""
         if self.criterion is not None:
-            inputs, targets = self._split(batch, index)
-            return self._criterion_loss(self._forward(inputs, index), targets, index)
+            inputs, targets = split_batch(batch, index)
+            outputs = self._forward(inputs, index)
+            return self._criterion_loss(outputs, targets, index), outputs
         try:
-            loss = self.loss_fn(self.model, batch)
+            result = self.loss_fn(self.model, batch)
         except Exception as exc:
             raise ValueError(f"loss_fn: failed on batch {index}: {exc}") from exc
+        outputs = None
+        if isinstance(result, (tuple, list)):
+            if len(result) != 2:
+                raise ValueError(f"loss_fn: expected it to return the loss or (loss, outputs), got {len(result)} values")
+            result, outputs = result[0], model_output(result[1], self.output_fn)
+        return self._checked(result, index), outputs
+
+    def _batch_loss(self, batch: Any, index: int) -> Tensor:
+        return self._evaluate(batch, index)[0]
+
+    def _checked(self, loss: Any, index: int) -> Tensor:
         return _check_loss(loss, f"data: batch {index}")
 
     def _criterion_loss(self, outputs: Any, targets: Any, index: int) -> Tensor:
@@ -354,20 +432,37 @@ class CurvatureOperator(MatrixFreeOperator):
             loss = self.criterion(outputs, targets)
         except Exception as exc:
             raise ValueError(f"criterion: failed on batch {index}: {exc}") from exc
-        return _check_loss(loss, f"data: batch {index}")
-
-    def _split(self, batch: Any, index: int) -> tuple[Any, Any]:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError(f"data: batch {index} should be an (inputs, targets) pair for criterion(outputs, targets)")
-        return batch[0], batch[1]
+        return self._checked(loss, index)
 
     def _forward(self, inputs: Any, index: int) -> Tensor:
+        """The model's output tensor for one batch's inputs (`output_fn` applied)."""
         try:
-            outputs = self.model(inputs)
+            outputs = call_model(self.model, inputs)
         except Exception as exc:
-            shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+            if isinstance(inputs, Tensor):
+                shape = tuple(inputs.shape)
+            elif isinstance(inputs, Mapping):
+                shape = "dict with keys " + ", ".join(map(str, inputs))
+            else:
+                shape = type(inputs).__name__
             raise ValueError(f"data: the model cannot take the inputs of batch {index} ({shape}): {exc}") from exc
-        return outputs
+        return model_output(outputs, self.output_fn)
+
+    def _sample_loss_module(self) -> nn.Module:
+        """The per-batch loss as a module around the model, `module(batch) -> loss`, so torch.func
+        can swap the model's parameters for per-sample gradients."""
+        if self.criterion is None:
+            loss_fn = self.loss_fn
+
+            def loss_of(model: nn.Module, batch: Any) -> Tensor:
+                result = loss_fn(model, batch)
+                return result[0] if isinstance(result, (tuple, list)) else result
+        else:
+            criterion, output_fn = self.criterion, self.output_fn
+
+            def loss_of(model: nn.Module, batch: Any) -> Tensor:
+                return criterion(model_output(call_model(model, batch[0]), output_fn), batch[1])
+        return _LossModule(self.model, loss_of)
 
     # ----------------------------------------------------------------- per-batch states
     @abstractmethod
@@ -392,6 +487,7 @@ class CurvatureOperator(MatrixFreeOperator):
             yield from self._build_states()
 
     def _build_states(self) -> Iterator[tuple[int, Any]]:
+        self._ensure_checked()
         for index, (count, batch) in enumerate(self.batches):
             batch = move_batch(batch, self.device, self.dtype)
             yield count, self._prepare(batch, index)
@@ -446,20 +542,27 @@ class GGNOperator(CurvatureOperator):
     """The generalised Gauss-Newton matrix G = J^T (d^2 l / d f^2) J (Schraudolph 2002).
 
     J is the Jacobian of the model outputs f with respect to the parameters. Products use the
-    double-vjp trick for J v, so everything runs on torch.autograd's reverse mode.
+    double-vjp trick for J v, so everything runs on torch.autograd's reverse mode. The outputs f
+    are what `output_fn` picks (a ModelOutput's logits by default); with `loss_fn`, it returns
+    `(loss, outputs)`.
     """
 
     kind = "ggn"
-    needs_criterion = True
 
     def _prepare(self, batch: Any, index: int) -> tuple[Tensor, ...]:
-        inputs, targets = self._split(batch, index)
-        with self._forward_mode():
-            outputs = self._forward(inputs, index)
-        if not isinstance(outputs, Tensor):
-            raise TypeError(f"model: GGNOperator needs tensor outputs, got {type(outputs).__name__}")
-        detached = outputs.detach().requires_grad_()
-        loss = self._criterion_loss(detached, targets, index)
+        if self.criterion is not None:
+            inputs, targets = split_batch(batch, index)
+            with self._forward_mode():
+                outputs = self._forward(inputs, index)
+            detached = outputs.detach().requires_grad_()  # the loss as a function of the outputs alone
+            loss = self._criterion_loss(detached, targets, index)
+        else:
+            with self._forward_mode():
+                loss, outputs = self._evaluate(batch, index)
+            if outputs is None:
+                raise ValueError("loss_fn: GGNOperator needs the model outputs; make loss_fn(model, batch) return "
+                                 "(loss, outputs) with the loss computed from those outputs, or pass criterion")
+            detached = outputs  # d loss / d outputs through the loss's own graph
         loss_grad = torch.autograd.grad(loss, detached, create_graph=True)[0]
         dummy = torch.zeros_like(outputs, requires_grad=True)
         jt_dummy = _flat(torch.autograd.grad(outputs, self.params, dummy, create_graph=True, materialize_grads=True))
@@ -485,27 +588,30 @@ class GGNOperator(CurvatureOperator):
         The criterion must average per-sample losses (as mean-reduced cross-entropy and MSE do);
         otherwise a ValueError says so.
         """
-        from torch.func import functional_call, grad, jacrev, vmap
+        from torch.func import jacrev, vmap
 
+        if self.criterion is None:
+            raise ValueError("loss_fn: exact_diagonal needs criterion(outputs, targets), to split each sample's loss "
+                             "from the model; use hk.diagonal(op) with loss_fn")
         batchnorms, _ = _mode_sensitive_modules(self.model)
         if self.mode == "train" and batchnorms:
             raise ValueError(f"mode: per-sample terms are undefined with BatchNorm batch statistics ({batchnorms}); "
                              "use mode='eval'")
-        criterion = self.criterion
+        criterion, output_fn = self.criterion, self.output_fn
         weights = {name: p.detach() for name, p in zip(self.param_names, self.params)}
         fixed = {name: p.detach() for name, p in self.model.named_parameters() if name not in weights}
 
         def sample_loss(f: Tensor, y: Any) -> Tensor:
-            one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), y)
-            return criterion(f.unsqueeze(0), one)
+            return criterion(f.unsqueeze(0), as_one_sample(y))
 
         def projected_output(w: dict[str, Tensor], x: Any, u: Tensor) -> Tensor:
-            one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), x)
-            return functional_call(self.model, {**fixed, **w}, (one,)).reshape(-1) @ u
+            outputs = model_output(call_model(self.model, as_one_sample(x), {**fixed, **w}), output_fn)
+            return outputs.reshape(-1) @ u
 
+        self._ensure_checked()
         total, out = 0, torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         for index, (count, batch) in enumerate(self.batches):
-            inputs, targets = self._split(move_batch(batch, self.device, self.dtype), index)
+            inputs, targets = split_batch(move_batch(batch, self.device, self.dtype), index)
             with self._forward_mode(), torch.no_grad():
                 outputs = self._forward(inputs, index)
                 loss = self._criterion_loss(outputs, targets, index)
@@ -513,12 +619,12 @@ class GGNOperator(CurvatureOperator):
             n, c = outputs.shape[0], outputs[0].numel()
             if not torch.allclose(vmap(sample_loss)(outputs, targets).mean(), loss, rtol=1e-5, atol=0):
                 raise ValueError("criterion: exact_diagonal needs a batch loss equal to the mean of the per-sample "
-                                 "losses criterion(f_i[None], y_i[None])")
+                                 "losses criterion(f_i[None], y_i[None]) (padding tokens make a token mean differ)")
             hess = vmap(jacrev(jacrev(sample_loss)))(outputs, targets)  # reverse-over-reverse: no jvp rules needed
             lam, U = torch.linalg.eigh(hess.reshape(n, c, c))
             with self._forward_mode():
                 for j in range(c):
-                    g = vmap(grad(projected_output), in_dims=(None, 0, 0))(weights, inputs, U[:, :, j])
+                    g = per_sample_grads(projected_output, weights, (inputs, U[:, :, j]), "GGNOperator.exact_diagonal")
                     flat = torch.cat([g[name].reshape(n, -1) for name in self.param_names], dim=1)
                     out.add_((lam[:, j : j + 1] * flat.square()).sum(dim=0) / n, alpha=count)
             total += count
@@ -528,8 +634,10 @@ class GGNOperator(CurvatureOperator):
 class EmpiricalFisherOperator(CurvatureOperator):
     """The empirical Fisher F = (1/N) sum_i g_i g_i^T, g_i the gradient of sample i's loss alone.
 
-    Per-sample gradients come from torch.func (`vmap` over `grad`: first derivatives only), and
-    each batch keeps its (N_b x n) gradient matrix, so a product is two matrix multiplications.
+    Per-sample gradients come from torch.func (`vmap` over `grad`: first derivatives only), or a
+    loop over samples where vmap cannot run the model (named in a warning), and each batch keeps
+    its (N_b x n) gradient matrix, so a product is two matrix multiplications. For a language
+    model a sample is a sequence: g_i is the gradient of that sequence's own (token-mean) loss.
     """
 
     kind = "empirical_fisher"
@@ -543,25 +651,20 @@ class EmpiricalFisherOperator(CurvatureOperator):
             )
 
     def _prepare(self, batch: Any, index: int) -> Tensor:
-        from torch.func import functional_call, grad, vmap
+        from torch.func import functional_call
 
         with self._forward_mode(), torch.no_grad():
             self._batch_loss(batch, index)  # clear errors for bad inputs, non-scalar or non-finite loss
-        if self.criterion is not None:
-            criterion = self.criterion
-            wrapper = _LossModule(self.model, lambda model, b: criterion(model(b[0]), b[1]))
-        else:
-            wrapper = _LossModule(self.model, self.loss_fn)
+        wrapper = self._sample_loss_module()
         weights = {"model." + name: p.detach() for name, p in zip(self.param_names, self.params)}
         # the other parameters enter as constants: no graph through them, no gradient for them
         fixed = {"model." + name: p.detach() for name, p in self.model.named_parameters() if "model." + name not in weights}
 
         def sample_loss(w: dict[str, Tensor], sample: Any) -> Tensor:
-            one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), sample)
-            return functional_call(wrapper, {**fixed, **w}, (one,)).reshape(())
+            return functional_call(wrapper, {**fixed, **w}, (as_one_sample(sample),)).reshape(())
 
         with self._forward_mode():
-            grads = vmap(grad(sample_loss), in_dims=(None, 0))(weights, batch)
+            grads = per_sample_grads(sample_loss, weights, (batch,), type(self).__name__)
         per_sample = torch.cat([grads["model." + name].flatten(1) for name in self.param_names], dim=1)
         if not torch.isfinite(per_sample).all():
             raise ValueError(f"data: batch {index} has a per-sample gradient with nan or inf")

@@ -73,10 +73,14 @@ def test_loss_fn_equals_criterion(kind):
     loss_fn = lambda model, batch: case.criterion(model(batch[0]), batch[1])  # noqa: E731
     v = torch.randn(case.num_params, dtype=torch.float64)
     by_criterion = KINDS[kind](case.model, case.criterion, case.batches) @ v
-    if kind == "ggn":
-        with pytest.raises(ValueError, match="criterion"):
-            KINDS[kind](case.model, data=case.batches, loss_fn=loss_fn)
-        return
+    if kind == "ggn":  # the GGN needs the outputs: loss_fn returns (loss, outputs)
+        with pytest.raises(ValueError, match=r"\(loss, outputs\)"):
+            KINDS[kind](case.model, data=case.batches, loss_fn=loss_fn) @ v
+
+        def loss_fn(model, batch):
+            outputs = model(batch[0])
+            return case.criterion(outputs, batch[1]), outputs
+
     by_loss_fn = KINDS[kind](case.model, data=case.batches, loss_fn=loss_fn) @ v
     _close(by_loss_fn, by_criterion)
 
@@ -247,8 +251,8 @@ def test_rejects_non_scalar_and_sum_reduced_losses():
     model, _, data = _mlp()
     with pytest.raises(ValueError, match="reduction"):
         hk.HessianOperator(model, nn.CrossEntropyLoss(reduction="sum"), data)
-    op = hk.HessianOperator(model, data=data, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"))
-    with pytest.raises(ValueError, match="scalar"):
+    with pytest.raises(ValueError, match="scalar"):  # at construction (the train-mode randomness check) or product
+        op = hk.HessianOperator(model, data=data, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"))
         op @ torch.zeros(op.shape[0], dtype=torch.float64)
 
 

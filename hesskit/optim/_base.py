@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._model import differentiable_attention, explain_backward_error, model_output, warn_loss_dtype
 from .._probe import is_int, is_real
 from ..operators import NonFiniteError
 
@@ -94,7 +96,9 @@ class ClosureOptimizer(torch.optim.Optimizer):
     def _trainable(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def _call_closure(self, closure: Callable | None) -> tuple[Tensor, Tensor | None]:
+    def _call_closure(self, closure: Callable | None, create_graph: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Call the closure (on the math attention kernel when its graph will be differentiated twice):
+        (loss, outputs or None), checked."""
         name = type(self).__name__
         if closure is None or not callable(closure):
             need = "(loss, outputs)" if self.needs_outputs else "the loss"
@@ -102,13 +106,15 @@ class ClosureOptimizer(torch.optim.Optimizer):
                 f"closure: {name}.step needs closure() that zeroes the gradients and returns {need} from a fresh "
                 "forward pass, without calling backward (the optimizer differentiates it)"
             )
-        with torch.enable_grad():
+        second_order = create_graph or self.needs_outputs  # products differentiate the model twice
+        with torch.enable_grad(), differentiable_attention() if second_order else nullcontext():
             out = closure()
         outputs = None
         if isinstance(out, (tuple, list)):
             if len(out) != 2:
                 raise ValueError(f"closure: expected the loss or a (loss, outputs) pair, got {len(out)} values")
             out, outputs = out
+            outputs = model_output(outputs, None)  # a Hugging Face ModelOutput gives its logits
         elif self.needs_outputs:
             raise ValueError(f"closure: {name} needs closure() to return (loss, outputs), the loss computed from the outputs")
         if not isinstance(out, Tensor) or out.numel() != 1:
@@ -118,6 +124,9 @@ class ClosureOptimizer(torch.optim.Optimizer):
                              "do not call backward inside the closure")
         if not torch.isfinite(out):
             raise NonFiniteError(f"closure: the loss is {out.item()}; training has diverged (lower lr or raise damping)")
+        params = self._trainable()
+        if params:
+            warn_loss_dtype(out, params[0].dtype, f"closure ({name})")
         return out.reshape(()), outputs
 
     def _evaluate(self, closure: Callable | None, create_graph: bool = False) -> Evaluation:
@@ -126,10 +135,16 @@ class ClosureOptimizer(torch.optim.Optimizer):
         With `create_graph=True` the gradients keep their graph for Hessian-vector products.
         The detached gradients are also written to `.grad`.
         """
-        loss, outputs = self._call_closure(closure)
+        loss, outputs = self._call_closure(closure, create_graph)
         params = self._trainable()
-        grads = list(torch.autograd.grad(loss, params, create_graph=create_graph, retain_graph=create_graph or
-                                         outputs is not None, materialize_grads=True))
+        try:
+            grads = list(torch.autograd.grad(loss, params, create_graph=create_graph, retain_graph=create_graph or
+                                             outputs is not None, materialize_grads=True))
+        except RuntimeError as exc:
+            clear = explain_backward_error(exc, f"closure ({type(self).__name__})")
+            if clear is exc:
+                raise
+            raise clear from exc
         for p, g in zip(params, grads):
             p.grad = g.detach().clone() if create_graph else g
         return Evaluation(loss=loss, grads=grads, outputs=outputs)

@@ -1,0 +1,310 @@
+"""Hugging Face BERT, GPT-2 and Llama models (small configs, default SDPA attention, dict inputs
+with padding) through every curvature operator and estimator, in float64, against finite
+differences (Hessian), an explicit J^T H J (GGN) and single-sample gradients (EF)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import reference as ref
+import torch
+from hf_zoo import assert_unchanged, bert, gpt2, llama, make_hf_case, same_weights, snapshot, token_batches
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import hesskit as hk
+from hesskit._model import call_model
+
+MODELS = ["bert", "gpt2", "llama"]
+
+
+def _close(a, b, rtol=1e-10):
+    scale = max(b.abs().max().item(), 1e-12)
+    assert (a - b).abs().max().item() <= rtol * scale, ((a - b).abs().max().item(), scale)
+
+
+def mean_loss(case, theta):
+    """(1/N) sum_b N_b criterion(f(x_b), y_b) with the trainable parameters set to theta (plain autograd)."""
+    weights = ref.unflatten(case.model, case.names, theta)
+    total = sum(len(y) for _, y in case.batches)
+    return sum(len(y) / total * case.criterion(call_model(case.model, x, weights).logits, y) for x, y in case.batches)
+
+
+def gradient(case, theta):
+    theta = theta.detach().requires_grad_()
+    return torch.autograd.grad(mean_loss(case, theta), theta)[0]
+
+
+def columns(case, count=4):
+    n = case.num_params
+    return [0, n // 3, n // 2, n - 1][:count]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_hessian_on_sdpa_model_matches_finite_differences(name):
+    case = make_hf_case(name)
+    assert case.model.config._attn_implementation == "sdpa"
+    before = snapshot(case.model)
+    op = hk.HessianOperator(case.model, case.criterion, case.batches)
+    cols = columns(case)
+    E = torch.eye(case.num_params, dtype=torch.float64)[:, cols]
+    HE = op @ E
+    theta, eps = ref.flat(case.model, case.names), 1e-5
+    for j, i in enumerate(cols):
+        e = torch.zeros_like(theta)
+        e[i] = eps
+        fd = (gradient(case, theta + e) - gradient(case, theta - e)) / (2 * eps)
+        _close(HE[:, j], fd, rtol=1e-6)
+    assert_unchanged(case.model, before)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "empirical_fisher"])
+@pytest.mark.parametrize("name", MODELS)
+def test_sdpa_products_equal_eager_products(name, kind):
+    case = make_hf_case(name)
+    eager = same_weights(case.model, make_hf_case(name, attn="eager").model)
+    assert eager.config._attn_implementation == "eager"
+    cls = {"hessian": hk.HessianOperator, "ggn": hk.GGNOperator, "empirical_fisher": hk.EmpiricalFisherOperator}[kind]
+    V = torch.randn(case.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if name == "llama":  # Llama's eager attention takes its softmax in float32 by design: hesskit says so
+        with pytest.warns(UserWarning, match=r"LlamaAttention.*softmax"):
+            eager_product = cls(eager, case.criterion, case.batches) @ V
+        _close(cls(case.model, case.criterion, case.batches) @ V, eager_product, rtol=1e-6)
+        return
+    _close(cls(case.model, case.criterion, case.batches) @ V, cls(eager, case.criterion, case.batches) @ V)
+
+
+def _jacobian(case, x):
+    theta = ref.flat(case.model, case.names).requires_grad_()
+    out = call_model(case.model, x, ref.unflatten(case.model, case.names, theta)).logits
+    rows = [torch.autograd.grad(o, theta, retain_graph=True)[0] for o in out.reshape(-1)]
+    return out.detach(), torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_ggn_matches_explicit_jacobian_product(name):
+    case = make_hf_case(name)
+    total = sum(len(y) for _, y in case.batches)
+    V = torch.randn(case.num_params, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected = 0
+    for x, y in case.batches:
+        out, J = _jacobian(case, x)
+        H = ref.output_hessian(case.criterion, out, y)
+        expected = expected + len(y) / total * J.T @ (H @ (J @ V))
+    _close(hk.GGNOperator(case.model, case.criterion, case.batches) @ V, expected)
+    # the same through loss_fn returning (loss, outputs), and through an explicit output_fn
+
+    def loss_fn(model, batch):
+        out = model(**batch[0])
+        return case.criterion(out.logits, batch[1]), out
+
+    _close(hk.GGNOperator(case.model, data=case.batches, loss_fn=loss_fn) @ V, expected)
+    _close(hk.GGNOperator(case.model, case.criterion, case.batches, output_fn=lambda out: out[0]) @ V, expected)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_empirical_fisher_counts_sequences_as_samples(name):
+    case = make_hf_case(name)
+    theta = ref.flat(case.model, case.names)
+    rows = []
+    for x, y in case.batches:  # one sample = one sequence: its own loss, padding ignored
+        for i in range(len(y)):
+            one = ({k: v[i : i + 1] for k, v in x.items()}, y[i : i + 1])
+            single = type(case)(case.name, case.model, case.criterion, [one])
+            rows.append(gradient(single, theta))
+    G = torch.stack(rows)
+    op = hk.EmpiricalFisherOperator(case.model, case.criterion, case.batches)
+    _close(op.per_sample_gradients(), G)
+    V = torch.randn(case.num_params, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    _close(op @ V, G.T @ (G @ V) / len(G))
+
+
+def test_exact_ggn_diagonal_on_a_classifier_with_dict_inputs():
+    case = make_hf_case("bert")
+    op = hk.GGNOperator(case.model, case.criterion, case.batches)
+    eye = torch.eye(case.num_params, dtype=torch.float64)
+    diag = torch.cat([(eye[:, i : i + 64] * (op @ eye[:, i : i + 64])).sum(0) for i in range(0, case.num_params, 64)])
+    _close(op.exact_diagonal(), diag, rtol=1e-9)
+
+
+def test_empirical_fisher_with_loss_fn_falls_back_to_a_loop_where_vmap_cannot_run():
+    case = make_hf_case("bert")
+
+    def loss_fn(model, batch):  # HF's own labels= loss; .item() defeats vmap
+        x, y = batch
+        if float(y.float().sum().item()) < -1:
+            raise AssertionError
+        return nn.functional.cross_entropy(model(**x).logits, y)
+
+    expected = hk.EmpiricalFisherOperator(case.model, case.criterion, case.batches).per_sample_gradients()
+    with pytest.warns(UserWarning, match="loop over samples"):
+        got = hk.EmpiricalFisherOperator(case.model, data=case.batches, loss_fn=loss_fn).per_sample_gradients()
+    _close(got, expected)
+
+
+def test_gru_classifier_per_sample_gradients():
+    class GRUClassifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(3, 4, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = GRUClassifier().double()
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        G = hk.EmpiricalFisherOperator(model, nn.CrossEntropyLoss(), (x, y)).per_sample_gradients()
+    for i in range(5):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        _close(G[i], g)
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_estimators_on_sdpa_language_models(name):
+    case = make_hf_case(name)
+    op = hk.HessianOperator(case.model, case.criterion, case.batches)
+    H = op.dense()
+    exact = torch.linalg.eigvalsh(H)
+    top = hk.eigenvalues(op, k=2, tol=1e-8, seed=0)
+    assert top.converged.all()
+    assert ((top.values - exact.flip(0)[:2]).abs() <= top.residuals + 1e-10).all()  # the residual bounds the error
+    tr = hk.trace(op, num_matvecs=60, seed=0)
+    assert abs(tr.value - H.trace().item()) < 5 * tr.stderr
+    density = hk.spectral_density(op, seed=0)
+    assert density.num_matvecs > 0
+
+
+def test_tied_parameter_is_found_under_either_name():
+    case = make_hf_case("gpt2")
+    assert case.model.lm_head.weight is case.model.transformer.wte.weight
+    v = torch.randn(case.model.lm_head.weight.numel(), dtype=torch.float64)
+    by_head = hk.HessianOperator(case.model, case.criterion, case.batches, params=["lm_head.weight"]) @ v
+    by_wte = hk.HessianOperator(case.model, case.criterion, case.batches, params=["transformer.wte.weight"]) @ v
+    _close(by_head, by_wte, rtol=0)
+    with pytest.raises(ValueError, match="twice"):
+        hk.HessianOperator(case.model, case.criterion, case.batches, params=["lm_head.weight", "transformer.wte.weight"])
+
+
+@pytest.mark.filterwarnings("ignore:.*lower precision")  # the stock Llama's float32 RMSNorm
+def test_random_loss_is_refused():
+    torch.manual_seed(0)
+    model = llama(attention_dropout=0.3).double()  # train mode: dropout inside attention, no nn.Dropout
+    assert model.training and not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    batches = token_batches()
+    crit = hk.SequenceCrossEntropy(shift=True)
+    op = hk.HessianOperator(model, crit, batches)
+    with pytest.raises(ValueError, match="random"):
+        op @ torch.zeros(op.shape[0], dtype=torch.float64)
+    v = torch.ones(op.shape[0], dtype=torch.float64)
+    assert torch.equal(hk.HessianOperator(model, crit, batches, mode="eval") @ v,
+                       hk.HessianOperator(model.eval(), crit, batches) @ v)
+    # an nn.Dropout switched back to train mode inside an eval model
+    model = bert(dropout=0.2).double().eval()
+    model.bert.encoder.layer[0].output.dropout.train()
+    with pytest.raises(ValueError, match="train mode"):
+        hk.HessianOperator(model, nn.CrossEntropyLoss(), token_batches(classes=3))
+
+
+def test_outputs_without_logits_ask_for_output_fn():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    model = TwoHeads().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    op = hk.GGNOperator(model, nn.CrossEntropyLoss(), (x, y))
+    with pytest.raises(TypeError, match="output_fn"):
+        op @ torch.zeros(op.shape[0], dtype=torch.float64)
+    op = hk.GGNOperator(model, nn.CrossEntropyLoss(), (x, y), output_fn=lambda out: out[1])
+    G = op.dense()
+    assert G[:8].abs().max() == 0 and G[8:, 8:].abs().max() > 0  # only head b reaches the loss
+
+
+def test_float32_computation_inside_a_float64_model_warns():
+    case = make_hf_case("llama")
+    stock = same_weights(case.model, llama().double().eval())  # RMSNorm upcasts to float32 inside
+    op = hk.HessianOperator(stock, case.criterion, case.batches)
+    with pytest.warns(UserWarning, match=r"RMSNorm.*lower precision"):
+        op @ torch.zeros(op.shape[0], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = hk.HessianOperator(case.model, case.criterion, case.batches)
+        op @ torch.zeros(op.shape[0], dtype=torch.float64)
+
+
+def test_a_float32_loss_from_a_float64_model_warns():
+    case = make_hf_case("bert")
+    crit = lambda out, y: nn.functional.cross_entropy(out.float(), y)  # noqa: E731
+    op = hk.HessianOperator(case.model, crit, case.batches)
+    with pytest.warns(UserWarning, match="float32"):
+        op @ torch.zeros(op.shape[0], dtype=torch.float64)
+
+
+def test_user_attention_setting_is_left_alone():
+    case = make_hf_case("gpt2")
+    flags = lambda: (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),  # noqa: E731
+                     torch.backends.cuda.math_sdp_enabled())
+    before = flags()
+    op = hk.HessianOperator(case.model, case.criterion, case.batches)
+    op @ torch.ones(op.shape[0], dtype=torch.float64)
+    assert flags() == before
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        inside = flags()
+        op.clear_cache()
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+        assert flags() == inside
+
+
+def test_custom_fused_attention_gets_a_clear_error():
+    class FusedOnly(nn.Module):  # calls the CPU flash kernel directly, which has no double backward
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            q = self.proj(x).view(x.shape[0], 1, x.shape[1], 4)
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q)[0].sum(dim=(1, 2))
+
+    model = FusedOnly()
+    x, y = torch.randn(3, 5, 4), torch.randn(3, 4)
+    op = hk.HessianOperator(model, nn.MSELoss(), (x, y))
+    with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
+        op @ torch.ones(op.shape[0])
+
+
+@pytest.mark.parametrize("layer", ["mha", "encoder"])
+def test_torch_attention_modules_hessian(layer):
+    torch.manual_seed(0)
+    if layer == "mha":
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+                self.head = nn.Linear(4, 2)
+
+            def forward(self, x):
+                return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+        model = Net()
+    else:
+        model = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True),
+                                                    num_layers=1, enable_nested_tensor=False),
+                              nn.Flatten(), nn.Linear(20, 2))
+    model = model.double().eval()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    names = [n for n, _ in model.named_parameters()]
+    H = hk.HessianOperator(model, nn.CrossEntropyLoss(), (x, y)).dense()
+    cols = [0, H.shape[0] // 2, H.shape[0] - 1]
+    fd = ref.finite_difference_hessian_columns(model, names, [(x, y)], nn.CrossEntropyLoss(), cols)
+    _close(H[:, cols], fd, rtol=1e-6)
