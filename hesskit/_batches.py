@@ -10,10 +10,13 @@ from torch import Tensor
 
 
 def is_batch(x: Any) -> bool:
-    """A single batch: a tensor, a dict of tensors, or a tuple/list whose items are all tensors."""
+    """A single batch: a tensor, a dict of tensors, or a tuple/list of tensors and dicts with at
+    least one tensor, such as `(x, y)` or `({"input_ids": ..., "attention_mask": ...}, labels)`.
+    A list of dicts alone is a list of batches."""
     if isinstance(x, Tensor) or isinstance(x, Mapping):
         return True
-    return isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x)
+    return (isinstance(x, (tuple, list)) and any(isinstance(t, Tensor) for t in x)
+            and all(isinstance(t, (Tensor, Mapping)) for t in x))
 
 
 def first_tensor(batch: Any) -> Tensor | None:

@@ -42,11 +42,13 @@ class Counted:
         return out.detach()
 
     def cost(self, seed: int | None) -> dict[str, Any]:
+        names = getattr(self.op, "param_names", None)
         return dict(
             num_matvecs=self.num_matvecs,
             seed=seed,
             wall_time=time.perf_counter() - self.start,
             matvec_time=self.matvec_time,
+            params=None if names is None else tuple(names),
         )
 
 

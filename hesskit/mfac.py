@@ -215,7 +215,7 @@ class MFACInverse(MatrixFreeOperator):
     @classmethod
     def from_model(cls, model: torch.nn.Module, criterion: Any, data: Any, num_grads: int | None = None,
                    damping: float = 1e-4, *, params: Any = None, mode: str | None = None,
-                   per_sample: bool = True) -> MFACInverse:
+                   per_sample: bool = True, output_fn: Any = None) -> MFACInverse:
         """The inverse of the damped empirical Fisher of a model, filled from `data`.
 
         With `per_sample=True` (default) the window holds the first `num_grads` per-sample
@@ -226,25 +226,21 @@ class MFACInverse(MatrixFreeOperator):
         `per_sample=False` each row is a batch's mean-loss gradient instead (one backward per
         batch; the official pruning script's choice, cheaper but a coarser Fisher).
 
-        `params` and `mode` are as in `hk.CurvatureOperator`; the model is left as it was.
+        `params`, `mode` and `output_fn` are as in `hk.CurvatureOperator` (dict inputs, Hugging Face
+        ModelOutputs and sequence criteria work the same way); the model is left as it was.
         """
-        from ._batches import move_batch
         from .operators import EmpiricalFisherOperator
 
         if num_grads is not None:
             num_grads = check_count("num_grads", num_grads)
         damping = check_damping(damping)
-        op = EmpiricalFisherOperator(model, criterion, data, params, mode=mode, cache_graphs=False)
+        op = EmpiricalFisherOperator(model, criterion, data, params, mode=mode, cache_graphs=False, output_fn=output_fn)
         rows: list[Tensor] = []
         if per_sample:
             rows.append(op.per_sample_gradients(num_grads))
         else:
-            for index, (_, batch) in enumerate(op.batches):
-                batch = move_batch(batch, op.device, op.dtype)
-                with op._forward_mode():
-                    loss = op._batch_loss(batch, index)
-                grads = torch.autograd.grad(loss, op.params, materialize_grads=True)
-                rows.append(torch.cat([g.reshape(-1) for g in grads])[None])
+            for _, gradient in op.batch_gradients():
+                rows.append(gradient[None])
                 if num_grads is not None and len(rows) >= num_grads:
                     break
         G = torch.cat(rows)

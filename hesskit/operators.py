@@ -510,6 +510,16 @@ class CurvatureOperator(MatrixFreeOperator):
         return _vjp(outputs, inputs, V, self.batched_products)
 
     # ----------------------------------------------------------------- conveniences
+    def batch_gradients(self) -> Iterator[tuple[int, Tensor]]:
+        """(sample count, flat gradient of the batch's mean loss) for each batch in data order,
+        in the operator's mode and parameter order (one forward and backward pass per batch)."""
+        self._ensure_checked()
+        for index, (count, batch) in enumerate(self.batches):
+            batch = move_batch(batch, self.device, self.dtype)
+            with self._forward_mode():
+                loss = self._batch_loss(batch, index)
+            yield count, _flat(torch.autograd.grad(loss, self.params, materialize_grads=True))
+
     def restrict(self, params: Any) -> CurvatureOperator:
         """The same curvature restricted to a subset of parameters (a diagonal block)."""
         return type(self)(self.model, self.criterion, self._data, params, **self._init_kwargs)

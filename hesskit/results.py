@@ -24,10 +24,14 @@ def _t_quantile(level: float, num_samples: int) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class _Cost:
+    """What every estimate carries besides its value: products used, seed, time, and what it touched
+    (`params`: the parameter names of the operator's rows, in order; None for a plain matrix)."""
+
     num_matvecs: int
     seed: int | None
     wall_time: float
     matvec_time: float
+    params: tuple[str, ...] | None = None
 
     @property
     def overhead_time(self) -> float:

@@ -278,7 +278,7 @@ def test_layers_option_and_embeddings_stay_float():
     assert torch.equal(only.attn.qkv.weight, q.attn.qkv.weight)  # the first quantized layer: same inputs
     assert torch.equal(only.attn.out.weight, model.attn.out.weight)
     assert not torch.equal(only.head.weight, model.head.weight)
-    with pytest.raises(ValueError, match=r"\[.embed.\] are not Linear/Conv2d layers"):
+    with pytest.raises(ValueError, match=r"\[.embed.\], not Linear/Conv1D/Conv2d layers"):
         gptq(model, tokens, 3, layers=["embed"])
     with pytest.raises(ValueError, match="nope"):
         gptq(model, tokens, 3, layers="nope")
@@ -370,7 +370,7 @@ def test_bad_inputs_get_clear_errors():
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="grouped"):
         gptq(grouped, torch.randn(2, 4, 5, 5), 3)
-    with pytest.raises(TypeError, match="nn.Linear and nn.Conv2d, got Embedding"):
+    with pytest.raises(TypeError, match="Conv1D and nn.Conv2d, got Embedding"):
         layer_hessian(nn.Sequential(nn.Embedding(4, 3)), "0", torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="not a module"):
         layer_hessian(model, "9", x)

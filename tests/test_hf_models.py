@@ -178,6 +178,10 @@ def test_estimators_on_sdpa_language_models(name):
     assert ((top.values - exact.flip(0)[:2]).abs() <= top.residuals + 1e-10).all()  # the residual bounds the error
     tr = hk.trace(op, num_matvecs=60, seed=0)
     assert abs(tr.value - H.trace().item()) < 5 * tr.stderr
+    assert tr.params == top.params == tuple(op.param_names)  # results carry what they touched
+    name, block = next(op.blocks())
+    assert hk.trace(block, num_matvecs=3, seed=0).params == tuple(block.param_names)
+    assert hk.trace(H, num_matvecs=3, seed=0).params is None
     density = hk.spectral_density(op, seed=0)
     assert density.num_matvecs > 0
 
@@ -308,3 +312,39 @@ def test_torch_attention_modules_hessian(layer):
     cols = [0, H.shape[0] // 2, H.shape[0] - 1]
     fd = ref.finite_difference_hessian_columns(model, names, [(x, y)], nn.CrossEntropyLoss(), cols)
     _close(H[:, cols], fd, rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*fall back to a loop")
+def test_model_comes_back_as_it_was_after_every_operator_and_estimator():
+    case = make_hf_case("bert")
+    model = case.model.train()  # as Hugging Face constructors return it; mode="eval" is needed
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    model.classifier.bias.requires_grad_(False)
+    before = snapshot(model)
+    for cls in (hk.HessianOperator, hk.GGNOperator, hk.EmpiricalFisherOperator):
+        op = cls(model, case.criterion, case.batches, mode="eval")
+        hk.trace(op, num_matvecs=6, seed=0)
+        hk.diagonal(op, num_matvecs=4, seed=0)
+        hk.eigenvalues(op, k=1, max_matvecs=30, seed=0)
+        hk.spectral_density(op, num_runs=1, num_steps=5, seed=0)
+        for _, block in op.blocks():
+            block @ torch.ones(block.shape[0], dtype=torch.float64)
+            break
+        if cls is hk.GGNOperator:
+            op.exact_diagonal()
+        if cls is hk.EmpiricalFisherOperator:
+            op.per_sample_gradients()
+        assert_unchanged(model, before)
+
+
+def test_one_dict_batch_is_one_batch():
+    case = make_hf_case("bert")
+    (inputs, labels), = token_batches(sizes=(4,), classes=3)
+    v = torch.randn(case.num_params, dtype=torch.float64)
+    single = hk.HessianOperator(case.model, case.criterion, (inputs, labels)) @ v
+    _close(single, hk.HessianOperator(case.model, case.criterion, [(inputs, labels)]) @ v, rtol=0)
+    dicts = [dict(inputs, labels=labels), dict(inputs, labels=labels)]  # a list of dicts: two batches
+    loss_fn = lambda model, batch: model(**batch).loss  # noqa: E731
+    op = hk.HessianOperator(case.model, data=dicts, loss_fn=loss_fn)
+    assert [count for count, _ in op.batches] == [4, 4]

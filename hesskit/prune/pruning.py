@@ -14,18 +14,35 @@ the weights in a set Q to zero, w -> w + dw with dw_q = -w_q (q in Q), changes t
   damped empirical Fisher F = damping I + (1/m) sum_i g_i g_i^T of m per-sample gradients for H,
   its inverse by the Woodbury identity, restricted to blocks of consecutive weights.
 
-What is pruned: the `weight` of every Linear and Conv layer (not biases, not norms), unless
-`layers` names the modules whose `weight` to prune. The weights are flattened layer by layer in
-model order; that is the order of the n coordinates below (`prunable_layers`). Zeros already in
-the model count as pruned and stay zero. Every function returns a pruned copy: the model passed
-in keeps its weights, train/eval mode, `.grad` and `requires_grad`.
+What is pruned: the `weight` of every Linear, Conv1D (Hugging Face's GPT-2 projections) and Conv
+layer (not biases, not norms, not embeddings), unless `layers` names the modules whose `weight` to
+prune. A tied weight belongs to its first module (`hk.quant.owned_layers`): GPT-2's `lm_head` *is*
+the Embedding `transformer.wte`, so it is not pruned by default (`layers=["lm_head"]` prunes the
+shared tensor, embedding included).
+
+The n coordinates (the pruning order): the layers in `prunable_layers` order, each weight flattened
+as its output-channels-first matrix (`hk.quant.layer_weight`: (out, in) for Linear and Conv1D, the
+stored weight for Conv). For Linear and Conv that is `m.weight.reshape(-1)`, the order of hesskit's
+operators; a Conv1D stores its weight transposed, and is read as the nn.Linear it is, so it prunes
+exactly as that Linear would (OBS's blocks of consecutive weights lie inside one output row for
+both). `pruning_order(model)` converts vectors and matrices from the operators' order.
+
+Models and data: inputs are tensors (`model(x)`) or dicts (`model(**x)`, e.g. `input_ids` and
+`attention_mask`); `output_fn(outputs) -> tensor` picks what the criterion sees (default: a tensor as
+it is, a ModelOutput's `logits`), so sequence criteria such as `hk.SequenceCrossEntropy()` work.
+
+Zeros already in the model count as pruned and stay zero. Every function returns a pruned copy:
+the model passed in keeps its weights, buffers, train/eval mode, `.grad` and `requires_grad`. The
+copy carries `.compression` (`hk.quant.CompressionReport`: the layers pruned, the weights left
+dense, and method details); with the default `layers` the weights left dense (norms, embeddings)
+are also named in one `hk.quant.UncompressedWarning` per call.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +52,14 @@ from torch import Tensor, nn
 
 from .._batches import Batches, move_batch
 from .._copy import model_copy
+from .._model import call_model, model_output, split_batch
 from .._probe import check_choice, check_count, is_int, is_real
+from ..layers import is_conv1d, is_linear
 from ..mfac import check_damping as _check_damping
 from ..operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
+from ..quant.fake import (UncompressedWarning, eval_mode, layer_weight, owned_layers, report_compression,
+                          requiring_grad)
+from ..quant.sensitivity import is_pair, mean_loss, num_samples, select_samples
 from ..trace import diagonal as _estimate_diagonal
 
 __all__ = [
@@ -50,6 +72,7 @@ __all__ = [
     "gradual",
     "sparsity",
     "prunable_layers",
+    "pruning_order",
     "per_sample_gradients",
     "FisherInverse",
     "Sparsity",
@@ -61,11 +84,12 @@ METHODS = ("magnitude", "obd", "obs")
 CURVATURES = ("hessian", "ggn", "empirical_fisher")
 _OPTIONS = {  # the keyword arguments `gradual` passes on to each method
     "magnitude": {"scope", "layers"},
-    "obd": {"scope", "layers", "curvature", "num_matvecs", "seed"},
+    "obd": {"scope", "layers", "curvature", "num_matvecs", "seed", "exact"},
     "obs": {"scope", "layers", "num_grads", "damping", "block_size", "num_recomputations", "seed", "saliency",
             "update"},
 }
-_PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+COVERAGE = ("pruning covers the weights of Linear, Conv1D and Conv layers (a tied weight goes with its first "
+            "module); name modules in layers=[...] to choose them yourself")
 
 
 # --------------------------------------------------------------------------- checks and layers
@@ -89,12 +113,18 @@ def _check_count(name: str, value: Any, allow_none: bool = False) -> int | None:
     return check_count(name, value)
 
 
+def is_prunable(module: nn.Module) -> bool:
+    """nn.Linear, transformers' Conv1D, or a Conv (1d/2d/3d, transposed too)."""
+    return is_linear(module) or isinstance(module, nn.modules.conv._ConvNd)
+
+
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The Linear and Conv (1d/2d/3d, transposed too) modules of `model`, by name, in model order:
-    the layers whose `weight` is pruned by default. Biases and normalisation layers are never included."""
+    """The Linear, Conv1D and Conv (1d/2d/3d, transposed too) modules of `model`, by name, in model
+    order: the layers whose `weight` is pruned by default. Biases, normalisation layers and
+    embeddings are never included; a tied weight is listed under its first module only, if that is
+    prunable (`hk.quant.owned_layers`: GPT-2's `lm_head` is not, its weight is the Embedding's)."""
     _check_model(model)
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, _PRUNABLE) and isinstance(getattr(m, "weight", None), Tensor)}
+    return owned_layers(model, is_prunable)
 
 
 def _resolve_layers(model: nn.Module, layers: Any) -> dict[str, nn.Module]:
@@ -116,7 +146,7 @@ def _resolve_layers(model: nn.Module, layers: Any) -> dict[str, nn.Module]:
         if not isinstance(name, str):
             raise TypeError(f"layers[{i}]: expected a module name (str), got {type(name).__name__}")
         if name == "" or name not in modules:
-            raise ValueError(f"layers[{i}]: no module named {name!r}; the Linear/Conv layers are "
+            raise ValueError(f"layers[{i}]: no module named {name!r}; the Linear/Conv1D/Conv layers are "
                              f"{list(prunable_layers(model))}")
         weight = getattr(modules[name], "weight", None)
         if not isinstance(weight, nn.Parameter):
@@ -135,7 +165,8 @@ def _weights(layers: Mapping[str, nn.Module]) -> list[nn.Parameter]:
 
 
 def _flat(layers: Mapping[str, nn.Module]) -> Tensor:
-    return torch.cat([m.weight.detach().reshape(-1) for m in layers.values()])
+    """The pruned weights as one vector in the pruning order (see the module docstring)."""
+    return torch.cat([layer_weight(m).detach().reshape(-1) for m in layers.values()])
 
 
 def _sizes(layers: Mapping[str, nn.Module]) -> list[int]:
@@ -143,26 +174,45 @@ def _sizes(layers: Mapping[str, nn.Module]) -> list[int]:
 
 
 def _write(layers: Mapping[str, nn.Module], w: Tensor) -> None:
-    """Copy the flat vector w into the layers' weights (in their dtype); zeros of w become exact zeros."""
+    """Copy the flat vector w (pruning order) into the layers' weights (in their dtype); zeros of w
+    become exact zeros."""
     offset = 0
     with torch.no_grad():
         for m in layers.values():
-            n = m.weight.numel()
-            m.weight.copy_(w[offset:offset + n].reshape(m.weight.shape))
-            offset += n
+            view = layer_weight(m)  # a Conv1D's (out, in) view writes into its (in, out) weight
+            view.copy_(w[offset:offset + view.numel()].reshape(view.shape))
+            offset += view.numel()
 
 
-@contextmanager
-def _requiring_grad(params: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Let frozen weights be differentiated for a while (their requires_grad is restored)."""
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
+def _positions(layers: Mapping[str, nn.Module]) -> Tensor:
+    """p with v_pruning = v_parameters[p]: where each coordinate of the pruning order sits in the
+    parameters' own flattening (`m.weight.reshape(-1)`, layer after layer)."""
+    parts, offset = [], 0
+    for m in layers.values():
+        index = torch.arange(offset, offset + m.weight.numel()).reshape(m.weight.shape)
+        parts.append((index.T if is_conv1d(m) else index).reshape(-1))  # Conv1D: (in, out) stored, (out, in) read
+        offset += m.weight.numel()
+    return torch.cat(parts)
+
+
+class _InPruningOrder:
+    """An operator over the pruned weights seen in the pruning order, P^T A P with v_pruning =
+    v_parameters[p]: probes drawn for it fall on the same weights for a Conv1D and its nn.Linear twin."""
+
+    def __init__(self, op: Any, positions: Tensor):
+        self.op, self.positions, self.inverse = op, positions, torch.argsort(positions)
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        return (self.op @ V[self.inverse])[self.positions]
+
+
+def pruning_order(model: nn.Module, layers: Any = None) -> Tensor:
+    """Indices p that take a vector over the pruned weights from the parameters' order (hesskit's
+    operators with `params=[m.weight for m in prunable_layers(model).values()]`) to the pruning order:
+    `v[p]`, and `H[p][:, p]` for a matrix (e.g. a dense Hessian for `obs_dense` or `obd`). The
+    identity unless the model has Conv1D layers, whose (in, out) weights are read as (out, in)."""
+    return _positions(_resolve_layers(model, layers))
 
 
 def _groups(layers: Mapping[str, nn.Module], scope: str) -> list[slice]:
@@ -257,23 +307,27 @@ def magnitude(model: nn.Module, sparsity: float, *, scope: str = "global", layer
     w = w.clone()
     w[drop] = 0
     _write(chosen, w)
-    return pruned
+    return report_compression(pruned, "magnitude", chosen, warn=layers is None, why=COVERAGE,
+                              details=dict(sparsity=sparsity, scope=scope))
 
 
 # --------------------------------------------------------------------------- per-sample gradients
-def _is_pair(data: Any) -> bool:
-    """One (inputs, targets) batch of two tensors with the same number of samples."""
-    return (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
-            and data[0].dim() > 0 and data[1].dim() > 0 and len(data[0]) == len(data[1]))
+def _as_batches(data: Any) -> Any:
+    """One (inputs, targets) pair as a list of one batch (so dict inputs are never read as a list of
+    batches), anything else as it is."""
+    return [data] if is_pair(data) else data
 
 
 def per_sample_gradients(model: nn.Module, criterion: Any, data: Any, *, layers: Any = None,
-                         num_grads: int | None = None, seed: int | None = None) -> Tensor:
-    """The (m, n) per-sample gradients g_i = d criterion(model(x_i), y_i) / d w of the pruned weights.
+                         num_grads: int | None = None, seed: int | None = None, output_fn: Any = None) -> Tensor:
+    """The (m, n) per-sample gradients g_i = d criterion(model(x_i), y_i) / d w of the pruned weights,
+    columns in the pruning order (see the module docstring).
 
     Computed in eval mode by `hk.EmpiricalFisherOperator.per_sample_gradients` (one vmapped pass per
-    batch, as in `hk.MFACInverse.from_model`; biases and other parameters are held fixed), in the
-    model's dtype.
+    batch, as in `hk.MFACInverse.from_model`, or a loop over samples for models vmap cannot run;
+    biases and other parameters are held fixed), in the model's dtype. A sample is one entry along
+    the batch's leading dimension: for a language model, one sequence, whose loss is the criterion
+    on that sequence alone.
     `num_grads=None` takes every sample of `data`. Otherwise m = num_grads samples: the first ones
     in data order when `seed` is None, a seeded random subset of all samples when `seed` is an int
     (then every sample's gradient is computed first). The model is left as it was.
@@ -282,14 +336,15 @@ def per_sample_gradients(model: nn.Module, criterion: Any, data: Any, *, layers:
     num_grads = _check_count("num_grads", num_grads, allow_none=True)
     chosen = _resolve_layers(model, layers)
     weights = _weights(chosen)
-    if num_grads is not None and seed is not None and _is_pair(data) and len(data[0]) >= num_grads:
+    if num_grads is not None and seed is not None and is_pair(data) and num_samples(data) >= num_grads:
         # one in-memory (x, y) batch: draw the samples first, so only m gradients are computed
         # (the same rows as computing all N and indexing them)
-        idx = torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(int(seed)))[:num_grads]
-        data, seed = (data[0][idx], data[1][idx]), None
-    with _requiring_grad(weights):
-        op = EmpiricalFisherOperator(model, criterion, data, weights, mode="eval", cache_graphs=False)
-        G = op.per_sample_gradients(num_grads if seed is None else None)
+        idx = torch.randperm(num_samples(data), generator=torch.Generator().manual_seed(int(seed)))[:num_grads]
+        data, seed = select_samples(data, idx), None
+    with requiring_grad(weights):
+        op = EmpiricalFisherOperator(model, criterion, _as_batches(data), weights, mode="eval", cache_graphs=False,
+                                     output_fn=output_fn)
+        G = op.per_sample_gradients(num_grads if seed is None else None)[:, _positions(chosen)]
     if num_grads is not None:
         if len(G) < num_grads:
             raise ValueError(f"num_grads: data has only {len(G)} samples, fewer than num_grads={num_grads}")
@@ -388,11 +443,13 @@ class FisherInverse:
     @classmethod
     def from_model(cls, model: nn.Module, criterion: Any, data: Any, *, num_grads: int | None = None,
                    damping: float = 1e-5, block_size: int | None = 128, layers: Any = None,
-                   seed: int | None = None) -> FisherInverse:
-        """The inverse over the model's *nonzero* pruned weights (in order), from per-sample
-        gradients (`per_sample_gradients`). Zero weights are left out, as in M-FAC's pruner: they
-        are constrained to stay zero, so the Fisher of the remaining weights is what OBS needs."""
-        G = per_sample_gradients(model, criterion, data, layers=layers, num_grads=num_grads, seed=seed)
+                   seed: int | None = None, output_fn: Any = None) -> FisherInverse:
+        """The inverse over the model's *nonzero* pruned weights (in the pruning order), from
+        per-sample gradients (`per_sample_gradients`). Zero weights are left out, as in M-FAC's
+        pruner: they are constrained to stay zero, so the Fisher of the remaining weights is what
+        OBS needs."""
+        G = per_sample_gradients(model, criterion, data, layers=layers, num_grads=num_grads, seed=seed,
+                                 output_fn=output_fn)
         alive = _flat(_resolve_layers(model, layers)) != 0
         return cls(G[:, alive], damping, block_size)
 
@@ -433,7 +490,7 @@ def obs_with_inverse(model: nn.Module, inverse: Any, sparsity: float, *, scope: 
                      layers: Any = None, saliency: str = "obs", update: bool = True) -> nn.Module:
     """One OBS step with a given inverse curvature: a copy of `model` pruned to `sparsity`.
 
-    `inverse` is any operator over the model's nonzero pruned weights (in `prunable_layers` order)
+    `inverse` is any operator over the model's nonzero pruned weights (in the pruning order)
     with `inverse.diagonal()` and `inverse @ x`, e.g. `FisherInverse.from_model(model, ...)`. The
     step is M-FAC's pruner (see `obs`). For ablations: `saliency="magnitude"` ranks by w_q^2 instead
     of w_q^2 / (2 [F^{-1}]_qq), and `update=False` drops without compensating (WoodFisher's
@@ -448,12 +505,14 @@ def obs_with_inverse(model: nn.Module, inverse: Any, sparsity: float, *, scope: 
     groups = _groups(chosen, scope)
     (counts,) = _targets(w, groups, sparsity, 1)
     _write(chosen, _obs_step(w, w != 0, inverse, groups, counts, saliency, bool(update)))
-    return pruned
+    return report_compression(pruned, "obs_with_inverse", chosen, warn=layers is None, why=COVERAGE,
+                              details=dict(sparsity=sparsity, scope=scope, saliency=saliency, update=bool(update)))
 
 
 def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_grads: int | None = None,
         damping: float = 1e-5, block_size: int | None = 128, num_recomputations: int = 1, scope: str = "global",
-        layers: Any = None, seed: int | None = None, saliency: str = "obs", update: bool = True) -> nn.Module:
+        layers: Any = None, seed: int | None = None, saliency: str = "obs", update: bool = True,
+        output_fn: Any = None) -> nn.Module:
     r"""Optimal Brain Surgeon with the damped empirical Fisher (WoodFisher / M-FAC): a pruned copy.
 
     Curvature: F = damping * I + (1/m) sum_i g_i g_i^T over m per-sample gradients g_i of the
@@ -491,6 +550,7 @@ def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_gra
         saliency, update: ablation switches (default: OBS). `saliency="magnitude"` ranks by w_q^2
             instead of w_q^2 / (2 [F^{-1}]_qq); `update=False` drops without compensating (then
             the remaining weights never change; WoodFisher's `--scale-prune-update 0`).
+        output_fn: `output_fn(model outputs) -> tensor` for the criterion (see the module docstring).
 
     Zeros already in the model stay zero and count towards the sparsity; the per-sample gradients
     are taken in eval mode. Cost per step: m per-sample gradients, then O(n c m) (c <= m) or
@@ -519,18 +579,21 @@ def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_gra
             continue  # nothing to prune in this step
         inverse = FisherInverse.from_model(pruned, criterion, data, num_grads=num_grads, damping=damping,
                                            block_size=block_size, layers=names,
-                                           seed=None if seed is None else int(seed) + j)
+                                           seed=None if seed is None else int(seed) + j, output_fn=output_fn)
         _write(chosen, _obs_step(w, alive, inverse, groups, counts, saliency, bool(update)))
-    return pruned
+    return report_compression(pruned, "obs", chosen, warn=layers is None, why=COVERAGE,
+                              details=dict(sparsity=sparsity, scope=scope, num_grads=num_grads, damping=damping,
+                                           block_size=block_size, num_recomputations=steps))
 
 
 def obs_dense(model: nn.Module, hessian: Tensor, sparsity: float, *, layers: Any = None,
               damping: float = 0.0) -> nn.Module:
     r"""The original OBS with a dense matrix, one weight at a time (Hassibi & Stork 1993): a pruned copy.
 
-    `hessian` is the n x n curvature of the pruned weights (in `prunable_layers` order), e.g.
-    `hk.HessianOperator(model, criterion, data, params=[m.weight for m in
-    hk.prune.prunable_layers(model).values()]).dense()`, plus `damping * I`. With H^{-1} in float64,
+    `hessian` is the n x n curvature of the pruned weights in the pruning order, e.g. with
+    `H = hk.HessianOperator(model, criterion, data, params=[m.weight for m in
+    hk.prune.prunable_layers(model).values()]).dense()` and `p = hk.prune.pruning_order(model)`,
+    `H[p][:, p]` (p is the identity without Conv1D layers), plus `damping * I`. With H^{-1} in float64,
     repeat until round(sparsity * n) weights are zero (global ranking):
 
         q = argmin over remaining q of w_q^2 / (2 [H^{-1}]_qq)
@@ -567,48 +630,106 @@ def obs_dense(model: nn.Module, hessian: Tensor, sparsity: float, *, layers: Any
         removed[q] = True
     w[removed] = 0
     _write(chosen, w)
-    return pruned
+    return report_compression(pruned, "obs_dense", chosen, warn=layers is None, why=COVERAGE,
+                              details=dict(sparsity=sparsity, damping=damping))
 
 
 # --------------------------------------------------------------------------- OBD
-def obd_diagonal(model: nn.Module, criterion: Any, data: Any, curvature: str = "ggn", *, layers: Any = None,
-                 num_matvecs: int = 100, seed: int | None = 0) -> Tensor:
-    """The diagonal that `obd` ranks by, over the pruned weights in `prunable_layers` order (float64):
-    "ggn" exactly, "hessian" from `num_matvecs` Hutchinson probes, "empirical_fisher" exactly
-    (see `obd`). Computed once, it serves a whole curve of sparsities via `obd(curvature=diag)`."""
+def _outputs_per_sample(model: nn.Module, data: Any, output_fn: Any) -> int:
+    """C, the model outputs per sample (classes; T x V for a language model's logits), from one
+    forward pass of the first batch in eval mode without gradients."""
+    weight = next(model.parameters())
+    _, batch = next(iter(Batches(data)))
+    inputs, _ = split_batch(move_batch(batch, weight.device, weight.dtype), 0)
+    with torch.no_grad(), eval_mode(model):
+        outputs = model_output(call_model(model, inputs), output_fn)
+    return outputs[0].numel() if outputs.dim() > 0 else 1
+
+
+def _ggn_diagonal(model: nn.Module, criterion: Any, data: Any, layers: Mapping[str, nn.Module], num_matvecs: int,
+                  seed: int | None, exact: bool | None, output_fn: Any) -> tuple[Tensor, dict[str, Any]]:
+    """diag(GGN) over the layers' weights (pruning order) and how it was obtained: exactly when
+    `exact`, or when `exact` is None and C <= num_matvecs (see `obd`), else by Hutchinson."""
+    outputs = _outputs_per_sample(model, data, output_fn)
+    op = GGNOperator(model, criterion, data, _weights(layers), mode="eval", output_fn=output_fn)
+    if (outputs <= num_matvecs) if exact is None else exact:
+        try:
+            diagonal = op.exact_diagonal()
+        except ValueError as error:
+            raise ValueError(f"{error}. OBD: pass exact=False for the Hutchinson estimate of the GGN diagonal, which "
+                             "needs no per-sample losses") from error
+        return diagonal[_positions(layers)], dict(diagonal="exact", outputs_per_sample=outputs)
+    estimate = _estimate_diagonal(_InPruningOrder(op, _positions(layers)), num_matvecs=num_matvecs, seed=seed).value
+    return estimate, dict(diagonal="hutchinson", num_matvecs=num_matvecs, seed=seed, outputs_per_sample=outputs)
+
+
+def _obd_diagonal(model: nn.Module, criterion: Any, data: Any, curvature: str, layers: Any, num_matvecs: int,
+                  seed: int | None, exact: bool | None, output_fn: Any) -> tuple[Tensor, dict[str, Any]]:
+    """`obd_diagonal` and the facts for `.compression.details`."""
     check_choice("curvature", curvature, CURVATURES)
+    _check_count("num_matvecs", num_matvecs)
+    if exact is not None and not isinstance(exact, bool):
+        raise TypeError(f"exact: expected None (choose by cost), True or False, got {exact!r}")
     chosen = _resolve_layers(_check_model(model), layers)
-    weights = _weights(chosen)
+    data = _as_batches(data)
     if curvature == "empirical_fisher":
-        return per_sample_gradients(model, criterion, data, layers=list(chosen)).double().pow(2).mean(dim=0)
-    with _requiring_grad(weights):
+        G = per_sample_gradients(model, criterion, data, layers=list(chosen), output_fn=output_fn)
+        return G.double().pow(2).mean(dim=0), dict(curvature=curvature, diagonal="exact", num_grads=len(G))
+    with requiring_grad(_weights(chosen)):
         if curvature == "ggn":
-            return GGNOperator(model, criterion, data, weights, mode="eval").exact_diagonal().double()
-        _check_count("num_matvecs", num_matvecs)
-        op = HessianOperator(model, criterion, data, weights, mode="eval")
-        return _estimate_diagonal(op, num_matvecs=num_matvecs, seed=seed).value.double()
+            diag, details = _ggn_diagonal(model, criterion, data, chosen, num_matvecs, seed, exact, output_fn)
+        else:
+            op = HessianOperator(model, criterion, data, _weights(chosen), mode="eval", output_fn=output_fn)
+            diag = _estimate_diagonal(_InPruningOrder(op, _positions(chosen)), num_matvecs=num_matvecs, seed=seed).value
+            details = dict(diagonal="hutchinson", num_matvecs=num_matvecs, seed=seed)
+    return diag.double(), dict(curvature=curvature, **details)
+
+
+def obd_diagonal(model: nn.Module, criterion: Any, data: Any, curvature: str = "ggn", *, layers: Any = None,
+                 num_matvecs: int = 100, seed: int | None = 0, exact: bool | None = None,
+                 output_fn: Any = None) -> Tensor:
+    """The diagonal that `obd` ranks by, over the pruned weights in the pruning order (float64):
+    "ggn" exactly or by Hutchinson, chosen by cost (`exact`), "hessian" from `num_matvecs` Hutchinson
+    probes, "empirical_fisher" exactly (see `obd`). Computed once, it serves a whole curve of
+    sparsities via `obd(curvature=diag)`."""
+    return _obd_diagonal(model, criterion, data, curvature, layers, num_matvecs, seed, exact, output_fn)[0]
 
 
 def obd(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, scope: str = "global", layers: Any = None,
-        curvature: Any = "ggn", num_matvecs: int = 100, seed: int | None = 0) -> nn.Module:
+        curvature: Any = "ggn", num_matvecs: int = 100, seed: int | None = 0, exact: bool | None = None,
+        output_fn: Any = None) -> nn.Module:
     r"""Optimal Brain Damage (LeCun, Denker & Solla 1990): a copy with the lowest 1/2 H_qq w_q^2 set to zero.
 
     No compensating update: OBD assumes H is diagonal, so removing q changes nothing else.
     `curvature` says where diag(H) comes from:
 
-    * "ggn" (default): the Gauss-Newton diagonal, exactly (`hk.GGNOperator.exact_diagonal`: one
-      per-sample gradient pass per model output). OBD itself used a Gauss-Newton
-      ("Levenberg-Marquardt") diagonal, computed by a second backward pass.
+    * "ggn" (default): the Gauss-Newton diagonal. OBD itself used a Gauss-Newton
+      ("Levenberg-Marquardt") diagonal, computed by a second backward pass. Two ways, chosen by
+      cost unless `exact` says which:
+      - exactly, by `hk.GGNOperator.exact_diagonal`: C per-sample-gradient passes over the data,
+        C = model outputs per sample, and an N x C x C tensor of output Hessians;
+      - estimated, by `hk.diagonal` on the GGN with `num_matvecs` Rademacher probes (`seed`), each
+        a GGN product (at least one backward pass over the data).
+      With `exact=None` the exact diagonal is used when C <= num_matvecs, i.e. when it takes no
+      more passes over the data than the estimate would. At the default num_matvecs = 100
+      (PyHessian's maxIter, also the "hessian" default here) that is every classifier with up to
+      100 classes, but not a language model: its C is T x V (sequence length times vocabulary), so
+      a tiny GPT-2 with T = 8 and V = 30 has C = 240, and a real one millions. `exact=True` forces
+      the exact diagonal, `exact=False` the estimate. The copy's `.compression.details` says which
+      ran (`diagonal`: "exact" or "hutchinson", `outputs_per_sample`, `num_matvecs`).
     * "hessian": the loss Hessian's diagonal, estimated by `hk.diagonal` with `num_matvecs`
       Rademacher probes (`seed`). Each entry has variance sum_{j != q} H_qj^2 / num_matvecs: on a
       64-wide ReLU MLP, 100 probes leave a median relative error above 100% and a third of the
       entries negative (which ranks those weights first), so prefer "ggn" unless the model is tiny.
+      The Hutchinson estimate of the GGN's diagonal has the same kind of error, with G for H.
     * "empirical_fisher": (1/N) sum_i g_i^2 over all per-sample gradients, exactly (WoodFisher's
-      "diagonal Fisher" baseline; no probes).
+      "diagonal Fisher" baseline; no probes; N per-sample gradients whatever C is).
     * a tensor: the diagonal itself (shape (n,)), or an n x n matrix whose diagonal is used (e.g. a
-      dense Hessian from `op.dense()`), over the pruned weights in `prunable_layers` order.
+      dense Hessian from `op.dense()`), over the pruned weights in the pruning order (see
+      `pruning_order` for models with Conv1D layers).
 
-    Zeros already in the model count as pruned; curvature is evaluated in eval mode.
+    Zeros already in the model count as pruned; curvature is evaluated in eval mode. `output_fn`
+    picks the tensor the criterion sees (see the module docstring).
     """
     sparsity = _check_sparsity(sparsity)
     check_choice("scope", scope, SCOPES)
@@ -624,9 +745,10 @@ def obd(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, scope: 
         else:
             raise ValueError(f"curvature: expected a diagonal of shape ({n},) or a matrix ({n}, {n}) over the "
                              f"pruned weights, got {tuple(curvature.shape)}")
+        details = dict(curvature="given")
     elif curvature in CURVATURES:
-        diag = obd_diagonal(pruned, criterion, data, curvature, layers=list(chosen), num_matvecs=num_matvecs,
-                            seed=seed)
+        diag, details = _obd_diagonal(pruned, criterion, data, curvature, list(chosen), num_matvecs, seed, exact,
+                                      output_fn)
     else:
         raise ValueError(f"curvature: expected one of {CURVATURES} or a tensor, got {curvature!r}")
     if not torch.isfinite(diag).all():
@@ -637,7 +759,8 @@ def obd(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, scope: 
     w = w.clone()
     w[drop] = 0
     _write(chosen, w)
-    return pruned
+    return report_compression(pruned, "obd", chosen, warn=layers is None, why=COVERAGE,
+                              details=dict(sparsity=sparsity, scope=scope, **details))
 
 
 # --------------------------------------------------------------------------- gradual pruning
@@ -661,40 +784,19 @@ class GradualHistory:
     dense_metrics: dict = field(default_factory=dict)
 
 
-def _mean_loss(model: nn.Module, criterion: Any, data: Any) -> float:
-    """The sample-weighted mean loss over the batches of `data`, in eval mode (mode restored)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    try:
-        with torch.no_grad():
-            for n, batch in Batches(data):
-                x, y = move_batch(batch, device, dtype)
-                total += n * float(criterion(model(x), y))
-                count += n
-    finally:
-        for m, flag in flags:
-            m.training = flag
-    return total / count
-
-
 def _minibatches(data: Any, batch_size: int | None, seed: int) -> Iterator[Any]:
     """Endless fine-tuning batches: seeded reshuffles of one (x, y) batch in `batch_size` pieces (all
     of it when None), or the batches of a list / DataLoader in turn, over and over."""
-    if _is_pair(data):
-        x, y = data
-        n = len(x)
+    if is_pair(data):
+        n = num_samples(data)
         if batch_size is None or batch_size >= n:
             while True:
-                yield x, y
+                yield data
         gen = torch.Generator().manual_seed(seed)
         while True:
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n - batch_size + 1, batch_size):
-                idx = perm[start:start + batch_size]
-                yield x[idx], y[idx]
+                yield select_samples(data, perm[start:start + batch_size])
     batches = Batches(data)
     while True:
         for _, batch in batches:
@@ -704,7 +806,7 @@ def _minibatches(data: Any, batch_size: int | None, seed: int) -> Iterator[Any]:
 def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[float], *, method: str = "obs",
             finetune_steps: int = 100, lr: float = 1e-2, optimizer: str = "sgd", batch_size: int | None = None,
             seed: int = 0, evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
-            **prune_kwargs: Any) -> tuple[nn.Module, GradualHistory]:
+            output_fn: Any = None, **prune_kwargs: Any) -> tuple[nn.Module, GradualHistory]:
     """Gradual pruning: prune to each sparsity of the schedule in turn, fine-tuning in between.
 
     For each target s_i (non-decreasing, in [0, 1)): prune the current model to s_i with `method`
@@ -716,7 +818,10 @@ def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[fl
     `gradual_prun`; Zhu & Gupta, "To prune, or not to prune", 2017, for the schedule idea). A new
     optimizer is made at each stage. `evaluate(model) -> {name: value}` (e.g. test accuracy) is
     called after each pruning and each fine-tuning. Returns (pruned copy, `GradualHistory`).
-    The fine-tuning runs in train mode; the copy is returned in the model's original modes.
+    The fine-tuning runs in train mode; the copy is returned in the model's original modes, and
+    carries `.compression` (method "gradual"; `details["method"]` is the pruning method), with one
+    `UncompressedWarning` per call (not one per stage) when `layers` is not given. `output_fn` picks
+    the tensor the criterion sees, for the losses, the fine-tuning and the pruning method.
     """
     _check_model(model)
     check_choice("method", method, METHODS)
@@ -733,14 +838,22 @@ def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[fl
     batch_size = _check_count("batch_size", batch_size, allow_none=True)
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"evaluate: expected a callable evaluate(model) -> dict, got {type(evaluate).__name__}")
-    Batches(data)  # clear errors for empty or one-shot data before any work
+    Batches(_as_batches(data))  # clear errors for empty or one-shot data before any work
     unknown = set(prune_kwargs) - _OPTIONS[method]
     if unknown:
         raise TypeError(f"{sorted(unknown)}: not options of method={method!r}; "
                         f"expected some of {sorted(_OPTIONS[method])}")
 
     def measure(m: nn.Module) -> tuple[float, dict]:
-        return _mean_loss(m, criterion, data), dict(evaluate(m)) if evaluate is not None else {}
+        loss = mean_loss(m, criterion, data, output_fn=output_fn, mode="eval")
+        return loss, dict(evaluate(m)) if evaluate is not None else {}
+
+    def prune_to(m: nn.Module, target: float) -> nn.Module:
+        with warnings.catch_warnings():  # named once for the whole schedule, below
+            warnings.simplefilter("ignore", UncompressedWarning)
+            if method == "magnitude":
+                return magnitude(m, target, **prune_kwargs)
+            return (obs if method == "obs" else obd)(m, criterion, data, target, output_fn=output_fn, **prune_kwargs)
 
     history = GradualHistory(method)
     history.dense_loss, history.dense_metrics = measure(model)
@@ -749,10 +862,7 @@ def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[fl
     stream = _minibatches(data, batch_size, seed)
     layers = prune_kwargs.get("layers")
     for stage, target in enumerate(schedule):
-        if method == "magnitude":
-            current = magnitude(current, target, **prune_kwargs)
-        else:
-            current = (obs if method == "obs" else obd)(current, criterion, data, target, **prune_kwargs)
+        current = prune_to(current, target)
         chosen = _resolve_layers(current, layers)
         history.targets.append(target)
         history.sparsity.append(sparsity(current, list(chosen)).overall)
@@ -768,9 +878,9 @@ def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[fl
         current.train()
         losses = []
         for _ in range(finetune_steps if params else 0):
-            x, y = move_batch(next(stream), device, dtype)
+            x, y = split_batch(move_batch(next(stream), device, dtype), 0)
             opt.zero_grad()
-            batch_loss = criterion(current(x), y)
+            batch_loss = criterion(model_output(call_model(current, x), output_fn), y)
             batch_loss.backward()
             opt.step()
             with torch.no_grad():
@@ -785,4 +895,6 @@ def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[fl
         loss, metrics = measure(current)
         history.loss_finetuned.append(loss)
         history.metrics_finetuned.append(metrics)
+    report_compression(current, "gradual", _resolve_layers(current, layers), warn=layers is None, why=COVERAGE,
+                       details=dict(method=method, sparsities=schedule, finetune_steps=finetune_steps))
     return current, history

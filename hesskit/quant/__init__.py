@@ -10,6 +10,14 @@ Modules: `fake` (grids, granularities, straight-through estimator, size accounti
 (HAWQ, HAWQ-V2, Q-BERT and measured sensitivities), `allocate` (exact knapsack DP and Pareto
 frontier, HAWQ-V3 integer programs, bisection, exhaustive ground truth) and `gptq`. No function
 modifies the model it is given: each returns a copy or a number.
+
+Hugging Face models work as they are: transformers' `Conv1D` (GPT-2) is quantized as the linear
+layer it is (`layer_weight`: its (out, in) view), inputs may be dicts (`model(**inputs)`), a
+ModelOutput's `logits` is what a criterion sees unless `output_fn=` says otherwise, and a tied weight
+is one layer, named after its first module (GPT-2's `transformer.wte`, which `lm_head` shares). Every
+compressed copy carries `.compression`, a `CompressionReport` of the layers compressed and the
+weights left alone; functions that choose the layers themselves also name the latter in an
+`UncompressedWarning`.
 """
 
 from .allocate import (
@@ -29,12 +37,15 @@ from .allocate import (
 from .fake import (
     GRANULARITIES,
     ActivationQuantizer,
+    CompressionReport,
     ModelSize,
     QuantizedLayer,
+    UncompressedWarning,
     fake_quantize,
     freeze,
     grid,
     layer_bits,
+    layer_weight,
     model_size,
     observe_activations,
     quantizable_layers,
@@ -44,7 +55,7 @@ from .fake import (
     round_to_grid,
     ste_fake_quantize,
 )
-from .gptq import gptq, gptq_layer, layer_hessian, round_to_nearest
+from .gptq import gptq, gptq_layer, gptq_layers, layer_hessian, layer_inputs, round_to_nearest
 from .sensitivity import Sensitivities, pair_interactions, rank_correlation, sensitivities
 
 __all__ = [
@@ -56,6 +67,7 @@ __all__ = [
     "grid",
     "round_to_grid",
     "quantizable_layers",
+    "layer_weight",
     "layer_bits",
     "quantize_model",
     "ModelSize",
@@ -65,6 +77,9 @@ __all__ = [
     "quantization_aware",
     "observe_activations",
     "freeze",
+    # what a compression function did
+    "CompressionReport",
+    "UncompressedWarning",
     # sensitivities
     "sensitivities",
     "Sensitivities",
@@ -86,6 +101,8 @@ __all__ = [
     # GPTQ
     "gptq",
     "gptq_layer",
+    "gptq_layers",
     "layer_hessian",
+    "layer_inputs",
     "round_to_nearest",
 ]

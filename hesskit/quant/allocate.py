@@ -35,8 +35,10 @@ import torch
 from torch import nn
 
 from .._probe import is_int, is_real
-from .fake import check_bits, quantizable_layers, quantization_error
-from .sensitivity import PairInteractions, Sensitivities, _check_layers, _Swapper, check_choices
+from .._model import call_model
+from ..layers import is_linear, linear_weight
+from .fake import check_bits, layer_weight, quantizable_layers, quantization_error, weight_users
+from .sensitivity import LayerSwapper, PairInteractions, Sensitivities, check_choices, check_layers, num_samples
 
 __all__ = [
     "CostTable",
@@ -158,7 +160,7 @@ def cost_table(model: nn.Module, sensitivities: Any, choices: Sequence[int] = (2
         return sensitivities
     if not isinstance(sensitivities, Mapping) or not sensitivities:
         raise TypeError(f"sensitivities: expected a Sensitivities or {{layer: value}} mapping, got {sensitivities!r}")
-    modules = _check_layers(model, list(sensitivities))
+    modules = check_layers(model, list(sensitivities))
     names = list(modules)
     metric = getattr(sensitivities, "metric", "")
     sizes = np.array([modules[n].weight.numel() for n in names])
@@ -174,7 +176,7 @@ def cost_table(model: nn.Module, sensitivities: Any, choices: Sequence[int] = (2
         c = np.array([float(factor[n]) for n in names])
         if not np.isfinite(c).all():
             raise ValueError("sensitivities: contain nan or inf")
-        errors = np.array([[quantization_error(modules[n].weight, b, symmetric, granularity, group_size)
+        errors = np.array([[quantization_error(layer_weight(modules[n]), b, symmetric, granularity, group_size)
                             for b in choices] for n in names])
         omega = c[:, None] * errors
     pair_terms = None
@@ -419,16 +421,18 @@ def interpolated_limit(costs: CostTable, table: Any, r: float, low: int | None =
 
 def layer_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
     """Multiply-accumulates of each quantizable layer for ONE sample, counted by forward hooks on
-    `example_input` (a batch): Linear in*out per output position, Conv (in/groups) prod(kernel)
-    per output element, Embedding 0 (a lookup). The model is not modified."""
+    `example_input` (a batch: a tensor, or a dict passed as `model(**example_input)`): Linear and
+    Conv1D in*out per output position, Conv (in/groups) prod(kernel) per output element, Embedding 0
+    (a lookup). A tied weight counts every module that uses it (GPT-2's `transformer.wte` the MACs of
+    `lm_head`). The model is not modified."""
     layers = quantizable_layers(model)
     counts: dict[str, int] = {}
     handles = []
 
     def hook(name):
         def record(module, inputs, output):
-            if isinstance(module, nn.Linear):
-                counts[name] = counts.get(name, 0) + output.numel() * module.in_features
+            if is_linear(module):
+                counts[name] = counts.get(name, 0) + output.numel() * linear_weight(module).shape[1]
             elif isinstance(module, nn.Embedding):
                 counts[name] = counts.get(name, 0)
             else:
@@ -439,16 +443,17 @@ def layer_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        for name, module in layers.items():
-            handles.append(module.register_forward_hook(hook(name)))
+        for name in layers:
+            for user in weight_users(model, name):
+                handles.append(model.get_submodule(user).register_forward_hook(hook(name)))
         with torch.no_grad():
-            model(example_input)
+            call_model(model, example_input)
     finally:
         for h in handles:
             h.remove()
         for m, flag in flags:
             m.training = flag
-    batch = example_input.shape[0] if isinstance(example_input, torch.Tensor) and example_input.dim() > 0 else 1
+    batch = max(num_samples(example_input), 1)
     return {name: counts.get(name, 0) // batch for name in layers}
 
 
@@ -566,7 +571,7 @@ def fine_tuning_order(model: nn.Module, sensitivities: Any, bits: int | Mapping[
     layers = list(sensitivities) if isinstance(sensitivities, Mapping) else None
     if not layers:
         raise TypeError(f"sensitivities: expected a Sensitivities or non-empty {{layer: value}}, got {sensitivities!r}")
-    modules = _check_layers(model, layers)
+    modules = check_layers(model, layers)
     if isinstance(bits, Mapping):
         missing = [n for n in modules if n not in bits]
         if missing:
@@ -576,7 +581,8 @@ def fine_tuning_order(model: nn.Module, sensitivities: Any, bits: int | Mapping[
         widths = {n: check_bits(bits, symmetric) for n in modules}
     factor = sensitivities.curvature if isinstance(sensitivities, Sensitivities) and sensitivities.curvature \
         else sensitivities
-    omega = {n: float(factor[n]) * quantization_error(modules[n].weight, widths[n], symmetric, granularity, group_size)
+    omega = {n: float(factor[n]) * quantization_error(layer_weight(modules[n]), widths[n], symmetric, granularity,
+                                                      group_size)
              for n in modules}
     return sorted(omega, key=lambda n: -omega[n])
 
@@ -658,12 +664,12 @@ def exhaustive(model: nn.Module, choices: Sequence[int], evaluate: Callable[[nn.
     choices = check_choices(choices, symmetric)
     if not callable(evaluate):
         raise TypeError(f"evaluate: expected a callable evaluate(model), got {type(evaluate).__name__}")
-    names = list(_check_layers(model, layers))
+    names = list(check_layers(model, layers))
     count = len(choices) ** len(names)
     if count > max_configs:
         raise ValueError(f"max_configs: {len(choices)}^{len(names)} = {count:,} configurations exceed {max_configs:,}; "
                          "use the allocators (or raise max_configs)")
-    swapper = _Swapper(model, names, choices, granularity, group_size, symmetric, mode)
+    swapper = LayerSwapper(model, names, choices, granularity, group_size, symmetric, mode)
     baseline = evaluate(swapper.apply({}))
     configs = np.array(list(itertools.product(choices, repeat=len(names))), dtype=np.int64)
     results = [evaluate(swapper.apply(dict(zip(names, map(int, row))))) for row in configs]
@@ -737,7 +743,7 @@ def bisection_search(model: nn.Module, order: Sequence[str], evaluate: Callable[
     order = [order] if isinstance(order, str) else list(order)
     if len(set(order)) != len(order):
         raise ValueError(f"order: a layer is listed twice in {order}")
-    names = list(_check_layers(model, order))
+    names = list(check_layers(model, order))
     low_bits, high_bits = check_bits(low_bits, symmetric, "low_bits"), check_bits(high_bits, symmetric, "high_bits")
     if not low_bits < high_bits:
         raise ValueError(f"low_bits, high_bits: expected low_bits < high_bits, got {low_bits} and {high_bits}")
@@ -747,7 +753,7 @@ def bisection_search(model: nn.Module, order: Sequence[str], evaluate: Callable[
         raise ValueError(f"min_drop: expected 0 <= min_drop <= max_drop = {max_drop}, got {min_drop!r}")
     if not callable(evaluate):
         raise TypeError(f"evaluate: expected a callable evaluate(model) -> score, got {type(evaluate).__name__}")
-    swapper = _Swapper(model, names, (low_bits, high_bits), granularity, group_size, symmetric, mode)
+    swapper = LayerSwapper(model, names, (low_bits, high_bits), granularity, group_size, symmetric, mode)
     base = float(evaluate(swapper.apply({}))) if baseline is None else float(baseline)
     probes: list[tuple[int, float, float]] = []
 

@@ -20,6 +20,14 @@ The range (max |w|, or min and max) is taken over a *group* of weights that shar
 When `group_size` does not divide the rows (columns), the last group is smaller, so one group size
 can serve layers of different shapes.
 
+Rows are output channels: a layer's weight is quantized as `layer_weight` gives it, (out, in) for
+nn.Linear and for Hugging Face's `Conv1D` (GPT-2), which stores its weight transposed as (in, out).
+For a Conv1D the rows are therefore the *columns* of the stored weight, so that "channel" means one
+range per output feature for both. GPT-2's fused attention projection `c_attn` (stored (dim, 3 dim))
+is quantized as one (3 dim, dim) matrix whose rows are [Q | K | V], each split into heads of
+head_dim = dim / n_head consecutive rows (GPT-2 splits its output that way), so
+`granularity="rows", group_size=head_dim` gives one range per head of Q, K and V.
+
 Symmetric grids follow HAWQ (q in [-2^(b-1), 2^(b-1) - 1], s from max|w|); asymmetric grids force 0
 into the range, as GPTQ's `find_params` does, so that 0 is exactly representable. A group whose
 weights are all 0 gets scale 1 (it stays 0).
@@ -27,7 +35,10 @@ weights are all 0 gets scale 1 (it stays 0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -36,9 +47,19 @@ from torch.nn import functional as F
 
 from .._copy import model_copy
 from .._probe import is_int
+from ..layers import is_linear, linear_weight, tied_names
 
 __all__ = [
     "GRANULARITIES",
+    "layer_weight",
+    "is_quantizable",
+    "owned_layers",
+    "weight_users",
+    "CompressionReport",
+    "UncompressedWarning",
+    "report_compression",
+    "eval_mode",
+    "requiring_grad",
     "grid",
     "round_to_grid",
     "fake_quantize",
@@ -57,7 +78,125 @@ __all__ = [
 ]
 
 GRANULARITIES = ("tensor", "channel", "rows", "columns")
-QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+# ----------------------------------------------------------------------------- layers and reports
+def layer_weight(layer: nn.Module) -> Tensor:
+    """The weight as hesskit compresses it, output channels first: (out, in) for nn.Linear and
+    transformers' Conv1D (`hk.layers.linear_weight`: for a Conv1D the transposed view of its stored
+    (in, out) weight, so writing into it writes the layer), the stored weight otherwise (Conv:
+    (out, in / groups, *kernel); Embedding: (num_embeddings, dim), one row per token)."""
+    return linear_weight(layer) if is_linear(layer) else layer.weight
+
+
+def owned_layers(model: nn.Module, accept: Callable[[nn.Module], bool]) -> dict[str, nn.Module]:
+    """The modules of `model` that `accept` and that own a weight, by name in model order.
+
+    A weight shared by several modules (tied: GPT-2's `lm_head.weight` *is* `transformer.wte.weight`)
+    belongs to the first module that holds it, the module of the name `model.named_parameters()`
+    reports (`hk.layers.tied_names`' canonical name). It is listed once, under that module's name,
+    and only if `accept` takes that module: GPT-2's tied matrix is the Embedding `transformer.wte`,
+    and `lm_head` is never listed. Compressing it compresses every module that uses it."""
+    aliases = tied_names(model)
+    return {name: m for name, m in model.named_modules()
+            if accept(m) and isinstance(getattr(m, "weight", None), Tensor)
+            and (f"{name}.weight" if name else "weight") not in aliases}
+
+
+def weight_users(model: nn.Module, name: str) -> list[str]:
+    """The layer `name` and the quantizable modules that share its weight (tied: for GPT-2's
+    `transformer.wte`, also `lm_head`), by name."""
+    aliases = [alias.rpartition(".")[0] for alias, canonical in tied_names(model).items()
+               if canonical == f"{name}.weight"]
+    return [name] + [a for a in aliases if is_quantizable(model.get_submodule(a))]
+
+
+@contextmanager
+def eval_mode(model: nn.Module, active: bool = True) -> Iterator[nn.Module]:
+    """Run `model` in eval mode for a while (when `active`); every module's own mode is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        if active:
+            model.eval()
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
+def requiring_grad(params: Iterable[Tensor]) -> Iterator[None]:
+    """Let frozen weights be differentiated for a while (their requires_grad flags are restored)."""
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+class UncompressedWarning(UserWarning):
+    """Names the weights a compression function left as they were (norms, embeddings GPTQ does not
+    quantize, ...), once per call, when the function chose the layers itself. Silence it with
+    `warnings.filterwarnings("ignore", category=hk.quant.UncompressedWarning)`."""
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """What a compression function did, carried by the copy it returns as `.compression`.
+
+    method: the function that made the copy ("quantize_model", "quantization_aware", "freeze",
+        "gptq", "round_to_nearest", "magnitude", "obd", "obs", "obs_with_inverse", "obs_dense",
+        "gradual").
+    layers: {module name: module type} of the layers whose weight it compressed, in model order (a
+        tied weight under the name of its first module, see `owned_layers`).
+    skipped: {name: module type} of the weights it left as they were: a module's name for its
+        `weight`, a parameter's full name otherwise. Biases are never compressed and not listed.
+    details: method-specific facts, e.g. the bit width of each layer, or where OBD's diagonal came from.
+    """
+
+    method: str
+    layers: dict[str, str]
+    skipped: dict[str, str]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _uncompressed(model: nn.Module, compressed: Mapping[str, nn.Module]) -> dict[str, str]:
+    """{name: owning module type} of the parameters, biases aside, that are not a compressed layer's weight."""
+    done = {id(m.weight) for m in compressed.values()}
+    skipped = {}
+    for name, p in model.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        if attr == "bias" or id(p) in done:
+            continue
+        kind = type(model.get_submodule(owner)).__name__
+        skipped[owner if attr == "weight" and owner else name] = kind if attr == "weight" else f"{kind} parameter"
+    return skipped
+
+
+def report_compression(model: nn.Module, method: str, compressed: Mapping[str, nn.Module], *, warn: bool,
+                       why: str = "", details: Mapping[str, Any] | None = None) -> nn.Module:
+    """Attach a `CompressionReport` to `model` (a compressed copy) as `model.compression`, and with
+    `warn` name its uncompressed weights in one `UncompressedWarning` (`why` says what the method
+    covers and how to choose layers). Returns `model`."""
+    skipped = _uncompressed(model, compressed)
+    model.compression = CompressionReport(method, {n: type(m).__name__ for n, m in compressed.items()}, skipped,
+                                          dict(details or {}))
+    if warn and skipped:
+        aliases: dict[str, list[str]] = {}
+        for alias, canonical in tied_names(model).items():
+            aliases.setdefault(canonical.rpartition(".")[0], []).append(alias.rpartition(".")[0])
+        by_type: dict[str, list[str]] = {}
+        for name, kind in skipped.items():
+            also = f" (also {', '.join(aliases[name])})" if name in aliases else ""
+            by_type.setdefault(kind, []).append(name + also)
+        listing = "; ".join(f"{len(v)} {k}: {', '.join(v)}" for k, v in by_type.items())
+        warnings.warn(f"{method}: left {len(skipped)} weights as they were ({listing}). {why}",
+                      UncompressedWarning, stacklevel=3)
+    return model
 
 
 # ----------------------------------------------------------------------------- checks
@@ -183,15 +322,32 @@ def quantization_error(w: Tensor, bits: int, symmetric: bool = True, granularity
 
 
 # ----------------------------------------------------------------------------- models
+def is_quantizable(module: nn.Module) -> bool:
+    """nn.Linear, transformers' Conv1D, nn.Conv1d/2d/3d or nn.Embedding."""
+    return is_linear(module) or isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))
+
+
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers whose weights hesskit quantizes, by module name, in model order: Linear,
-    Conv1d/2d/3d and Embedding (biases, norms and free parameters stay in floating point)."""
+    """The layers whose weights hesskit quantizes, by module name, in model order: Linear, Conv1D,
+    Conv1d/2d/3d and Embedding (biases, norms and free parameters stay in floating point). A tied
+    weight is listed once, under its first module's name (`owned_layers`): GPT-2's
+    `transformer.wte`, whose quantization is also `lm_head`'s."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)}
+    layers = owned_layers(model, is_quantizable)
     if not layers:
         raise ValueError(f"model: has no Linear, Conv or Embedding layer to quantize ({type(model).__name__})")
     return layers
+
+
+def unknown_layer_error(argument: str, unknown: list[str], model: nn.Module, available: Mapping[str, Any],
+                        kind: str) -> ValueError:
+    """The error for layer names that are not among `available`, pointing a tied alias to its owner."""
+    aliases = {a.rpartition(".")[0]: c.rpartition(".")[0] for a, c in tied_names(model).items()}
+    hints = [f"{n!r} shares its weight with {aliases[n]!r}, which holds it" for n in unknown if n in aliases]
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return ValueError(f"{argument}: unknown layer names {unknown}, not {kind} layers of the model{hint}; the {kind} "
+                      f"layers are {list(available)}")
 
 
 def layer_bits(model: nn.Module, bits: int | Mapping[str, int], symmetric: bool = True) -> dict[str, int]:
@@ -201,7 +357,7 @@ def layer_bits(model: nn.Module, bits: int | Mapping[str, int], symmetric: bool 
     if isinstance(bits, Mapping):
         unknown = sorted(set(bits) - set(layers))
         if unknown:
-            raise ValueError(f"bits: unknown layer names {unknown}; quantizable layers are {list(layers)}")
+            raise unknown_layer_error("bits", unknown, model, layers, "quantizable")
         return {name: check_bits(bits[name], symmetric, f"bits[{name!r}]") for name in layers if name in bits}
     bits = check_bits(bits, symmetric)
     return {name: bits for name in layers}
@@ -212,16 +368,22 @@ def quantize_model(model: nn.Module, bits: int | Mapping[str, int], granularity:
     """A copy of `model` whose layer weights are rounded to their grids (round-to-nearest, RTN).
 
     `bits` is one width for every quantizable layer or {layer name: width}; layers left out, biases
-    and norms stay in floating point. The copy is an ordinary model (the weights hold the grid values).
+    and norms stay in floating point. The copy is an ordinary model (the weights hold the grid values);
+    its `.compression` (`CompressionReport`) lists the layers quantized and the weights left alone,
+    and with an int `bits` the latter are also named in an `UncompressedWarning`.
     """
     widths = layer_bits(model, bits, symmetric)
     clone = model_copy(model)
     layers = quantizable_layers(clone)
     with torch.no_grad():
         for name, b in widths.items():
-            w = layers[name].weight
+            w = layer_weight(layers[name])
             w.copy_(fake_quantize(w, b, symmetric, granularity, group_size))
-    return clone
+    return report_compression(
+        clone, "quantize_model", {n: layers[n] for n in widths}, warn=not isinstance(bits, Mapping),
+        why="quantize_model quantizes the weights of Linear, Conv1D, Conv and Embedding layers; pass "
+            "bits={layer: width} to choose them yourself",
+        details=dict(bits=widths, granularity=granularity, group_size=group_size, symmetric=symmetric))
 
 
 @dataclass
@@ -272,18 +434,20 @@ def model_size(model: nn.Module, bits: int | Mapping[str, int], granularity: str
                group_size: int | None = None, symmetric: bool = True, scale_bits: int = 16) -> ModelSize:
     """Exact storage of `quantize_model(model, bits, ...)`, scale overhead included (see `ModelSize`).
 
-    `scale_bits` is the width of a stored scale (16: fp16 scales, as GPTQ's packed format)."""
+    `scale_bits` is the width of a stored scale (16: fp16 scales, as GPTQ's packed format). Every
+    tensor counts once: a tied weight (GPT-2's `lm_head` and `transformer.wte`) is one layer's."""
     widths = layer_bits(model, bits, symmetric)
     if not is_int(scale_bits) or scale_bits <= 0:
         raise ValueError(f"scale_bits: expected a positive integer, got {scale_bits!r}")
     layers = quantizable_layers(model)
     quantized = {id(layers[name].weight): name for name in widths}
     weight = overhead = floating = count = 0
-    for p in model.parameters():
+    for p in model.parameters():  # each tensor once
         if id(p) in quantized:
-            b = widths[quantized[id(p)]]
-            _check_granularity(granularity, group_size, tuple(p.shape))
-            groups = _num_groups(tuple(p.shape), granularity, group_size)
+            name = quantized[id(p)]
+            b, shape = widths[name], tuple(layer_weight(layers[name]).shape)
+            _check_granularity(granularity, group_size, shape)
+            groups = _num_groups(shape, granularity, group_size)
             weight += p.numel() * b
             overhead += groups * (scale_bits + (0 if symmetric else b))
             count += p.numel()
@@ -328,26 +492,32 @@ class ActivationQuantizer(nn.Module):
 
 
 class QuantizedLayer(nn.Module):
-    """A Linear/Conv/Embedding whose forward pass uses its fake-quantized weight (straight-through
+    """A Linear/Conv1D/Conv/Embedding whose forward pass uses its fake-quantized weight (straight-through
     gradient to the float weight, which the optimizer keeps updating) and, with `act_bits`, a
-    fake-quantized input. The wrapped layer's parameters stay where they were (`.layer`)."""
+    fake-quantized input. The wrapped layer's parameters stay where they were (`.layer`). The weight
+    is quantized as `layer_weight` gives it (a Conv1D's per-channel ranges are per output feature)."""
 
     def __init__(self, layer: nn.Module, bits: int, symmetric: bool = True, granularity: str = "tensor",
                  group_size: int | None = None, act_bits: int | None = None):
         super().__init__()
-        _check_granularity(granularity, group_size, tuple(layer.weight.shape))
+        if not is_quantizable(layer):
+            raise TypeError(f"layer: expected nn.Linear, Conv1D, nn.Conv1d/2d/3d or nn.Embedding, got "
+                            f"{type(layer).__name__}")
+        _check_granularity(granularity, group_size, tuple(layer_weight(layer).shape))
         self.layer, self.bits, self.symmetric = layer, check_bits(bits, symmetric), symmetric
         self.granularity, self.group_size = granularity, group_size
         self.act = None if act_bits is None or isinstance(layer, nn.Embedding) else ActivationQuantizer(act_bits)
 
     def quantized_weight(self) -> Tensor:
-        return ste_fake_quantize(self.layer.weight, self.bits, self.symmetric, self.granularity, self.group_size)
+        """The fake-quantized weight in `layer_weight`'s layout ((out, in) for Linear and Conv1D)."""
+        return ste_fake_quantize(layer_weight(self.layer), self.bits, self.symmetric, self.granularity,
+                                 self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.act is not None:
             x = self.act(x)
         w, layer = self.quantized_weight(), self.layer
-        if isinstance(layer, nn.Linear):
+        if is_linear(layer):
             return F.linear(x, w, layer.bias)
         if isinstance(layer, nn.Embedding):
             return F.embedding(x, w, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq,
@@ -367,19 +537,29 @@ def quantization_aware(model: nn.Module, bits: int | Mapping[str, int], act_bits
     wrapped in a `QuantizedLayer` (fake-quantized weight with a straight-through gradient; with
     `act_bits`, a fake-quantized input whose range is observed while `observing` is True: run a
     few batches, then `observe_activations(qat_model, False)` to fix them, or keep observing).
-    `freeze(qat_model)` returns the plain quantized model afterwards."""
+    A tied weight is one layer's (`quantizable_layers`), but every module using it is wrapped with
+    the same grid (GPT-2's `lm_head` as well as `transformer.wte`), so the forward pass is the
+    quantized model's. `freeze(qat_model)` returns the plain quantized model afterwards. The copy
+    carries `.compression` as `quantize_model`'s does."""
     if act_bits is not None:
         check_bits(act_bits, symmetric=False, name="act_bits")
     if model is None or not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, QUANTIZABLE):
+    if is_quantizable(model):
         raise ValueError("model: expected a model containing layers, got a bare layer; wrap it in nn.Sequential")
     widths = layer_bits(model, bits, symmetric)
     clone = model_copy(model)
     layers = quantizable_layers(clone)
     for name, b in widths.items():
-        _replace(clone, name, QuantizedLayer(layers[name], b, symmetric, granularity, group_size, act_bits))
-    return clone
+        for user in weight_users(clone, name):
+            _replace(clone, user, QuantizedLayer(clone.get_submodule(user), b, symmetric, granularity, group_size,
+                                                 act_bits))
+    return report_compression(
+        clone, "quantization_aware", {n: layers[n] for n in widths}, warn=not isinstance(bits, Mapping),
+        why="quantization_aware wraps Linear, Conv1D, Conv and Embedding layers; pass bits={layer: width} to "
+            "choose them yourself",
+        details=dict(bits=widths, act_bits=act_bits, granularity=granularity, group_size=group_size,
+                     symmetric=symmetric))
 
 
 def observe_activations(model: nn.Module, observing: bool) -> nn.Module:
@@ -398,8 +578,12 @@ def freeze(model: nn.Module) -> nn.Module:
     clone = model_copy(model)
     observe_activations(clone, False)
     wrapped = [(n, m) for n, m in clone.named_modules() if isinstance(m, QuantizedLayer)]
+    frozen: dict[str, nn.Module] = {}
     for name, m in wrapped:
-        with torch.no_grad():
-            m.layer.weight.copy_(fake_quantize(m.layer.weight, m.bits, m.symmetric, m.granularity, m.group_size))
+        if all(m.layer.weight is not other.weight for other in frozen.values()):  # a tied weight once
+            with torch.no_grad():
+                w = layer_weight(m.layer)
+                w.copy_(fake_quantize(w, m.bits, m.symmetric, m.granularity, m.group_size))
+            frozen[name] = m.layer
         _replace(clone, name, m.layer if m.act is None else nn.Sequential(m.act, m.layer))
-    return clone
+    return report_compression(clone, "freeze", frozen, warn=False)

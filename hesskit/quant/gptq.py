@@ -21,9 +21,9 @@ The update is then W[:, j:] -= (w_j - q_j) / U_jj * U[j, j:], and H^-1 is never 
 (issue IST-DASLab/gptq#21). Updates are applied lazily, block_size (128) columns at a time.
 
 Details follow the official `gptq.py` / `quant.py`:
-* H is a running mean of 2 x x^T over the calibration inputs (one x per row of a Linear's input,
-  one per patch of a Conv2d's input, via `nn.functional.unfold`). The official code divides by the
-  number of sequences rather than tokens; constant factors cancel (issue #51).
+* H is a running mean of 2 x x^T over the calibration inputs (one x per row of a Linear's or a
+  Conv1D's input, one per patch of a Conv2d's input, via `nn.functional.unfold`). The official
+  code divides by the number of sequences rather than tokens; constant factors cancel (issue #51).
 * Dead inputs (diag H = 0) get H_jj = 1 and W[:, j] = 0.
 * Damping: `damping` x mean(diag H) is added to the diagonal (`percdamp=.01`) before inverting. The
   grids and the reported losses use the damped H only through H^-1.
@@ -39,6 +39,12 @@ Details follow the official `gptq.py` / `quant.py`:
   (group_size not a multiple of block_size); hesskit applies those first, so its result does not
   depend on block_size. When group_size does not divide the columns, the last group is smaller (as
   in the official loop, and in `hk.quant.fake_quantize`).
+* Hugging Face's `Conv1D` (GPT-2) is the linear layer it is: GPTQ works on its (out, in) view
+  (`hk.layers.linear_weight`) and writes the result back into the stored (in, out) weight. A fused
+  projection such as GPT-2's `c_attn` ([Q | K | V] outputs) is one matrix with one layer Hessian,
+  as in the official code; per-row grids are per output feature of Q, K or V.
+* Calibration inputs are tensors (`model(x)`) or dicts (`model(**x)`: `input_ids`,
+  `attention_mask`, ...); GPTQ needs no labels and never looks at the outputs.
 * `act_order`: columns in descending diag(H), permuted back at the end. Without static groups (the
   official default, `--static-groups` off) a group is `group_size` consecutive columns in *that*
   order, and so is here.
@@ -46,20 +52,32 @@ Details follow the official `gptq.py` / `quant.py`:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._batches import first_tensor
 from .._copy import model_copy
+from .._model import call_model
 from .._probe import is_int, is_real
-from .fake import check_bits, grid, quantizable_layers, quantize_model, round_to_grid
+from ..layers import is_linear, linear_weight
+from .fake import (check_bits, eval_mode, grid, layer_weight, quantizable_layers, quantize_model, report_compression,
+                   round_to_grid, unknown_layer_error)
+from .sensitivity import is_pair
 
 __all__ = ["gptq", "gptq_layer", "layer_hessian", "layer_inputs", "round_to_nearest", "gptq_layers"]
 
-SUPPORTED = (nn.Linear, nn.Conv2d)
+SUPPORTED = "nn.Linear, transformers' Conv1D and nn.Conv2d"
+COVERAGE = ("GPTQ quantizes Linear, Conv1D and Conv2d weights (a tied weight goes with its first module); "
+            "pass layers=[...] to choose layers yourself")
+
+
+def is_supported(module: nn.Module) -> bool:
+    """A layer GPTQ quantizes: nn.Linear, transformers' Conv1D or nn.Conv2d."""
+    return is_linear(module) or isinstance(module, nn.Conv2d)
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -125,14 +143,14 @@ def _inverse_cholesky(H: Tensor, damping: float) -> Tensor:
 
 # ----------------------------------------------------------------------------- the layer Hessian
 def layer_inputs(layer: nn.Module, inputs: Tensor) -> Tensor:
-    """The rows x that multiply the layer's weight (as `weight.flatten(1) @ x`): shape (N, cols).
+    """The rows x that multiply the layer's weight (as `layer_weight(layer).flatten(1) @ x`): shape (N, cols).
 
-    Linear: the input reshaped to (-1, in_features) (one row per token for sequences).
+    Linear and Conv1D: the input reshaped to (-1, in_features) (one row per token for sequences).
     Conv2d: one row per output position, the unfolded receptive field (`nn.functional.unfold`,
     the layer's padding, dilation and stride), so that `x @ weight.flatten(1).T` is the convolution
     without its bias."""
-    if isinstance(layer, nn.Linear):
-        return inputs.reshape(-1, layer.in_features)
+    if is_linear(layer):
+        return inputs.reshape(-1, linear_weight(layer).shape[1])
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
             raise ValueError(f"layer: grouped convolutions (groups={layer.groups}) are not supported by GPTQ here; "
@@ -143,14 +161,14 @@ def layer_inputs(layer: nn.Module, inputs: Tensor) -> Tensor:
         padded = F.pad(inputs, layer._reversed_padding_repeated_twice, mode=mode)  # what the conv itself pads
         cols = F.unfold(padded, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    raise TypeError(f"layer: GPTQ supports nn.Linear and nn.Conv2d, got {type(layer).__name__}")
+    raise TypeError(f"layer: GPTQ supports {SUPPORTED}, got {type(layer).__name__}")
 
 
 class _HessianHook:
     """A forward hook that keeps H = 2/N sum_n x_n x_n^T as a running mean (the official `add_batch`)."""
 
     def __init__(self, layer: nn.Module):
-        cols = layer.weight[0].numel()
+        cols = layer_weight(layer)[0].numel()
         dtype = torch.promote_types(layer.weight.dtype, torch.float32)
         self.layer, self.count = layer, 0
         self.H = torch.zeros(cols, cols, dtype=dtype, device=layer.weight.device)
@@ -166,32 +184,35 @@ class _HessianHook:
 
 
 def _calibration_batches(calibration_inputs: Any) -> list[Any]:
-    """A tensor (one batch) or an iterable of batches (a tuple or list batch, e.g. (x, y) from a
-    DataLoader, contributes its first element), as a list that can be replayed once per layer."""
-    if isinstance(calibration_inputs, Tensor):
+    """A tensor or a dict of inputs (one batch), one (inputs, targets) tuple (its inputs), or an
+    iterable of batches (a tuple or list batch, e.g. (x, y) from a DataLoader, contributes its first
+    element), as a list that can be replayed once per layer. Batches with no samples are dropped."""
+    if isinstance(calibration_inputs, (Tensor, Mapping)):
         batches = [calibration_inputs]
-    elif isinstance(calibration_inputs, Iterable) and not isinstance(calibration_inputs, (str, bytes, dict)):
+    elif isinstance(calibration_inputs, tuple) and is_pair(calibration_inputs):  # not its targets as inputs
+        batches = [calibration_inputs[0]]
+    elif isinstance(calibration_inputs, Iterable) and not isinstance(calibration_inputs, (str, bytes)):
         batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration_inputs]
     else:
-        raise TypeError(f"calibration_inputs: expected a tensor of inputs or an iterable of input batches, "
-                        f"got {type(calibration_inputs).__name__}")
-    batches = [b for b in batches if not (isinstance(b, Tensor) and b.shape[:1] == (0,))]
+        raise TypeError(f"calibration_inputs: expected a tensor or dict of inputs, or an iterable of input "
+                        f"batches, got {type(calibration_inputs).__name__}")
+    batches = [b for b in batches if not _is_empty(b)]
     if not batches:
         raise ValueError("calibration_inputs: expected at least one calibration input, got none (empty)")
     return batches
 
 
+def _is_empty(batch: Any) -> bool:
+    t = first_tensor(batch)
+    return t is not None and t.dim() > 0 and t.shape[0] == 0
+
+
 def _run(model: nn.Module, batches: list[Any]) -> None:
-    """Forward every batch in eval mode without gradients; each module's mode is restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(b)
-    finally:
-        for m, training in modes:
-            m.train(training)
+    """Forward every batch (`model(x)`, or `model(**x)` for a dict) in eval mode without gradients;
+    each module's mode is restored after."""
+    with torch.no_grad(), eval_mode(model):
+        for b in batches:
+            call_model(model, b)
 
 
 def _hessians(model: nn.Module, layers: dict[str, nn.Module], batches: list[Any]) -> dict[str, Tensor]:
@@ -209,16 +230,16 @@ def _hessians(model: nn.Module, layers: dict[str, nn.Module], batches: list[Any]
 
 
 def layer_hessian(model: nn.Module, layer: str | nn.Module, calibration_inputs: Any) -> Tensor:
-    """H = 2/N sum_n x_n x_n^T (cols, cols) for one Linear or Conv2d layer of `model`, x_n the rows of
-    `layer_inputs` collected by a forward hook while `model` runs on `calibration_inputs` (a tensor,
-    or an iterable of batches), in eval mode and without gradients. `layer` is a module name or the
-    module itself. The model is not modified (its modes are restored)."""
+    """H = 2/N sum_n x_n x_n^T (cols, cols) for one Linear, Conv1D or Conv2d layer of `model`, x_n the
+    rows of `layer_inputs` collected by a forward hook while `model` runs on `calibration_inputs` (a
+    tensor or dict of inputs, or an iterable of batches), in eval mode and without gradients. `layer`
+    is a module name or the module itself. The model is not modified (its modes are restored)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(layer, str):
         modules = dict(model.named_modules())
         if layer not in modules:
-            raise ValueError(f"layer: {layer!r} is not a module of the model; Linear/Conv2d layers are "
+            raise ValueError(f"layer: {layer!r} is not a module of the model; its Linear/Conv1D/Conv2d layers are "
                              f"{list(_supported_layers(model))}")
         name, module = layer, modules[layer]
     elif isinstance(layer, nn.Module):
@@ -228,31 +249,32 @@ def layer_hessian(model: nn.Module, layer: str | nn.Module, calibration_inputs: 
         module = layer
     else:
         raise TypeError(f"layer: expected a module name or an nn.Module, got {type(layer).__name__}")
-    if not isinstance(module, SUPPORTED):
-        raise TypeError(f"layer: GPTQ supports nn.Linear and nn.Conv2d, got {type(module).__name__} ({name!r})")
+    if not is_supported(module):
+        raise TypeError(f"layer: GPTQ supports {SUPPORTED}, got {type(module).__name__} ({name!r})")
     return _hessians(model, {name: module}, _calibration_batches(calibration_inputs))[name]
 
 
 # ----------------------------------------------------------------------------- whole models
 def _supported_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in quantizable_layers(model).items() if isinstance(m, SUPPORTED)}
+    return {n: m for n, m in quantizable_layers(model).items() if is_supported(m)}
 
 
 def gptq_layers(model: nn.Module, layers: Iterable[str] | str | None = None) -> dict[str, nn.Module]:
-    """The layers `gptq` quantizes, by name in model order: every Linear and Conv2d by default
-    (Embeddings and other layers stay float), or those named in `layers`."""
+    """The layers `gptq` quantizes, by name in model order: every Linear, Conv1D and Conv2d by default
+    (Embeddings and other layers stay float), or those named in `layers`. A tied weight belongs to its
+    first module (`hk.quant.quantizable_layers`): GPT-2's `lm_head` is the Embedding `transformer.wte`,
+    so it stays float, as in the official code, which quantizes the transformer blocks only."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     available = _supported_layers(model)
     if layers is None:
         if not available:
-            raise ValueError(f"model: has no Linear or Conv2d layer for GPTQ ({type(model).__name__})")
+            raise ValueError(f"model: has no Linear, Conv1D or Conv2d layer for GPTQ ({type(model).__name__})")
         return available
     names = [layers] if isinstance(layers, str) else list(layers)
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise ValueError(f"layers: {unknown} are not Linear/Conv2d layers of the model; GPTQ can quantize "
-                         f"{list(available)}")
+        raise unknown_layer_error("layers", unknown, model, available, "Linear/Conv1D/Conv2d")
     if not names:
         raise ValueError("layers: expected at least one layer name, got none")
     return {n: m for n, m in available.items() if n in names}
@@ -261,18 +283,20 @@ def gptq_layers(model: nn.Module, layers: Iterable[str] | str | None = None) -> 
 def gptq(model: nn.Module, calibration_inputs: Any, bits: int, *, group_size: int | None = None,
          symmetric: bool = False, damping: float = 0.01, act_order: bool = False, block_size: int = 128,
          layers: Iterable[str] | str | None = None) -> nn.Module:
-    """A copy of `model` whose Linear and Conv2d weights are quantized by GPTQ (Frantar et al., ICLR 2023).
+    """A copy of `model` with its Linear, Conv1D and Conv2d weights quantized by GPTQ (Frantar et al., ICLR 2023).
 
     Sequential, as the official code: the layers are quantized in model order, and each layer's
     Hessian H = 2 X X^T comes from `calibration_inputs` run through the copy whose earlier layers
     are already quantized, so each layer is fitted to the inputs it will receive (its target is
     still W X on those inputs; the earlier layers' errors are not undone).
-    `calibration_inputs`: a tensor of inputs (no labels: GPTQ needs none) or an iterable of input
-    batches ((x, y) pairs contribute x); the forward passes run in eval mode. `layers`: names of the
-    layers to quantize (default: every Linear and Conv2d; Embeddings stay float). The other options
-    are `gptq_layer`'s; defaults follow the official code (asymmetric per-row grids, percdamp 0.01,
-    blocksize 128, no groups, no act-order). Biases stay float. `model` is not modified; the copy
-    keeps its train/eval mode and requires_grad flags.
+    `calibration_inputs`: a tensor or dict of inputs (no labels: GPTQ needs none), one (x, y) tuple,
+    or an iterable of input batches ((x, y) pairs contribute x); the forward passes run in eval mode. `layers`: names
+    of the layers to quantize (default: `gptq_layers`, every Linear, Conv1D and Conv2d; Embeddings
+    stay float). The other options are `gptq_layer`'s; defaults follow the official code (asymmetric
+    per-row grids, percdamp 0.01, blocksize 128, no groups, no act-order). Biases stay float.
+    `model` is not modified; the copy keeps its train/eval mode and requires_grad flags, and carries
+    `.compression` (`hk.quant.CompressionReport`: the layers quantized, the weights left float);
+    with the default `layers` the latter are also named in an `UncompressedWarning`.
     """
     targets = gptq_layers(model, layers)
     check_bits(bits, symmetric)
@@ -284,12 +308,14 @@ def gptq(model: nn.Module, calibration_inputs: Any, bits: int, *, group_size: in
         for name, layer in chosen.items():
             H = _hessians(clone, {name: layer}, batches)[name]
             try:
-                Q, _ = gptq_layer(layer.weight.flatten(1), H, bits, group_size=group_size, symmetric=symmetric,
+                Q, _ = gptq_layer(layer_weight(layer).flatten(1), H, bits, group_size=group_size, symmetric=symmetric,
                                   damping=damping, act_order=act_order, block_size=block_size)
             except ValueError as error:
                 raise ValueError(f"layer {name!r}: {error}") from error
-            layer.weight.copy_(Q.reshape(layer.weight.shape))
-    return clone
+            layer_weight(layer).copy_(Q.reshape(layer_weight(layer).shape))
+    return report_compression(clone, "gptq", chosen, warn=layers is None, why=COVERAGE,
+                              details=dict(bits=bits, group_size=group_size, symmetric=symmetric, damping=damping,
+                                           act_order=act_order))
 
 
 def round_to_nearest(model: nn.Module, bits: int, *, group_size: int | None = None, symmetric: bool = False,
@@ -297,12 +323,14 @@ def round_to_nearest(model: nn.Module, bits: int, *, group_size: int | None = No
     """The baseline GPTQ is compared with (the official `--nearest`): a copy whose `gptq_layers` are
     rounded to the nearest point of the same grids `gptq` uses (one per row, or per row and group of
     `group_size` columns), without compensation. `hk.quant.quantize_model` with granularity
-    "channel" or "columns" on the same layers."""
+    "channel" or "columns" on the same layers; `.compression` and the warning as `gptq`'s."""
     targets = gptq_layers(model, layers)
     check_bits(bits, symmetric)
     _check_options(group_size, 0.0, False, 1)
     granularity = "channel" if group_size is None else "columns"
-    return quantize_model(model, {n: bits for n in targets}, granularity, group_size, symmetric)
+    clone = quantize_model(model, {n: bits for n in targets}, granularity, group_size, symmetric)
+    return report_compression(clone, "round_to_nearest", gptq_layers(clone, list(targets)), warn=layers is None,
+                              why=COVERAGE, details=dict(bits=bits, group_size=group_size, symmetric=symmetric))
 
 
 # ----------------------------------------------------------------------------- checks

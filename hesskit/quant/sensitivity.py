@@ -24,6 +24,13 @@ cross terms z_i^T H_ij z_j have mean 0, so the per-layer dot products z_i^T (H z
 Tr(H_i) from the same product (as the pilots of the research notes; HAWQ-V2 does not say how it
 batched its probes). Each layer's estimate has its own standard error from the spread of its
 quadratic forms.
+
+Models. Inputs may be tensors (`model(x)`) or dicts (`model(**x)`, Hugging Face's `input_ids` and
+`attention_mask`); `output_fn(outputs) -> tensor` picks what the criterion sees (default: a tensor
+as it is, a ModelOutput's `logits`), so a sequence criterion such as `hk.SequenceCrossEntropy()`
+works on a language model's (B, T, V) logits. Layers are `hk.quant.quantizable_layers`: Conv1D
+(GPT-2) included, and a tied weight once, under its first module's name (GPT-2's `transformer.wte`,
+which is also `lm_head`): its Hessian block is that of the one shared tensor, both uses included.
 """
 
 from __future__ import annotations
@@ -37,14 +44,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .._batches import Batches, is_batch
+from .._batches import Batches, first_tensor, is_batch, move_batch
+from .._model import call_model, model_output, split_batch
 from .._probe import check_count, is_int, make_generator, probes
 from ..eigen import eigenvalues
 from ..operators import HessianOperator, _mode_sensitive_modules
 from ..trace import _CHUNK, trace
-from .fake import check_bits, fake_quantize, quantizable_layers
+from .fake import (check_bits, eval_mode, fake_quantize, layer_weight, quantizable_layers, requiring_grad,
+                   unknown_layer_error)
 
 __all__ = [
     "METRICS",
@@ -54,6 +63,9 @@ __all__ = [
     "PairInteractions",
     "pair_interactions",
     "mean_loss",
+    "select_samples",
+    "num_samples",
+    "is_pair",
     "rank_correlation",
 ]
 
@@ -106,7 +118,8 @@ class Sensitivities(dict):
 
 
 # ----------------------------------------------------------------------------- checks and helpers
-def _check_layers(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Module]:
+def check_layers(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Module]:
+    """`layers` (None: all, a name, or names) as {name: module} among `quantizable_layers`, in model order."""
     everything = quantizable_layers(model)
     if layers is None:
         return everything
@@ -114,18 +127,20 @@ def _check_layers(model: nn.Module, layers: Sequence[str] | None) -> dict[str, n
         layers = [layers]
     layers = list(layers)
     unknown = [name for name in layers if name not in everything]
-    if unknown or not layers:
-        raise ValueError(f"layers: expected names among the quantizable layers {list(everything)}, got {layers}")
+    if unknown:
+        raise unknown_layer_error("layers", unknown, model, everything, "quantizable")
+    if not layers:
+        raise ValueError(f"layers: expected names among the quantizable layers {list(everything)}, got none")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers: a layer is listed twice in {layers}")
     return {name: everything[name] for name in everything if name in layers}
 
 
 def _check_data(data: Any) -> list[Any]:
-    """`data` as a list of (inputs, targets) batches (a DataLoader is read once)."""
+    """`data` as a list of (inputs, targets) batches (a DataLoader is read once); inputs a tensor or a dict."""
     if data is None:
         raise ValueError("data: expected an (inputs, targets) batch or a list of batches, got None")
-    if is_batch(data):
+    if is_batch(data) or is_pair(data):
         batches = [data]
     elif isinstance(data, (list, tuple)) or hasattr(data, "__iter__"):
         if iter(data) is data:
@@ -136,10 +151,9 @@ def _check_data(data: Any) -> list[Any]:
     if not batches:
         raise ValueError("data: expected at least one batch, got none")
     for i, batch in enumerate(batches):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError(f"data: batch {i} should be an (inputs, targets) pair")
-        if len(batch[0]) == 0:
-            raise ValueError(f"data: batch {i} is empty (0 samples)")
+        split_batch(batch, i)
+    for _ in Batches(batches):  # sample counts: a clear error for an empty batch
+        pass
     return batches
 
 
@@ -157,18 +171,51 @@ def _check_criterion(criterion: Any) -> None:
         raise TypeError(f"criterion: expected a callable criterion(outputs, targets), got {type(criterion).__name__}")
 
 
-def mean_loss(model: nn.Module, criterion: Any, data: Any) -> float:
-    """(1/N) sum_b N_b criterion(model(x_b), y_b) over the batches of `data`, without gradients,
-    in float64 accumulation: the loss every curvature operator of hesskit differentiates."""
+def mean_loss(model: nn.Module, criterion: Any, data: Any, *, output_fn: Any = None, mode: str | None = None) -> float:
+    """(1/N) sum_b N_b criterion(outputs_b, y_b) over the batches of `data`, without gradients, in
+    float64 accumulation: the loss every curvature operator of hesskit differentiates.
+
+    outputs_b is `output_fn(model(x_b))` (`model(**x_b)` for dict inputs; without `output_fn` a tensor
+    as it is, a ModelOutput's `logits`). Batches move to the model's device (floating tensors to its
+    dtype). `mode="eval"` evaluates in eval mode (every module's mode is restored after); None (default)
+    as the model is."""
+    if mode not in (None, "eval"):
+        raise ValueError(f"mode: expected None or 'eval', got {mode!r}")
+    weight = next(model.parameters(), None)
     total, count = 0.0, 0
-    with torch.no_grad():
-        for n, (x, y) in Batches(_check_data(data)):
-            total += n * float(criterion(model(x), y))
+    with torch.no_grad(), eval_mode(model, mode == "eval"):
+        for index, (n, batch) in enumerate(Batches(_check_data(data))):
+            if weight is not None:
+                batch = move_batch(batch, weight.device, weight.dtype)
+            x, y = split_batch(batch, index)
+            total += n * float(criterion(model_output(call_model(model, x), output_fn), y))
             count += n
     return total / count
 
 
-class _Swapper:
+def is_pair(data: Any) -> bool:
+    """One (inputs, targets) batch: inputs a tensor or a dict of model inputs, targets a tensor, both
+    with the same (nonzero-dimensional) number of samples. A list of batches is not one."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (Tensor, Mapping))
+            and isinstance(data[1], Tensor) and data[1].dim() > 0):
+        return False
+    inputs = first_tensor(data[0])
+    return inputs is not None and inputs.dim() > 0 and inputs.shape[0] == data[1].shape[0]
+
+
+def select_samples(batch: Any, index: Any) -> Any:
+    """The samples `index` (an int tensor or a slice) of a batch: every tensor with a leading
+    (sample) dimension is indexed, in dict inputs and (inputs, targets) pairs alike."""
+    return torch.utils._pytree.tree_map(lambda t: t[index] if isinstance(t, Tensor) and t.dim() > 0 else t, batch)
+
+
+def num_samples(batch: Any) -> int:
+    """The leading dimension of a batch's first tensor (for (inputs, targets): of the inputs)."""
+    t = first_tensor(batch)
+    return 0 if t is None else (int(t.shape[0]) if t.dim() > 0 else 1)
+
+
+class LayerSwapper:
     """A private working copy of a model whose layer weights are swapped for precomputed
     quantized versions: one deep copy, then only `copy_` per configuration. The user's model is
     never touched."""
@@ -182,7 +229,7 @@ class _Swapper:
         if mode == "eval":
             self.model.eval()
         modules = quantizable_layers(self.model)
-        self.weights = {name: modules[name].weight for name in layers}
+        self.weights = {name: layer_weight(modules[name]) for name in layers}  # Conv1D: the (out, in) view
         self.original = {name: w.detach().clone() for name, w in self.weights.items()}
         self.quantized = {(name, b): fake_quantize(self.original[name], b, symmetric, granularity, group_size)
                           for name in layers for b in choices}
@@ -229,11 +276,11 @@ def _subsets(batches: list[Any], num_subsets: int) -> list[list[Any]]:
         bounds = np.linspace(0, len(batches), num_subsets + 1).round().astype(int)
         return [batches[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     if len(batches) == 1:
-        x, y = batches[0]
-        if len(x) < num_subsets:
-            raise ValueError(f"num_subsets: expected at most the {len(x)} samples of the batch, got {num_subsets}")
-        bounds = np.linspace(0, len(x), num_subsets + 1).round().astype(int)
-        return [[(x[a:b], y[a:b])] for a, b in zip(bounds[:-1], bounds[1:])]
+        n = num_samples(batches[0])
+        if n < num_subsets:
+            raise ValueError(f"num_subsets: expected at most the {n} samples of the batch, got {num_subsets}")
+        bounds = np.linspace(0, n, num_subsets + 1).round().astype(int)
+        return [[select_samples(batches[0], slice(a, b))] for a, b in zip(bounds[:-1], bounds[1:])]
     raise ValueError(f"num_subsets: with {len(batches)} batches, expected at most {len(batches)} subsets "
                      f"(or pass one batch to split), got {num_subsets}")
 
@@ -278,11 +325,12 @@ def layer_traces(op: HessianOperator, groups: Mapping[str, Sequence[str]], num_m
 
 
 def _weight(name: str) -> str:
-    return f"{name}.weight"
+    """The parameter name of a layer's weight (the canonical one: `quantizable_layers` lists owners)."""
+    return f"{name}.weight" if name else "weight"
 
 
-def _top_eigenvalue(model, criterion, data, name, which, tol, max_matvecs, seed, mode):
-    op = HessianOperator(model, criterion, data, params=[_weight(name)], mode=mode)
+def _top_eigenvalue(model, criterion, data, name, which, tol, max_matvecs, seed, mode, output_fn):
+    op = HessianOperator(model, criterion, data, params=[_weight(name)], mode=mode, output_fn=output_fn)
     result = eigenvalues(op, k=1, which=which, tol=tol, max_matvecs=max_matvecs, seed=seed)
     return float(result.values[0]), float(result.residuals[0]), result.num_matvecs
 
@@ -291,13 +339,14 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
                   num_matvecs: int | None = None, num_subsets: int = 5, seed: int | None = 0,
                   method: str = "joint", which: str = "magnitude", tol: float = 1e-3,
                   layers: Sequence[str] | None = None, granularity: str = "tensor", group_size: int | None = None,
-                  symmetric: bool = True, mode: str | None = None) -> Sensitivities:
+                  symmetric: bool = True, mode: str | None = None, output_fn: Any = None) -> Sensitivities:
     """Per-layer sensitivity of `model`'s loss to quantizing each layer's weight.
 
     Args:
         model, criterion, data: the loss (1/N) sum criterion(model(x), y) over `data` (one (x, y)
-            batch or a list/DataLoader of batches), as for `hk.HessianOperator`. The Hessian is
-            taken over the layers' weights only (biases stay in floating point).
+            batch or a list/DataLoader of batches; x a tensor or a dict of model inputs), as for
+            `hk.HessianOperator`. The Hessian is taken over the layers' weights only (biases stay
+            in floating point).
         metric: "trace" (HAWQ-V2, Tr(H_i)/n_i), "eigenvalue" (HAWQ, lambda_max(H_i)/n_i), "qbert"
             (Q-BERT, |mean| + std of lambda_max(H_i) over `num_subsets` disjoint data subsets) or
             "measured" (the loss change of quantizing layer i alone to `bits`).
@@ -315,14 +364,18 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
             magnitude, what HAWQ's and PyHessian's power iteration returns, and how Q-BERT can see
             negative "top" eigenvalues) or "largest" (algebraic).
         tol: Lanczos tolerance (PyHessian's default 1e-3).
-        layers: a subset of `hk.quant.quantizable_layers(model)` (default: all).
+        layers: a subset of `hk.quant.quantizable_layers(model)` (default: all; a tied weight is
+            one layer, named after its first module, e.g. GPT-2's `transformer.wte`, not `lm_head`).
         granularity, group_size, symmetric: the quantizer of "measured" (see `hk.quant.fake_quantize`).
         mode: None (the model as it is; a model in train mode with BatchNorm or dropout is refused)
             or "eval".
+        output_fn: `output_fn(model outputs) -> tensor` for the criterion (default: a tensor as it
+            is, a ModelOutput's `logits`).
 
     Returns a `Sensitivities` dict {layer: value} with `.stderr`, `.curvature` (the factor of
     ||Q_b(W_i) - W_i||^2 in the allocation cost), `.num_params`, `.num_matvecs`, `.seed`.
-    The model is not modified.
+    The model is not modified; frozen weights (requires_grad=False) are differentiated all the same,
+    their flags restored.
     """
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
@@ -334,7 +387,7 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     _check_criterion(criterion)
     _check_mode(model, mode)
-    modules = _check_layers(model, layers)
+    modules = check_layers(model, layers)
     names = list(modules)
     batches = _check_data(data)
     sizes = {name: modules[name].weight.numel() for name in names}
@@ -343,54 +396,60 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
 
     if metric == "measured":
         widths = _bits_tuple(bits, symmetric)
-        swapper = _Swapper(model, names, widths, granularity, group_size, symmetric, mode)
-        base = mean_loss(swapper.apply({}), criterion, batches)
-        table = {}
-        for name in names:
-            table[name] = {b: mean_loss(swapper.apply({name: b}), criterion, batches) - base for b in widths}
+        swapper = LayerSwapper(model, names, widths, granularity, group_size, symmetric, mode)
+
+        def loss(config: Mapping[str, int]) -> float:
+            return mean_loss(swapper.apply(config), criterion, batches, output_fn=output_fn)
+
+        base = loss({})
+        table = {name: {b: loss({name: b}) - base for b in widths} for name in names}
         low = min(widths)
         return Sensitivities({name: table[name][low] for name in names}, table=table, bits=widths if len(widths) > 1
                              else widths[0], wall_time=time.perf_counter() - start, baseline_loss=base, **common)
 
-    if metric == "trace":
-        m = 100 if num_matvecs is None else check_count("num_matvecs", num_matvecs, 3 if method == "hutch++" else 1)
-        op = HessianOperator(model, criterion, batches, params=[_weight(n) for n in names], mode=mode)
-        if method == "joint":
-            values, stderr, samples = layer_traces(op, {n: [_weight(n)] for n in names}, m, seed)
-            used = op.num_matvecs
-        else:
-            values, stderr, samples, used = {}, {}, {}, 0
-            for name, block in zip(names, (op.restrict([_weight(n)]) for n in names)):
-                result = trace(block, m, method=method, seed=seed)
-                values[name], stderr[name], used = result.value, result.stderr, used + result.num_matvecs
-        per = {n: values[n] / sizes[n] for n in names}
-        return Sensitivities(per, stderr={n: stderr[n] / sizes[n] for n in names}, curvature=per,
-                             samples={n: s / sizes[n] for n, s in samples.items()}, num_matvecs=used,
-                             wall_time=time.perf_counter() - start, **common)
+    with requiring_grad([modules[n].weight for n in names]):  # frozen weights too; flags restored
+        if metric == "trace":
+            m = 100 if num_matvecs is None else check_count("num_matvecs", num_matvecs, 3 if method == "hutch++" else 1)
+            op = HessianOperator(model, criterion, batches, params=[_weight(n) for n in names], mode=mode,
+                                 output_fn=output_fn)
+            if method == "joint":
+                values, stderr, samples = layer_traces(op, {n: [_weight(n)] for n in names}, m, seed)
+                used = op.num_matvecs
+            else:
+                values, stderr, samples, used = {}, {}, {}, 0
+                for name, block in zip(names, (op.restrict([_weight(n)]) for n in names)):
+                    result = trace(block, m, method=method, seed=seed)
+                    values[name], stderr[name], used = result.value, result.stderr, used + result.num_matvecs
+            per = {n: values[n] / sizes[n] for n in names}
+            return Sensitivities(per, stderr={n: stderr[n] / sizes[n] for n in names}, curvature=per,
+                                 samples={n: s / sizes[n] for n, s in samples.items()}, num_matvecs=used,
+                                 wall_time=time.perf_counter() - start, **common)
 
-    if metric == "eigenvalue":
-        values, residuals, used = {}, {}, 0
-        for name in names:
-            lam, res, count = _top_eigenvalue(model, criterion, batches, name, which, tol, num_matvecs, seed, mode)
-            values[name], residuals[name], used = lam, res, used + count
-        return Sensitivities({n: values[n] / sizes[n] for n in names}, curvature=values,
-                             residuals={n: residuals[n] / sizes[n] for n in names}, num_matvecs=used,
-                             wall_time=time.perf_counter() - start, **common)
+        if metric == "eigenvalue":
+            values, residuals, used = {}, {}, 0
+            for name in names:
+                lam, res, count = _top_eigenvalue(model, criterion, batches, name, which, tol, num_matvecs, seed, mode,
+                                                  output_fn)
+                values[name], residuals[name], used = lam, res, used + count
+            return Sensitivities({n: values[n] / sizes[n] for n in names}, curvature=values,
+                                 residuals={n: residuals[n] / sizes[n] for n in names}, num_matvecs=used,
+                                 wall_time=time.perf_counter() - start, **common)
 
-    # Q-BERT
-    check_count("num_subsets", num_subsets, 2)
-    parts = _subsets(batches, num_subsets)
-    lams = {name: [] for name in names}
-    used = 0
-    for part in parts:
-        for name in names:
-            lam, _, count = _top_eigenvalue(model, criterion, part, name, which, tol, num_matvecs, seed, mode)
-            lams[name].append(lam)
-            used += count
-    samples = {n: np.array(v) for n, v in lams.items()}
-    stat = {n: abs(float(s.mean())) + float(s.std(ddof=1)) for n, s in samples.items()}
-    return Sensitivities(stat, curvature=stat, samples=samples, num_matvecs=used,
-                         wall_time=time.perf_counter() - start, **common)
+        # Q-BERT
+        check_count("num_subsets", num_subsets, 2)
+        parts = _subsets(batches, num_subsets)
+        lams = {name: [] for name in names}
+        used = 0
+        for part in parts:
+            for name in names:
+                lam, _, count = _top_eigenvalue(model, criterion, part, name, which, tol, num_matvecs, seed, mode,
+                                                output_fn)
+                lams[name].append(lam)
+                used += count
+        samples = {n: np.array(v) for n, v in lams.items()}
+        stat = {n: abs(float(s.mean())) + float(s.std(ddof=1)) for n, s in samples.items()}
+        return Sensitivities(stat, curvature=stat, samples=samples, num_matvecs=used,
+                             wall_time=time.perf_counter() - start, **common)
 
 
 # ----------------------------------------------------------------------------- inter-layer terms
@@ -419,9 +478,10 @@ class PairInteractions:
 
 def pair_interactions(model: nn.Module, criterion: Any, data: Any, choices: Sequence[int] = (2, 3, 4, 8), *,
                       layers: Sequence[str] | None = None, granularity: str = "tensor", group_size: int | None = None,
-                      symmetric: bool = True, mode: str | None = None) -> PairInteractions:
+                      symmetric: bool = True, mode: str | None = None, output_fn: Any = None) -> PairInteractions:
     """Measure the interaction terms of every pair of consecutive quantizable layers (in model
-    order) at every pair of widths in `choices`: L |B| + (L - 1) |B|^2 loss evaluations.
+    order) at every pair of widths in `choices`: L |B| + (L - 1) |B|^2 loss evaluations. Data,
+    `output_fn` and layers as for `sensitivities`.
 
     Consecutive in model order is "adjacent" for a chain (an MLP, a plain CNN); for residual
     networks it is a heuristic. The model is not modified."""
@@ -430,17 +490,21 @@ def pair_interactions(model: nn.Module, criterion: Any, data: Any, choices: Sequ
     _check_criterion(criterion)
     _check_mode(model, mode)
     widths = check_choices(choices, symmetric)
-    names = list(_check_layers(model, layers))
+    names = list(check_layers(model, layers))
     batches = _check_data(data)
-    swapper = _Swapper(model, names, widths, granularity, group_size, symmetric, mode)
-    base = mean_loss(swapper.apply({}), criterion, batches)
+    swapper = LayerSwapper(model, names, widths, granularity, group_size, symmetric, mode)
+
+    def loss(config: Mapping[str, int]) -> float:
+        return mean_loss(swapper.apply(config), criterion, batches, output_fn=output_fn)
+
+    base = loss({})
     L, B = len(names), len(widths)
-    singles = np.array([[mean_loss(swapper.apply({n: b}), criterion, batches) - base for b in widths] for n in names])
+    singles = np.array([[loss({n: b}) - base for b in widths] for n in names])
     terms = np.zeros((max(L - 1, 0), B, B))
     for i in range(L - 1):
         for a, ba in enumerate(widths):
             for c, bc in enumerate(widths):
-                joint = mean_loss(swapper.apply({names[i]: ba, names[i + 1]: bc}), criterion, batches) - base
+                joint = loss({names[i]: ba, names[i + 1]: bc}) - base
                 terms[i, a, c] = joint - singles[i, a] - singles[i + 1, c]
     return PairInteractions(names, widths, singles, terms, base, 1 + L * B + (L - 1) * B * B)
 
