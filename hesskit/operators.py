@@ -34,7 +34,7 @@ from .layers import tied_names
 __all__ = [
     "NonFiniteError",
     "MatrixFreeOperator", "CurvatureOperator", "HessianOperator", "GGNOperator", "EmpiricalFisherOperator",
-    "LossHessian", "LossGGN",
+    "LossHessian", "LossGGN", "layer_groups", "mode_sensitive_modules",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -92,7 +92,7 @@ def layer_groups(names: list[str], by: str = "module") -> dict[str, list[str]]:
     return groups
 
 
-def _mode_sensitive_modules(model: nn.Module) -> tuple[list[str], list[str]]:
+def mode_sensitive_modules(model: nn.Module) -> tuple[list[str], list[str]]:
     """Names of (BatchNorm-like, dropout-like) submodules whose output depends on train mode."""
     batchnorms, dropouts = [], []
     for name, m in model.named_modules():
@@ -329,7 +329,7 @@ class CurvatureOperator(MatrixFreeOperator):
 
     # ----------------------------------------------------------------- model safety
     def _check_mode(self) -> None:
-        batchnorms, dropouts = _mode_sensitive_modules(self.model)
+        batchnorms, dropouts = mode_sensitive_modules(self.model)
         modules = dict(self.model.named_modules())
         training = [name for name in batchnorms + dropouts if modules.get(name, self.model).training]
         if self.mode is None and training:
@@ -603,7 +603,7 @@ class GGNOperator(CurvatureOperator):
         if self.criterion is None:
             raise ValueError("loss_fn: exact_diagonal needs criterion(outputs, targets), to split each sample's loss "
                              "from the model; use hk.diagonal(op) with loss_fn")
-        batchnorms, _ = _mode_sensitive_modules(self.model)
+        batchnorms, _ = mode_sensitive_modules(self.model)
         if self.mode == "train" and batchnorms:
             raise ValueError(f"mode: per-sample terms are undefined with BatchNorm batch statistics ({batchnorms}); "
                              "use mode='eval'")
@@ -654,7 +654,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def _check_mode(self) -> None:
         super()._check_mode()
-        batchnorms, _ = _mode_sensitive_modules(self.model)
+        batchnorms, _ = mode_sensitive_modules(self.model)
         if self.mode == "train" and batchnorms:
             raise ValueError(
                 f"mode: per-sample gradients are undefined with BatchNorm batch statistics ({batchnorms}); use mode='eval'"

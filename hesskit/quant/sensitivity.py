@@ -50,7 +50,7 @@ from .._batches import Batches, first_tensor, is_batch, move_batch
 from .._model import call_model, model_output, split_batch
 from .._probe import check_count, is_int, make_generator, probes
 from ..eigen import eigenvalues
-from ..operators import HessianOperator, _mode_sensitive_modules
+from ..operators import HessianOperator, mode_sensitive_modules
 from ..trace import _CHUNK, trace
 from .fake import (check_bits, eval_mode, fake_quantize, layer_weight, quantizable_layers, requiring_grad,
                    unknown_layer_error)
@@ -160,7 +160,7 @@ def _check_data(data: Any) -> list[Any]:
 def _check_mode(model: nn.Module, mode: str | None) -> None:
     if mode not in (None, "eval"):
         raise ValueError(f"mode: expected None or 'eval', got {mode!r}")
-    batchnorms, dropouts = _mode_sensitive_modules(model)
+    batchnorms, dropouts = mode_sensitive_modules(model)
     if mode is None and model.training and (batchnorms or dropouts):
         raise ValueError(f"mode: the model is in train mode and has {', '.join(batchnorms + dropouts)}; "
                          "call model.eval() first or pass mode='eval'")
