@@ -19,6 +19,7 @@ One module per notebook:
 - `qbert`: 12, Q-BERT's group-wise quantization of a tiny transformer
 - `pruning`: 13, OBD, OBS and M-FAC pruning
 - `gptq`: 14, GPTQ against round-to-nearest
+- `your_model`: 15, the second-order picture of a Hugging Face transformer (a small BERT)
 """
 
 from ._base import Explorer, budget, fast_mode
@@ -37,6 +38,7 @@ from .shootout import ShootoutExplorer
 from .sophia import SophiaExplorer
 from .spectral_density import DensityExplorer
 from .trace_estimation import TraceExplorer
+from .your_model import YourModelExplorer
 
 __all__ = [
     "Explorer",
@@ -58,4 +60,5 @@ __all__ = [
     "QBERTExplorer",
     "PruningExplorer",
     "GPTQExplorer",
+    "YourModelExplorer",
 ]
