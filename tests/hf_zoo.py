@@ -3,6 +3,7 @@ default attention, and batches the way their users make them: dict inputs with p
 
 from __future__ import annotations
 
+import copy
 import types
 from dataclasses import dataclass
 
@@ -134,3 +135,17 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
                for a, b in zip(after["grads"], before["grads"]))
     assert before["state"].keys() == after["state"].keys()
     assert all(torch.equal(before["state"][k], after["state"][k]) for k in before["state"])
+
+
+def linear_twin(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every Conv1D replaced by the equivalent nn.Linear (weight transposed)."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if hk.layers.is_conv1d(module):
+            linear = nn.Linear(*module.weight.shape, dtype=module.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.T)
+                linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, linear)
+    return twin

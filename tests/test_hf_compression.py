@@ -17,7 +17,9 @@ from torch import nn
 import hesskit as hk
 from hesskit import prune, quant
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402 (a test dependency: never skipped)
+from hf_zoo import linear_twin  # noqa: E402
+
 transformers.logging.set_verbosity_error()
 
 VOCAB, LENGTH, EMBED, HEADS, BLOCKS = 30, 8, 16, 2, 2
@@ -43,20 +45,6 @@ def bert():
                                      intermediate_size=2 * EMBED, max_position_embeddings=16, num_labels=3,
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return transformers.BertForSequenceClassification(config).double()
-
-
-def linear_twin(model):
-    """A copy of `model` with every Conv1D replaced by the equivalent nn.Linear (weight transposed)."""
-    twin = copy.deepcopy(model)
-    for name, module in list(twin.named_modules()):
-        if hk.layers.is_conv1d(module):
-            linear = nn.Linear(*module.weight.shape, dtype=module.weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(module.weight.T)
-                linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent), child, linear)
-    return twin
 
 
 def token_batches(sizes=(3, 2), classes=None, seed=1):

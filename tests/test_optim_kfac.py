@@ -279,8 +279,9 @@ def _excess_after(make, lr, X, y, best, steps=100):
 
 def test_kfac_and_mkor_beat_sgd_on_ill_conditioned_least_squares():
     """Same lr grid, 100 full-batch steps each, momentum 0.9 for all: the best excess loss of each.
-    K-FAC is Newton's direction for one linear layer (margin 100x; measured ~4000x); MKOR's rank-1
-    factors capture the mean direction that makes the problem ill-conditioned (margin 4x; ~16x)."""
+    K-FAC is Newton's direction for one linear layer (margin 100x; measured ~940x with the default
+    damping 1e-2, ~4000x with 1e-3); MKOR's rank-1 factors capture the mean direction that makes
+    the problem ill-conditioned (margin 4x; ~16x)."""
     X, y, best = _uncentred_least_squares()
     lrs = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]
 
@@ -308,24 +309,25 @@ class _Tokens(nn.Module):
         return self.head(torch.tanh(self.mix(self.norm(self.emb(tokens)))).flatten(1))
 
 
-@pytest.mark.parametrize("cls", [hk.optim.KFAC, hk.optim.MKOR])
-def test_fallback_layers_are_named_and_take_sgd_steps(cls):
+@pytest.mark.parametrize("cls, fallback", [(hk.optim.KFAC, ["norm"]), (hk.optim.MKOR, ["emb", "norm"])])
+def test_fallback_layers_are_named_and_take_sgd_steps(cls, fallback):
+    """K-FAC preconditions the Embedding too (its A is diagonal); MKOR's dense inverse factors do not."""
     torch.manual_seed(0)
     model = _Tokens().to(DT)
     tokens, y = torch.randint(0, 10, (6, 3), generator=_gen(8)), torch.tensor([0, 1, 2, 0, 1, 2])
     with pytest.warns(UserWarning, match="fallback step") as record:
         opt = cls(model, lr=0.1, momentum=0.9, weight_decay=0.1)
     message = str(record[0].message)
-    assert "emb (Embedding)" in message and "norm (LayerNorm)" in message
+    assert "norm (LayerNorm)" in message and ("emb (Embedding)" in message) == ("emb" in fallback)
     assert "mix" not in message and "head" not in message
-    assert opt.fallback_layers == ["emb", "norm"]
+    assert opt.fallback_layers == fallback
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = F.cross_entropy(model(tokens), y)
     grads = dict(zip(before, torch.autograd.grad(loss, list(model.parameters()))))
     opt.step(_closure(opt, model, tokens, y, nn.CrossEntropyLoss()))
     for n, p in model.named_parameters():
         sgd = before[n] - 0.1 * (grads[n] + 0.1 * before[n])
-        assert torch.allclose(p, sgd, atol=1e-14) == n.startswith(("emb", "norm")), n
+        assert torch.allclose(p, sgd, atol=1e-14) == n.startswith(tuple(fallback)), n
 
 
 class _Direct(nn.Module):

@@ -203,10 +203,11 @@ def test_preconditioning_table_on_a_transformer():
     gpt = hk.models.CharTransformerLM(vocab=7, dim=8, blocks=1, heads=2, max_length=6)
     rows = {r["module"]: r for r in preconditioning_table(gpt)}
     assert sum(r["params"] for r in rows.values()) == sum(p.numel() for p in gpt.parameters())
-    for name in ("embed", "position", "blocks.0.norm1", "blocks.0.norm2", "norm_out"):
+    for name in ("position", "blocks.0.norm1", "blocks.0.norm2", "norm_out"):
         assert rows[name]["step"].startswith("fallback SGD")
     for name in ("blocks.0.attn.qkv", "blocks.0.attn.out", "blocks.0.mlp.0", "blocks.0.mlp.2", "head"):
         assert rows[name]["step"] == "K-FAC" and rows[name]["type"] == "Linear"
+    assert rows["embed"]["step"] == "K-FAC"  # the linear layer of one-hot inputs: a diagonal A
     assert rows["embed"]["type"] == "Embedding" and rows["blocks.0.norm1"]["type"] == "LayerNorm"
     with pytest.warns(UserWarning, match="fallback step"):
         opt = hk.optim.KFAC(gpt)

@@ -423,7 +423,7 @@ def lr_sweep(task: DigitsTask, names: Sequence[str], lrs: Sequence[float], steps
 def preconditioning_table(model: nn.Module) -> list[dict]:
     """One row per module that owns trainable parameters: its name, type, number of parameters
     and whether K-FAC / MKOR precondition it ("K-FAC") or it takes the fallback SGD step (with
-    the reason), as `hk.optim.KFAC` decides (nn.Linear and nn.Conv2d with groups=1 only)."""
+    the reason), as `hk.optim.KFAC` decides (nn.Linear, transformers' Conv1D, nn.Conv2d with groups=1 and nn.Embedding)."""
     trained = [p for p in model.parameters() if p.requires_grad]
     layers, fallback = find_layers(model, trained)
     owners: dict[str, int] = {}
