@@ -18,8 +18,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import hesskit as hk  # noqa: E402
+from hf_zoo import assert_unchanged, snapshot  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401 (a test dependency: never skipped)
 
 from hesskit.widgets.your_model import (  # noqa: E402
     CLS,
@@ -52,17 +53,6 @@ SMALL = dict(steps=40, batch_size=32, num_train=256, num_test=128, hidden=16, la
 @pytest.fixture(scope="module")
 def task():
     return train_bert(seed=0, **SMALL)
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, model.training, [p.grad for p in model.parameters()]
-
-
-def assert_untouched(model, snap):
-    state, training, grads = snap
-    assert model.training == training
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert all(g is None for g in grads) and all(p.grad is None for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- the task and the model
@@ -201,7 +191,7 @@ def test_block_curvature_against_dense_blocks(task):
     op = hk.HessianOperator(model, CE, batches)
     snap = snapshot(model)
     bc = block_curvature(op, num_matvecs=60, tol=1e-6, seed=0)
-    assert_untouched(model, snap)
+    assert_unchanged(model, snap)
     names = [n for n, _ in op.blocks()]
     assert bc.names == names and bc.num_params.sum() == op.shape[0]
     assert bc.groups[0] == "embeddings" and bc.groups[-1] == "head" and set(bc.groups) <= set(
@@ -240,7 +230,7 @@ def test_quantize_bert_against_group_by_group_rounding(task):
                                                             "intermediate.dense", "output.dense")]
     bits = dict(zip(encoder, (2, 3, 4, 2, 3, 2)))
     q = quantize_bert(model, bits, task.head_dim)
-    assert_untouched(model, snap)
+    assert_unchanged(model, snap)
     layers, qlayers = dict(model.named_modules()), dict(q.named_modules())
     for name, b in bits.items():
         w = layers[name].weight.detach()
@@ -262,7 +252,7 @@ def test_mixed_precision_against_direct_calls(task):
     snap = snapshot(model)
     data = task.curvature_batches(2, 32)
     result = mixed_precision(model, data, task.test, task.head_dim, avg_bits=2.5, num_subsets=2, uniform=(2, 3))
-    assert_untouched(model, snap)
+    assert_unchanged(model, snap)
     encoder = encoder_layers(model)
     assert result.sensitivity.metric == "qbert" and list(result.sensitivity) == encoder
     direct = hk.quant.sensitivities(model, CE, data, metric="qbert", num_subsets=2, layers=encoder, seed=0)
@@ -283,7 +273,7 @@ def test_gptq_vs_rtn_against_direct_calls(task):
     snap = snapshot(model)
     calib = select(task.train[0], slice(0, 64))
     result = gptq_vs_rtn(model, calib, task.test, (2, 4), symmetric=True)
-    assert_untouched(model, snap)
+    assert_unchanged(model, snap)
     layers = encoder_layers(model)
     q = hk.quant.gptq(model, calib, 2, layers=layers, symmetric=True)
     rtn = hk.quant.round_to_nearest(model, 2, layers=layers, symmetric=True)
@@ -303,7 +293,7 @@ def test_continue_finetuning(task):
     again = continue_finetuning(task, "adamw", 1e-3, **kw)
     np.testing.assert_array_equal(adam.train_loss, again.train_loss)  # same batches, same dropout seed path
     sophia = continue_finetuning(task, "sophia-g", 1e-3, **kw)
-    assert_untouched(model, snap)
+    assert_unchanged(model, snap)
     for run in (adam, sophia):
         assert run.steps.tolist() == [0, 3, 6] and len(run.train_loss) == 6 and not run.diverged
         assert run.monitor_loss[0] == pytest.approx(evaluate(model, (select(task.train[0], slice(0, 64)),
@@ -401,7 +391,7 @@ def test_explorer_over_its_controls(task):
     slider.value = slider.min
     slider.value = slider.max
     assert len(explorer._cache) == cached + 1  # the minimum is new, the maximum was cached
-    assert_untouched(model, snap)
+    assert_unchanged(model, snap)
     (output,) = explorer.output.outputs
     assert output["data"]["image/png"].startswith("iVBOR")
 
