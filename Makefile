@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/curvature.py
 	$(BIN)/python bench/optimizers.py
 	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/hf_models.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -132,11 +132,13 @@ def _flat_batched(tensors: Iterable[Tensor], k: int) -> Tensor:
     return torch.cat([t.reshape(k, -1) for t in tensors], dim=1)
 
 
-def _vjp(outputs: Tensor, inputs: list[Tensor] | Tensor, V: Tensor, batched: bool = False) -> Tensor:
+def _vjp(outputs: Tensor, inputs: list[Tensor] | Tensor, V: Tensor, batched: bool = False, retain: bool = True) -> Tensor:
     """Rows V^T (d outputs / d inputs), flattened: (k, n_inputs). V has shape (k, *outputs.shape).
 
-    The graph is kept (retain_graph), so products can be repeated on it. `batched` evaluates
-    the k rows in one vmapped backward pass (faster on GPU) instead of a loop (faster on CPU).
+    With `retain` the graph is kept, so products can be repeated on it; without, it is freed by
+    the last row's backward pass (a graph built for one product: the peak memory drops by the
+    graph's size). `batched` evaluates the k rows in one vmapped backward pass (faster on GPU)
+    instead of a loop (faster on CPU).
     """
     inputs_list = [inputs] if isinstance(inputs, Tensor) else inputs
     k = V.shape[0]
@@ -145,11 +147,11 @@ def _vjp(outputs: Tensor, inputs: list[Tensor] | Tensor, V: Tensor, batched: boo
         return V.new_zeros(k, sum(t.numel() for t in inputs_list))
     if batched and k > 1:
         grads = torch.autograd.grad(
-            outputs, inputs_list, V, retain_graph=True, is_grads_batched=True, materialize_grads=True
+            outputs, inputs_list, V, retain_graph=retain, is_grads_batched=True, materialize_grads=True
         )
         return _flat_batched(grads, k)
     rows = [
-        _flat(torch.autograd.grad(outputs, inputs_list, V[j], retain_graph=True, materialize_grads=True))
+        _flat(torch.autograd.grad(outputs, inputs_list, V[j], retain_graph=retain or j < k - 1, materialize_grads=True))
         for j in range(k)
     ]
     return torch.stack(rows)
@@ -507,7 +509,8 @@ class CurvatureOperator(MatrixFreeOperator):
         return out.div_(total)
 
     def _vjp(self, outputs: Tensor, inputs: list[Tensor] | Tensor, V: Tensor) -> Tensor:
-        return _vjp(outputs, inputs, V, self.batched_products)
+        """`_vjp` on a batch's state; a graph that is not cached is freed by its last use."""
+        return _vjp(outputs, inputs, V, self.batched_products, retain=self.cache_graphs)
 
     # ----------------------------------------------------------------- conveniences
     def batch_gradients(self) -> Iterator[tuple[int, Tensor]]:

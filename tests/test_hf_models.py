@@ -100,6 +100,11 @@ def test_ggn_matches_explicit_jacobian_product(name):
         return case.criterion(out.logits, batch[1]), out
 
     _close(hk.GGNOperator(case.model, data=case.batches, loss_fn=loss_fn) @ V, expected)
+    for batched in (False, True):  # a graph built for one product is freed by its last use
+        _close(hk.GGNOperator(case.model, data=case.batches, loss_fn=loss_fn, cache_graphs=False,
+                              batched_products=batched) @ V, expected)
+        _close(hk.GGNOperator(case.model, case.criterion, case.batches, cache_graphs=False,
+                              batched_products=batched) @ V, expected)
     _close(hk.GGNOperator(case.model, case.criterion, case.batches, output_fn=lambda out: out[0]) @ V, expected)
 
 
