@@ -353,3 +353,15 @@ def test_one_dict_batch_is_one_batch():
     loss_fn = lambda model, batch: model(**batch).loss  # noqa: E731
     op = hk.HessianOperator(case.model, data=dicts, loss_fn=loss_fn)
     assert [count for count, _ in op.batches] == [4, 4]
+
+
+@pytest.mark.filterwarnings("ignore:.*fall back to a loop")
+def test_exact_ggn_diagonal_on_a_language_model_counts_sequences():
+    case = make_hf_case("gpt2")
+    batches = token_batches(sizes=(2, 1), pad=False)  # equal lengths: the token mean is the mean of sequence means
+    op = hk.GGNOperator(case.model, case.criterion, batches)
+    eye = torch.eye(case.num_params, dtype=torch.float64)
+    diag = torch.cat([(eye[:, i : i + 128] * (op @ eye[:, i : i + 128])).sum(0) for i in range(0, case.num_params, 128)])
+    _close(op.exact_diagonal(), diag, rtol=1e-9)
+    with pytest.raises(ValueError, match="padding"):  # a padded token mean is not a mean over sequences
+        hk.GGNOperator(case.model, case.criterion, case.batches).exact_diagonal()
