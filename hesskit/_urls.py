@@ -2,7 +2,7 @@
 two lines; a test checks that the README's badges and every notebook's Colab install cell agree."""
 
 REPOSITORY = "hesskit/hesskit"  # GitHub owner/name
-REF = "v0.1.0"  # the tag notebooks install from in Colab and that the badges open
+REF = "main"  # the branch notebooks install from in Colab and that the badges open (the repository has no tags yet)
 
 
 def github_url() -> str:

@@ -1,7 +1,8 @@
 """Interactive explorers for the notebooks: explicit ipywidgets wired to one `render()`.
 
 The computation behind each explorer lives here (tested by driving every control); the notebooks
-only compose and explain. `fast_mode()` / `budget(full, fast)` shrink budgets under the tests.
+only compose and explain. `fast_mode()` / `budget(full, fast)` shrink budgets under the tests;
+`claim(condition, text)` prints (and, in `make claims`, enforces) a conclusion drawn from a number.
 One module per notebook:
 
 - `hessian`: 00, the dense Hessian and its layer blocks
@@ -22,7 +23,7 @@ One module per notebook:
 - `your_model`: 15, the second-order picture of a Hugging Face transformer (a small BERT)
 """
 
-from ._base import Explorer, budget, fast_mode
+from ._base import Explorer, budget, claim, claims_mode, fast_mode
 from .adahessian import AdaHessianExplorer
 from .batch_size import BatchSizeExplorer
 from .eigenvalues import EigenExplorer
@@ -44,6 +45,8 @@ __all__ = [
     "Explorer",
     "budget",
     "fast_mode",
+    "claim",
+    "claims_mode",
     "HessianExplorer",
     "mlp_hessian",
     "TraceExplorer",

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Explorer", "fast_mode", "budget", "TrainingRecord", "batch_order", "best_run", "CLOSURES", "make_closure",
-           "run_plan", "loss_and_accuracy"]
+__all__ = ["Explorer", "fast_mode", "budget", "claims_mode", "claim", "CLAIMS", "TrainingRecord", "batch_order", "best_run",
+           "CLOSURES", "make_closure", "run_plan", "loss_and_accuracy"]
 
 
 def fast_mode() -> bool:
@@ -31,6 +31,34 @@ def fast_mode() -> bool:
 def budget(full: Any, fast: Any) -> Any:
     """`fast` in fast mode (tests), `full` otherwise (results worth reading)."""
     return fast if fast_mode() else full
+
+
+def claims_mode() -> bool:
+    """True when HESSKIT_CLAIMS is set (not 0) and fast mode is off: `make claims` runs the notebooks
+    at their full budgets and fails when a claim fails. Fast mode's tiny budgets cannot support the
+    conclusions drawn from full runs, so there claims are printed, never enforced."""
+    return os.environ.get("HESSKIT_CLAIMS", "") not in ("", "0") and not fast_mode()
+
+
+CLAIMS: list[tuple[str, bool]] = []  # every claim of this session, in order: (text, held)
+
+
+def claim(condition: Any, text: str) -> bool:
+    """Print the verdict on a conclusion the notebook's text draws from a number, and record it.
+
+    Prints "✓ claim: text" or "✗ claim failed: text" (in fast mode with "(fast mode: not checked)"
+    added to a failure). In a claims run (`claims_mode()`) a failed claim raises AssertionError, so
+    the notebook run fails; otherwise it only prints. Returns the verdict as a bool."""
+    held = bool(condition)
+    CLAIMS.append((text, held))
+    if held:
+        print(f"✓ claim: {text}")
+    else:
+        note = " (fast mode: not checked)" if fast_mode() else ""
+        print(f"✗ claim failed: {text}{note}")
+        if claims_mode():
+            raise AssertionError(f"claim failed: {text}")
+    return held
 
 
 def figure_output(figure) -> dict:
