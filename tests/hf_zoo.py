@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import copy
 import types
-from dataclasses import dataclass
 
 import torch
 import transformers
 from torch import nn
 
 import hesskit as hk
+from conftest import Case
 
 VOCAB, LENGTH = 24, 6
 
 
-@dataclass
-class HFCase:
-    name: str
-    model: nn.Module
-    criterion: nn.Module
-    batches: list  # [({"input_ids", "attention_mask"}, targets)], ragged
-
-    @property
-    def names(self) -> list[str]:
-        return [n for n, p in self.model.named_parameters() if p.requires_grad]
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+HFCase = Case  # the zoo's case: batches here are [({"input_ids", "attention_mask"}, targets)], ragged
 
 
 def _quiet():
