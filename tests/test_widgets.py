@@ -21,6 +21,45 @@ def test_fast_mode_and_budget(monkeypatch):
     assert not hk.widgets.fast_mode() and hk.widgets.budget(100, 3) == 100
 
 
+class _Probe(hk.widgets.Explorer):
+    """An explorer that records what its controls and status showed while it computed."""
+
+    def __init__(self):
+        import ipywidgets as widgets
+
+        self.seen = []
+        super().__init__({"x": widgets.IntSlider(value=1, min=0, max=3), "y": widgets.Dropdown(options=["a", "b"],
+                                                                                               disabled=True)})
+
+    def compute(self, x, y):
+        self.seen.append(([c.disabled for c in self.controls.values()], self.status.value))
+        if x == 0:
+            raise ValueError("x: expected a positive number, got 0")
+        return x
+
+    def draw(self, result):
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots()
+        ax.plot([0, result])
+        plt.close(fig)
+        return fig
+
+
+def test_explorer_shows_it_is_busy_and_shows_errors_in_the_widget():
+    explorer = _Probe()
+    explorer.show()
+    disabled, status = explorer.seen[-1]
+    assert disabled == [True, True] and "computing" in status  # while it computed
+    assert explorer.status.value == "" and [c.disabled for c in explorer.controls.values()] == [False, True]
+    with pytest.raises(ValueError, match="positive"):
+        explorer.controls["x"].value = 0
+    assert "ValueError" in explorer.status.value and "positive" in explorer.status.value
+    assert [c.disabled for c in explorer.controls.values()] == [False, True]  # usable again after the error
+    explorer.controls["x"].value = 2
+    assert explorer.status.value == "" and explorer.result == 2
+
+
 def test_hessian_explorer_over_its_controls():
     explorer = hk.widgets.HessianExplorer(widths=(2, 5), width=3, num_samples=32)
     explorer.show()

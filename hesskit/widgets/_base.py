@@ -11,6 +11,7 @@ figures, and replacing the outputs at once does not flicker. Works with ipywidge
 from __future__ import annotations
 
 import base64
+import html
 import io
 import math
 import os
@@ -61,6 +62,14 @@ def claim(condition: Any, text: str) -> bool:
     return held
 
 
+BUSY = "<span style='color:#666'>⏳ computing…</span>"
+
+
+def error_html(exc: BaseException) -> str:
+    """A failed computation, as the explorer's status line shows it."""
+    return (f"<span style='color:#b00020'>⚠ {html.escape(type(exc).__name__)}: {html.escape(str(exc))}</span>")
+
+
 def figure_output(figure) -> dict:
     """A figure as a notebook display_data output (PNG), independent of the matplotlib backend."""
     buffer = io.BytesIO()
@@ -83,11 +92,13 @@ class Explorer(ABC):
 
         self.controls = controls
         self.output = widgets.Output(layout={"min_height": self.height})
+        self.status = widgets.HTML(value="")  # "computing…" while busy; a failed computation's error
         self.result: Any = None
         self.figure: Any = None
         for control in controls.values():
             control.observe(self.render, names="value")
-        self.widget = widgets.VBox([widgets.HBox(list(controls.values()), layout={"flex_flow": "row wrap"}), self.output])
+        self.widget = widgets.VBox([widgets.HBox(list(controls.values()), layout={"flex_flow": "row wrap"}),
+                                    self.status, self.output])
 
     def values(self) -> dict[str, Any]:
         return {name: control.value for name, control in self.controls.items()}
@@ -101,8 +112,24 @@ class Explorer(ABC):
         """Build and return a matplotlib Figure from `result` (outside the Output context)."""
 
     def render(self, change: Any = None) -> None:
-        self.result = self.compute(**self.values())
-        self.figure = self.draw(self.result)
+        """Compute and draw for the controls' values. While it runs the controls are disabled and
+        the status line says "computing…" (the browser updates while the kernel is busy); an
+        exception is shown in the status line, where a student sees it, and raised (a callback's
+        exception otherwise reaches only the kernel log)."""
+        disabled = {name: getattr(control, "disabled", False) for name, control in self.controls.items()}
+        for control in self.controls.values():
+            control.disabled = True
+        self.status.value = BUSY
+        try:
+            self.result = self.compute(**self.values())
+            self.figure = self.draw(self.result)
+        except Exception as exc:
+            self.status.value = error_html(exc)
+            raise
+        finally:
+            for name, control in self.controls.items():
+                control.disabled = disabled[name]
+        self.status.value = ""
         self.output.outputs = (figure_output(self.figure),)
 
     def show(self):
