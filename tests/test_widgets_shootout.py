@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 from hesskit.widgets.shootout import (  # noqa: E402
     LR_FACTORS,
+    BEST,
     LR_OPTIONS,
     PILOT_FACTORS,
     REGISTRY,
@@ -253,7 +254,7 @@ def test_explorer_drives_every_control(small_grid, monkeypatch):
     for label, factor in LR_OPTIONS:
         c["lr"].value = factor
         row = explorer.result["summary"].rows["AdamW"]
-        if factor is None:
+        if factor == BEST:
             assert row.chosen == "best from grid" and row.lr == best["AdamW"]
         else:
             assert row.lr == pytest.approx(grid.centre("AdamW") * factor)
@@ -266,7 +267,7 @@ def test_explorer_drives_every_control(small_grid, monkeypatch):
     c["lr"].value = 3.0
     for name in grid.names:
         c["lr_of"].value = name
-        assert c["lr"].value == (3.0 if name == "AdamW" else None)
+        assert c["lr"].value == (3.0 if name == "AdamW" else BEST) and c["lr"].index is not None  # never blank
         if name != "AdamW":
             assert explorer.result["summary"].rows[name].lr == best[name]
     assert explorer.result["summary"].rows["AdamW"].lr == pytest.approx(grid.centre("AdamW") * 3.0)

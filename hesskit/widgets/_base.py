@@ -85,13 +85,12 @@ class Explorer(ABC):
     tests can drive every control and assert on the numbers.
     """
 
-    height = "440px"
 
     def __init__(self, controls: dict[str, Any]):
         import ipywidgets as widgets
 
         self.controls = controls
-        self.output = widgets.Output(layout={"min_height": self.height})
+        self.output = widgets.Output()  # sized by its figure: no blank band under a shorter one
         self.status = widgets.HTML(value="")  # "computing…" while busy; a failed computation's error
         self.result: Any = None
         self.figure: Any = None

@@ -363,7 +363,6 @@ class AdaHessianExplorer(Explorer):
     moments on a shared machine can differ by the load. Pass `costs` (from `step_costs`, timed
     interleaved) to also report its step-time ratio for the chosen refresh period."""
 
-    height = "430px"
 
     def __init__(self, tuning: Tuning, lr: float | None = None, lr_range: tuple[float, float] = (1e-3, 10**0.5),
                  max_update_every: int = 20, costs: StepCost | None = None):

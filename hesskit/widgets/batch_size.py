@@ -282,7 +282,6 @@ class BatchSizeExplorer(Explorer):
     """Batch-size slider over a precomputed `MinibatchSharpness`: the spread of lambda_max(H_B)
     across mini-batches, the whole curve lambda_max(B), and the eigenvector overlap with H's."""
 
-    height = "400px"
 
     def __init__(self, curve: MinibatchSharpness, batch_size: int | None = None):
         import ipywidgets as widgets

@@ -163,7 +163,6 @@ class EigenExplorer(Explorer):
     gets `max_products // k` products per eigenvalue (its `max_iters`), Lanczos `max_products` in all.
     """
 
-    height = "470px"
 
     def __init__(self, matrix: Tensor, k: int = 5, max_products: int = 1000, tol: float = 1e-6,
                  products: tuple[int, int, int] = (100, 2000, 100), seed: int = 0, which: str = "largest"):

@@ -229,7 +229,6 @@ class GPTQExplorer(Explorer):
     number of calibration samples and grid type; test accuracy and loss of the float, RTN and GPTQ
     models, and each layer's relative reconstruction error on the test inputs."""
 
-    height = "470px"
     CALIBRATION = (16, 32, 64, 128, 256, 512, 1024)
 
     def __init__(self, task: DigitsTask | None = None, bits: int = 2, group_size: int | None = None,

@@ -356,7 +356,6 @@ class HAWQExplorer(Explorer):
     the test accuracy of the chosen configuration against uniform precision, the median random
     configuration of the same size and the exhaustive best (all looked up in the enumeration)."""
 
-    height = "560px"
 
     def __init__(self, tables: Mapping[str, CostTable], enumeration: Enumeration, avg_bits: float = 2.5,
                  proxy: str = "HAWQ-V2: Tr(H)/n", choices: str = "{2, 3, 4, 8}"):

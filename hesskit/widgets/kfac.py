@@ -446,7 +446,6 @@ class KFACExplorer(Explorer):
     """K-FAC's and MKOR's knobs against tuned SGD-momentum and AdamW on one task: training loss
     against steps and against seconds, test accuracy, and the wall time of every step."""
 
-    height = "620px"
 
     def __init__(self, task: DigitsTask | None = None, steps: int = 300, kfac_lr: float = 1e-3, mkor_lr: float = 0.3,
                  damping: float = 1e-3, factor_every: int = 10, inverse_every: int = 100, mkor_every: int = 10,

@@ -501,7 +501,6 @@ class MFACExplorer(Explorer):
     of m gradients at the chosen damping against the dense inverse of a tiny model's full
     empirical Fisher (a `FisherProblem`)."""
 
-    height = "620px"
 
     def __init__(self, tuning: Tuning, problem: FisherProblem, num_grads: int | None = None,
                  damping: float | None = None, lr: float | None = None, max_grads: int = 128,

@@ -230,7 +230,6 @@ class PruningExplorer(Explorer):
     serves the whole curve and is cached.
     """
 
-    height = "470px"
 
     def __init__(self, model: nn.Module, criterion: Any, data: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
                  sparsities: Sequence[float] = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95), *,

@@ -426,7 +426,6 @@ class QBERTExplorer(Explorer):
     bits, and the fine-tuned model), the model size with its scale overhead, and the fine-tuning
     curve. Round-to-nearest results are cached per bits, fine-tuning runs per setting."""
 
-    height = "430px"
 
     def __init__(self, task: Task, bits: int = 2, groups: str = "per head", qat: bool = False, steps: int = 200,
                  max_steps: int = 500, lr: float = 1e-3, outer_bits: int | None = 8):

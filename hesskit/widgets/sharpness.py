@@ -298,7 +298,6 @@ def sweep(model: nn.Module, criterion, data, lrs, batch_sizes, steps: int = 500,
 class SharpnessExplorer(Explorer):
     """Learning rate and batch size: train from a fixed initialisation, watch lambda_max vs 2/eta."""
 
-    height = "400px"
 
     def __init__(self, num_samples: int = 256, hidden: tuple[int, ...] = (16, 16), steps: int = 600,
                  measure_every: int = 10, trace_every: int = 100, trace_matvecs: int = 30,

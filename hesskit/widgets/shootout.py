@@ -45,6 +45,7 @@ from ..optim import KFAC, MFAC, MKOR, AdaHessian, NewtonCG, Sophia
 from ._base import CLOSURES, Explorer, make_closure
 
 __all__ = [
+    "BEST",
     "CLOSURES",
     "Entry",
     "Grid",
@@ -565,8 +566,10 @@ def summarise(grid: Grid, lrs: dict[str, float | None] | None = None, target: fl
 # --------------------------------------------------------------------------- the widget
 COLORS = dict(zip(REGISTRY, ["tab:gray", "tab:blue", "tab:red", "tab:orange", "tab:brown", "tab:green", "tab:olive",
                              "tab:purple", "tab:cyan"]))
-# lr choices: the grid factors, and the half steps between them (extra runs: not part of the fair budget)
-LR_OPTIONS = [("best from grid", None)] + [
+# lr choices: the grid factors, and the half steps between them (extra runs: not part of the fair budget).
+# "Best from grid" is a string, not None: a Dropdown whose value is None shows a blank selection.
+BEST = "best from grid"
+LR_OPTIONS = [(BEST, BEST)] + [
     (f"grid centre x {f:.3g}" + ("" if any(math.isclose(f, g) for g in LR_FACTORS) else " (extra run)"), f)
     for f in (1 / 9, 3**-1.5, 1 / 3, 3**-0.5, 1.0, 3**0.5, 3.0, 3**1.5, 9.0)
 ]
@@ -592,7 +595,6 @@ class ShootoutExplorer(Explorer):
     Shows the training loss (mean over seeds and min-max band) against steps or seconds, the lr
     sensitivity curves (median final loss over the grid), and the summary table."""
 
-    height = "760px"
 
     def __init__(self, grid: Grid, target: float | None = None, selected: Sequence[str] | None = None):
         import ipywidgets as widgets
@@ -607,7 +609,7 @@ class ShootoutExplorer(Explorer):
         style = {"description_width": "initial"}
         selected = list(grid.names) if selected is None else list(selected)
         self.lr_of = widgets.Dropdown(options=list(grid.names), value=grid.names[0], description="lr of", style=style)
-        self.lr = widgets.Dropdown(options=LR_OPTIONS, value=None, description="lr", style=style)
+        self.lr = widgets.Dropdown(options=LR_OPTIONS, value=BEST, description="lr", style=style)
         self.lr_of.observe(self._show_choice, names="value")  # before render: show that optimizer's choice first
         super().__init__({
             "optimizers": widgets.SelectMultiple(options=list(grid.names), value=tuple(selected), rows=len(grid.names),
@@ -623,10 +625,11 @@ class ShootoutExplorer(Explorer):
         })
 
     def _show_choice(self, change: Any) -> None:
-        self.lr.value = self.choices[change["new"]]
+        choice = self.choices[change["new"]]
+        self.lr.value = BEST if choice is None else choice
 
-    def compute(self, optimizers: Sequence[str], lr_of: str, lr: float | None, x_axis: str, target: float) -> dict:
-        self.choices[lr_of] = lr
+    def compute(self, optimizers: Sequence[str], lr_of: str, lr: float | str, x_axis: str, target: float) -> dict:
+        self.choices[lr_of] = None if lr == BEST else lr
         names = list(optimizers)
         lrs = {n: None if self.choices[n] is None else self.grid.centre(n) * self.choices[n] for n in names}
         summary = summarise(self.grid, lrs=lrs, target=float(target), names=names)

@@ -394,7 +394,6 @@ class SophiaExplorer(Explorer):
     """Sophia's lr, gamma, refresh interval k and estimator, against a baseline at its own lr:
     held-out loss against steps and against seconds, and the win rate over training."""
 
-    height = "400px"
 
     def __init__(self, task: CharLMTask | None = None, steps: int = 300, lr: float = 3e-3, gamma: float = 0.05,
                  update_every: int = 10, estimator: str = "Sophia-G (GNB)", baseline: str = "AdamW",

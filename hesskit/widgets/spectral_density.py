@@ -60,7 +60,6 @@ class DensityExplorer(Explorer):
     operator instead (the same products, each a double backward pass).
     """
 
-    height = "470px"
 
     def __init__(self, hessians: Mapping[str, torch.Tensor], num_runs: int = 10, num_steps: int = 40,
                  sigma: float = 0.01, runs: tuple[int, int] = (1, 20), steps: tuple[int, int] = (5, 100),

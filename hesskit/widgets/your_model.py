@@ -630,7 +630,6 @@ class YourModelExplorer(Explorer):
     of the group's largest module moves with the budget (for the GGN diagonal: its entries, sorted).
     Results are cached per setting."""
 
-    height = "440px"
 
     def __init__(self, model: nn.Module, data: Any, group: str | None = None, estimator: str = ESTIMATORS[0],
                  products: int = 20, max_products: int = 60, per_parameter: bool = True, seed: int = 0,
