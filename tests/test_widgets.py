@@ -58,6 +58,18 @@ def test_explorer_shows_it_is_busy_and_shows_errors_in_the_widget():
     assert [c.disabled for c in explorer.controls.values()] == [False, True]  # usable again after the error
     explorer.controls["x"].value = 2
     assert explorer.status.value == "" and explorer.result == 2
+    assert explorer.controls["x"].style.description_width == "initial"  # labels are not cut
+
+
+def test_toggle_button_labels_fit():
+    import ipywidgets as widgets
+
+    buttons = widgets.ToggleButtons(options=["Sophia-H (Hutchinson)", "Sophia-G (GNB)"])
+    hk.widgets._base.fit_labels(buttons)
+    assert buttons.style.button_width == "auto" and buttons.style.description_width == "initial"
+    fixed = widgets.ToggleButtons(options=["a"], style={"button_width": "90px"})
+    hk.widgets._base.fit_labels(fixed)
+    assert fixed.style.button_width == "90px"  # an explorer's own choice is kept
 
 
 def test_hessian_explorer_over_its_controls():

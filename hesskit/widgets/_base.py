@@ -62,6 +62,15 @@ def claim(condition: Any, text: str) -> bool:
     return held
 
 
+def fit_labels(control: Any) -> None:
+    """Let a control's description and button labels take the width their text needs ("max prod…"
+    and "Sophia-H (Hutchi…" were cut at ipywidgets' default widths), unless the explorer set one."""
+    style = getattr(control, "style", None)
+    for key in ("description_width", "button_width"):
+        if style is not None and getattr(style, key, None) == "":
+            setattr(style, key, "initial" if key == "description_width" else "auto")
+
+
 BUSY = "<span style='color:#666'>⏳ computing…</span>"
 
 
@@ -95,6 +104,7 @@ class Explorer(ABC):
         self.result: Any = None
         self.figure: Any = None
         for control in controls.values():
+            fit_labels(control)
             control.observe(self.render, names="value")
         self.widget = widgets.VBox([widgets.HBox(list(controls.values()), layout={"flex_flow": "row wrap"}),
                                     self.status, self.output])
