@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "call_model", "split_batch", "model_output", "differentiable_attention", "explain_backward_error",
-    "warn_loss_dtype", "LowPrecisionSpy", "sample_slice", "as_one_sample", "per_sample_grads",
+    "warn_loss_dtype", "LowPrecisionSpy", "as_one_sample", "per_sample_grads",
 ]
 
 
@@ -170,11 +170,6 @@ def warn_loss_dtype(loss: Tensor, dtype: torch.dtype, where: str) -> None:
             f"{loss.dtype}-accurate (e.g. a model that upcasts or downcasts internally, or a loss computed by the "
             "model from labels=); compute the loss in the parameters' dtype", stacklevel=3,
         )
-
-
-def sample_slice(batch: Any, i: int) -> Any:
-    """Sample i of a batch, keeping a leading dimension of 1 on every tensor (dicts and pairs alike)."""
-    return torch.utils._pytree.tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) and t.dim() > 0 else t, batch)
 
 
 def as_one_sample(sample: Any) -> Any:

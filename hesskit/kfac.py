@@ -93,7 +93,7 @@ from . import trace
 from ._batches import Batches, move_batch
 from ._model import call_model, model_output, split_batch
 from ._probe import check_choice, make_generator
-from .layers import is_conv1d, is_linear, linear_weight
+from .layers import is_conv1d, is_linear, linear_weight, parameter_owners
 
 __all__ = ["DEFAULT_MAX_FACTOR_SIZE", "KroneckerFactor", "kfac_factors"]
 
@@ -121,15 +121,6 @@ def supported(module: nn.Module) -> str | None:
 def is_layer(module: nn.Module, embeddings: bool = True) -> bool:
     """A module of a type K-FAC handles (each one may still be excluded, see `exclusion`)."""
     return is_linear(module) or isinstance(module, nn.Conv2d) or (embeddings and isinstance(module, nn.Embedding))
-
-
-def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
-    """The names of the modules holding each parameter directly, by parameter id (two or more: a tied weight)."""
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        for p in module.parameters(recurse=False):
-            owners.setdefault(id(p), []).append(name)
-    return owners
 
 
 def tied_with(name: str, params: Iterable[Tensor], owners: dict[int, list[str]]) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["is_conv1d", "is_linear", "linear_weight", "tied_names"]
+__all__ = ["is_conv1d", "is_linear", "linear_weight", "parameter_owners", "tied_names"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -44,3 +44,13 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     canonical = {id(p): name for name, p in model.named_parameters()}
     return {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)
             if canonical[id(p)] != name}
+
+
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """The names of the modules holding each parameter directly, in model order, by parameter id
+    (two or more: a tied weight, e.g. GPT-2's `transformer.wte` and `lm_head`)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    return owners

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 
 from .._copy import model_copy
 from .._probe import is_int
-from ..layers import is_linear, linear_weight, tied_names
+from ..layers import is_linear, linear_weight, parameter_owners, tied_names
 
 __all__ = [
     "GRANULARITIES",
@@ -106,9 +106,8 @@ def owned_layers(model: nn.Module, accept: Callable[[nn.Module], bool]) -> dict[
 def weight_users(model: nn.Module, name: str) -> list[str]:
     """The layer `name` and the quantizable modules that share its weight (tied: for GPT-2's
     `transformer.wte`, also `lm_head`), by name."""
-    aliases = [alias.rpartition(".")[0] for alias, canonical in tied_names(model).items()
-               if canonical == f"{name}.weight"]
-    return [name] + [a for a in aliases if is_quantizable(model.get_submodule(a))]
+    others = parameter_owners(model)[id(model.get_submodule(name).weight)]
+    return [name] + [n for n in others if n != name and is_quantizable(model.get_submodule(n))]
 
 
 @contextmanager
