@@ -61,6 +61,27 @@ def test_explorer_shows_it_is_busy_and_shows_errors_in_the_widget():
     assert explorer.controls["x"].style.description_width == "initial"  # labels are not cut
 
 
+class _Steps(_Probe):
+    """An explorer whose computation reports progress, recording the status line after each unit."""
+
+    def compute(self, x, y):
+        for done in range(1, 4):
+            hk.widgets.progress(done, 3, "steps")
+            self.seen.append(self.status.value)
+        return x
+
+
+def test_progress_shows_in_the_status_line_only_while_an_explorer_renders():
+    hk.widgets.progress(1, 3, "outside")  # no explorer rendering: nothing to show, no error
+    explorer = _Steps()
+    explorer.show()
+    assert "1/3" in explorer.seen[0] and "<progress" in explorer.seen[0]  # the first report shows at once
+    assert "steps 3/3" in explorer.seen[-1]  # the last always shows (redraws are throttled in between)
+    assert explorer.status.value == ""  # cleared when done
+    hk.widgets.progress(2, 3, "after")  # the explorer's sink is gone again
+    assert explorer.status.value == ""
+
+
 def test_toggle_button_labels_fit():
     import ipywidgets as widgets
 

@@ -2,7 +2,8 @@
 
 The computation behind each explorer lives here (tested by driving every control); the notebooks
 only compose and explain. `fast_mode()` / `budget(full, fast)` shrink budgets under the tests;
-`claim(condition, text)` prints (and, in `make claims`, enforces) a conclusion drawn from a number.
+`claim(condition, text)` prints (and, in `make claims`, enforces) a conclusion drawn from a number;
+`progress(done, total, what)` shows a long computation's progress in the explorer that runs it.
 One module per notebook:
 
 - `hessian`: 00, the dense Hessian and its layer blocks
@@ -23,7 +24,7 @@ One module per notebook:
 - `your_model`: 15, the second-order picture of a Hugging Face transformer (a small BERT)
 """
 
-from ._base import Explorer, budget, claim, claims_mode, fast_mode
+from ._base import Explorer, budget, claim, claims_mode, fast_mode, progress
 from .adahessian import AdaHessianExplorer
 from .batch_size import BatchSizeExplorer
 from .eigenvalues import EigenExplorer
@@ -47,6 +48,7 @@ __all__ = [
     "fast_mode",
     "claim",
     "claims_mode",
+    "progress",
     "HessianExplorer",
     "mlp_hessian",
     "TraceExplorer",

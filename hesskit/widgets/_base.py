@@ -15,12 +15,14 @@ import html
 import io
 import math
 import os
+import time
 from abc import ABC, abstractmethod
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["Explorer", "fast_mode", "budget", "claims_mode", "claim", "CLAIMS", "TrainingRecord", "batch_order", "best_run",
+__all__ = ["Explorer", "fast_mode", "budget", "claims_mode", "claim", "CLAIMS", "progress", "TrainingRecord", "batch_order", "best_run",
            "CLOSURES", "make_closure", "run_plan", "loss_and_accuracy"]
 
 
@@ -73,6 +75,29 @@ def fit_labels(control: Any) -> None:
 
 BUSY = "<span style='color:#666'>⏳ computing…</span>"
 
+# Where `progress` reports go: the status line of the explorer whose render() is running, else nowhere.
+_PROGRESS_SINK: ContextVar[Callable[[int, int, str], None] | None] = ContextVar("hesskit_progress", default=None)
+
+
+def progress(done: int, total: int, what: str = "") -> None:
+    """Report that `done` of `total` units of a long computation (training steps, grid points,
+    layers) are finished. Inside an explorer's render() this shows a progress bar with
+    "what done/total" in its status line; anywhere else (scripts, tests, a notebook cell that
+    calls a computation directly) it does nothing and costs one lookup. Loops call it after
+    every unit; the explorer redraws at most 5 times a second."""
+    sink = _PROGRESS_SINK.get()
+    if sink is not None:
+        sink(int(done), int(total), str(what))
+
+
+def busy_html(done: int | None = None, total: int | None = None, what: str = "") -> str:
+    """The status line while a computation runs: "computing…", with a bar once progress is known."""
+    if done is None or not total:
+        return BUSY
+    label = html.escape(f"{what} {done}/{total}".strip())
+    return (f"<span style='color:#666'>⏳ computing… <progress value='{done}' max='{total}' "
+            f"style='vertical-align:middle;width:10em'></progress> {label}</span>")
+
 
 def error_html(exc: BaseException) -> str:
     """A failed computation, as the explorer's status line shows it."""
@@ -122,13 +147,23 @@ class Explorer(ABC):
 
     def render(self, change: Any = None) -> None:
         """Compute and draw for the controls' values. While it runs the controls are disabled and
-        the status line says "computing…" (the browser updates while the kernel is busy); an
+        the status line says "computing…", with a progress bar when the computation reports
+        `progress(...)` (the browser updates while the kernel is busy); an
         exception is shown in the status line, where a student sees it, and raised (a callback's
         exception otherwise reaches only the kernel log)."""
         disabled = {name: getattr(control, "disabled", False) for name, control in self.controls.items()}
         for control in self.controls.values():
             control.disabled = True
         self.status.value = BUSY
+        last = [0.0]
+
+        def show_progress(done: int, total: int, what: str) -> None:
+            now = time.perf_counter()
+            if now - last[0] >= 0.2 or done >= total:
+                last[0] = now
+                self.status.value = busy_html(done, total, what)
+
+        token = _PROGRESS_SINK.set(show_progress)
         try:
             self.result = self.compute(**self.values())
             self.figure = self.draw(self.result)
@@ -136,6 +171,7 @@ class Explorer(ABC):
             self.status.value = error_html(exc)
             raise
         finally:
+            _PROGRESS_SINK.reset(token)
             for name, control in self.controls.items():
                 control.disabled = disabled[name]
         self.status.value = ""
