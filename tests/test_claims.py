@@ -6,6 +6,7 @@ import pytest
 
 from hesskit.widgets import claim, claims_mode
 from hesskit.widgets._base import CLAIMS
+from hesskit.widgets._base import CLAIMS
 
 
 @pytest.fixture
@@ -17,8 +18,9 @@ def env(monkeypatch):
 
 def test_claim_prints_the_verdict_and_records_it(env, capsys):
     before = len(CLAIMS)
-    assert claim(2 > 1, "two beats one") is True
-    assert claim(1 > 2, "one beats two") is False  # normal run: only printed
+    claim(2 > 1, "two beats one")
+    claim(1 > 2, "one beats two")  # normal run: only printed
+    assert CLAIMS[-2:] == [("two beats one", True), ("one beats two", False)]
     out = capsys.readouterr().out
     assert "✓ claim: two beats one" in out and "✗ claim failed: one beats two" in out
     assert CLAIMS[before:] == [("two beats one", True), ("one beats two", False)]
@@ -27,7 +29,8 @@ def test_claim_prints_the_verdict_and_records_it(env, capsys):
 def test_a_failed_claim_fails_a_claims_run(env):
     env.setenv("HESSKIT_CLAIMS", "1")
     assert claims_mode()
-    assert claim(True, "holds")
+    claim(True, "holds")
+    assert CLAIMS[-1] == ("holds", True)
     with pytest.raises(AssertionError, match="claim failed: does not hold"):
         claim(False, "does not hold")
 
@@ -36,7 +39,8 @@ def test_fast_mode_never_enforces_claims(env, capsys):
     env.setenv("HESSKIT_CLAIMS", "1")
     env.setenv("HESSKIT_FAST", "1")
     assert not claims_mode()
-    assert claim(False, "needs the full budget") is False
+    claim(False, "needs the full budget")
+    assert CLAIMS[-1] == ("needs the full budget", False)
     assert "(fast mode: not checked)" in capsys.readouterr().out
 
 
@@ -44,4 +48,5 @@ def test_fast_mode_never_enforces_claims(env, capsys):
 def test_claims_off_unless_set(env, value):
     env.setenv("HESSKIT_CLAIMS", value)
     assert not claims_mode()
-    assert claim(False, "off") is False
+    claim(False, "off")
+    assert CLAIMS[-1] == ("off", False)

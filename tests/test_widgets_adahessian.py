@@ -230,3 +230,26 @@ def test_explorer_without_benchmark_and_bad_lr(tuning):
     assert math.isnan(explorer.result["benchmark_ratio"])
     with pytest.raises(ValueError, match="lr"):
         AdaHessianExplorer(tuning, lr=10.0)
+
+
+# --------------------------------------------------------------------------- progress
+def test_explorer_shows_training_progress(tuning):
+    explorer = AdaHessianExplorer(tuning)
+    seen = []
+    explorer.status.observe(lambda change: seen.append(change["new"]), names="value")
+    explorer.show()  # the tuned run is reused: nothing to train, no progress bar
+    assert not any("<progress" in v for v in seen)
+    explorer.controls["hessian_power"].value = 0.5  # a new setting: one training run, reported step by step
+    bars = [v for v in seen if "<progress" in v]
+    assert "AdaHessian step 1/12" in bars[0] and f"AdaHessian step {STEPS}/{STEPS}" in bars[-1]
+    assert explorer.status.value == ""
+
+
+def test_train_reports_every_step_outside_an_explorer_too(digits, monkeypatch):
+    import hesskit.widgets.adahessian as adahessian
+
+    data, test = digits
+    calls = []
+    monkeypatch.setattr(adahessian, "progress", lambda done, total, what="": calls.append((done, total, what)))
+    train("sgd", 0.1, data, test, steps=3, batch_size=BATCH, eval_every=EVERY)
+    assert calls == [(1, 3, "SGD step"), (2, 3, "SGD step"), (3, 3, "SGD step")]

@@ -164,3 +164,33 @@ def test_explorer_rejects_bad_inputs(matrix):
         EigenExplorer(torch.eye(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="products"):
         EigenExplorer(A, products=(5, 100, 10))
+
+
+def test_explorer_shows_progress_of_both_solvers(matrix):
+    A, _ = matrix
+    explorer = EigenExplorer(A, k=2, max_products=40, tol=1e-4, products=(20, 200, 20))
+    explorer.show()
+    seen = []
+    explorer.status.observe(lambda change: seen.append(change["new"]), names="value")
+    explorer.controls["k"].value = 3
+    assert any("power iteration: products" in s and "<progress" in s for s in seen)
+    assert any("Lanczos: runs stopped early" in s and "<progress" in s for s in seen)
+    assert explorer.status.value == ""
+
+
+def test_recording_operator_reports_each_product():
+    from hesskit.widgets._base import _PROGRESS_SINK
+    from hesskit.widgets.eigenvalues import RecordingOperator
+
+    A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    reports = []
+    token = _PROGRESS_SINK.set(lambda done, total, what: reports.append((done, total, what)))
+    try:
+        recorder = RecordingOperator(A, expected=3, what="steps")
+        for _ in range(4):  # one more than expected: the bar stays full
+            recorder @ torch.ones(5, dtype=torch.float64)
+        RecordingOperator(A) @ torch.ones(5, dtype=torch.float64)  # no expected count: no reports
+    finally:
+        _PROGRESS_SINK.reset(token)
+    assert reports == [(1, 3, "steps"), (2, 3, "steps"), (3, 3, "steps"), (3, 3, "steps")]
+    assert recorder.num_matvecs == 4

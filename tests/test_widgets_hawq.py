@@ -139,3 +139,16 @@ def test_seed_study_and_problem():
     assert math.isfinite(r["random"][0, 0])
     with pytest.raises(ValueError, match="calibration"):
         digits_problem(calibration=10_000, steps=1)
+
+
+def test_sweeps_report_progress(problem, monkeypatch):
+    import hesskit.widgets.hawq as hawq
+
+    calls = []
+    monkeypatch.setattr(hawq, "progress", lambda done, total, what="": calls.append((done, total, what)))
+    all_sensitivities(problem, num_matvecs=4, metrics=("trace", "measured"))
+    assert [c[:2] for c in calls] == [(1, 3), (2, 3), (3, 3)] and "pairs" in calls[-1][2]
+    calls.clear()
+    r = seed_study([0, 1], avg_bits=(2.5,), proxies=("trace",), num_matvecs=4, **SMALL)
+    assert [c[:2] for c in calls if c[2] == "seed"] == [(0, 2), (1, 2), (2, 2)]
+    assert r["seeds"].tolist() == [0, 1]

@@ -326,3 +326,28 @@ def test_explorer_reuses_runs(task, cheap_png):
     ex.add_runs([run])
     ex.show()
     assert ex.result["runs"][0] is run
+
+
+# --------------------------------------------------------------------------- progress
+def test_explorer_shows_training_progress(task):
+    ex = KFACExplorer(task, steps=8, batch_size=16, eval_every=4, show=("kfac", "mkor"))
+    seen = []
+    ex.status.observe(lambda change: seen.append(change["new"]), names="value")
+    ex.show()  # K-FAC and MKOR trained side by side: 16 steps in all
+    bars = [v for v in seen if "<progress" in v]
+    assert "training K-FAC, MKOR: step 0/16" in bars[0] and "training K-FAC, MKOR: step 16/16" in bars[-1]
+    assert ex.status.value == ""
+    seen.clear()
+    ex.controls["show"].value = ("kfac",)  # cached: nothing to train
+    assert not any("<progress" in v for v in seen)
+
+
+def test_train_together_reports_the_steps_of_all_runs(task, monkeypatch):
+    import hesskit.widgets.kfac as kfac
+
+    calls = []
+    monkeypatch.setattr(kfac, "progress", lambda done, total, what="": calls.append((done, total)))
+    train_together(task, [dict(name="sgd", lr=0.1), dict(name="adamw", lr=1e-2, steps=4)], steps=8, batch_size=16,
+                   eval_every=4)
+    done = [d for d, _ in calls]
+    assert all(total == 12 for _, total in calls) and done == sorted(done) and done[-1] == 12

@@ -189,3 +189,16 @@ def test_bad_arguments(data):
         train("sgd", 0.1, *data, steps=0)
     with pytest.raises(ValueError, match="grid"):
         tune([-1.0], *data, steps=2)
+
+
+# --------------------------------------------------------------------------- progress
+def test_explorer_shows_training_and_ihvp_progress(tuning, problem):
+    explorer = MFACExplorer(tuning, problem, num_grads=8, damping=1e-3, lr=3e-2)
+    seen = []
+    explorer.status.observe(lambda change: seen.append(change["new"]), names="value")
+    explorer.show()  # a new setting: trains M-FAC, then the IHVP errors at its damping
+    bars = [v for v in seen if "<progress" in v]
+    assert "M-FAC step 1/20" in bars[0] and any("M-FAC step 20/20" in v for v in bars)
+    windows = len(explorer._windows(8))
+    assert f"IHVP error: window {windows}/{windows}" in bars[-1]
+    assert explorer.status.value == ""

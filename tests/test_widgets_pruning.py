@@ -178,3 +178,38 @@ def test_training_is_seeded_and_evaluate_restores_the_mode(setup):
     assert a.training
     with pytest.raises(ValueError, match="num_grads"):
         PruningExplorer(model, CRITERION, setup[1], test, num_grads=201)
+
+
+# --------------------------------------------------------------------------- progress
+def test_explorer_shows_progress_of_a_new_obs_curve(setup):
+    model, data, test = setup
+    ex = PruningExplorer(model, CRITERION, data, test, sparsities=(0.3, 0.6, 0.9), num_grads=64,
+                         grad_options=(8, 64), block_options=(1, 32), obd_curvature="empirical_fisher")
+    seen = []
+    ex.status.observe(lambda change: seen.append(change["new"]), names="value")
+    ex.show()  # the inverse, then one OBS-pruned model per sparsity of the curve
+    bars = [v for v in seen if "<progress" in v]
+    assert "OBS: block inverse 0/4" in bars[0] and "OBS curve: sparsity 4/4" in bars[-1]
+    seen.clear()
+    ex.controls["sparsity"].value = 0.6  # same settings: the curve is cached, nothing to report
+    assert not any("<progress" in v for v in seen)
+    assert ex.status.value == ""
+
+
+def test_sweeps_report_one_unit_per_pruned_model(setup, monkeypatch):
+    import hesskit.widgets.pruning as pruning
+
+    model, data, test = setup
+    calls = []
+    monkeypatch.setattr(pruning, "progress", lambda done, total, what="": calls.append((done, total)))
+    obs_sweep(model, CRITERION, data, test, 0.7, "damping", [1e-5, 1.0], num_grads=40)
+    assert calls == [(1, 2), (2, 2)]
+    calls.clear()
+    compensation_ablation(model, CRITERION, data, test, [0.5], num_grads=40, block_size=32)
+    assert calls == [(k, 4) for k in range(1, 5)]
+    calls.clear()
+    obs_path(model, CRITERION, data, test, 0.8, 3, num_grads=40, block_size=32)
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    calls.clear()
+    one_shot_curve(model, CRITERION, data, test, [0.5], methods=("magnitude", "obs"), num_grads=40, block_size=32)
+    assert calls == [(0, 2), (1, 2), (2, 2)]

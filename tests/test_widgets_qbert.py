@@ -233,10 +233,18 @@ def test_explorer_over_its_controls(task):
         assert result["groups"] == label and result["size"] == transformer_size(task.model, 2, g)
         assert result["rtn_accuracy"] == accuracy(quantize_transformer(task.model, 2, g), task.test)
     bits = explorer.controls["bits"]
-    bits.value = bits.max
+    shown = []
+    explorer.status.observe(lambda change: shown.append(change["new"]), names="value")
+    bits.value = bits.max  # a new width: the round-to-nearest sweep over the groupings reports its progress
+    assert any("rounding: grouping 4/4" in s for s in shown)
+    explorer.status.unobserve_all()
     assert explorer.result["bits"] == 8 and abs(explorer.result["rtn_accuracy"] - task.fp_accuracy) <= 0.02
     bits.value = bits.min
+    shown = []  # the status line while the explorer computes: a progress bar for the sweep and every QAT run
+    explorer.status.observe(lambda change: shown.append(change["new"]), names="value")
     explorer.controls["qat"].value = True
+    assert any("QAT step 10/10" in s and "<progress" in s for s in shown)  # the last step always shows
+    assert explorer.status.value == ""  # cleared when done
     run = explorer.result["run"]
     assert run.steps[-1] == 10 and explorer.result["qat_accuracy"] == run.final_accuracy
     assert len(explorer.figure.axes[2].lines) == 2  # the fine-tuning curve and the float32 line

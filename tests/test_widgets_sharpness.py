@@ -137,3 +137,36 @@ def test_sweep_marks_divergence_and_matches_train():
     gd = train(copy.deepcopy(model), criterion, data, 0.05, 32, steps=10, measure_every=1, measure_from=8)
     assert out["sharpness"][1, 0] == pytest.approx(gd.sharpness.mean(), rel=1e-12)
     assert out["loss"][1, 0] == pytest.approx(gd.loss[-1], rel=1e-12)
+
+
+def record_progress(fn, *args, **kwargs):
+    """Run fn with a progress sink that records every report, as an explorer's render() does."""
+    from hesskit.widgets._base import _PROGRESS_SINK
+
+    reports = []
+    token = _PROGRESS_SINK.set(lambda done, total, what: reports.append((done, total, what)))
+    try:
+        return fn(*args, **kwargs), reports
+    finally:
+        _PROGRESS_SINK.reset(token)
+
+
+def test_training_and_the_sweep_report_progress():
+    model, criterion, data = digits_problem(**SMALL)
+    run, reports = record_progress(train, copy.deepcopy(model), criterion, data, 0.5, 8, steps=6, measure_every=None)
+    assert reports == [(t, 6, "SGD (batch 8) step") for t in range(1, 7)] and len(run.loss) == 7
+    gd, reports = record_progress(train, copy.deepcopy(model), criterion, data, 0.5, steps=3, measure_every=None)
+    assert [r[2] for r in reports] == ["GD step"] * 3
+    # a sweep counts the steps of all its runs; a diverged run jumps to the end of its share
+    out, reports = record_progress(sweep, model, criterion, data, [0.05, 50.0], [32], steps=10, trace_matvecs=6)
+    done = [d for d, _, _ in reports]
+    assert {t for _, t, _ in reports} == {20} and done == sorted(done) and done[-1] == 20
+    assert np.isnan(out["sharpness"][0, 1]) and any("η = 50" in what for _, _, what in reports)
+    # the explorer's status line shows the bar while it trains
+    explorer = SharpnessExplorer(**SMALL, steps=30, measure_every=10, trace_every=None, trace_matvecs=0, lr=0.1)
+    explorer.show()
+    seen = []
+    explorer.status.observe(lambda change: seen.append(change["new"]), names="value")
+    explorer.controls["batch_size"].value = 4
+    assert any("SGD (batch 4) step" in s and "<progress" in s for s in seen)
+    assert explorer.status.value == ""

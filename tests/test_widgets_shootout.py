@@ -284,3 +284,21 @@ def test_char_lm_task_runs_every_closure_kind():
     kfac = train_run(task, "K-FAC (f=10, i=100)", 0.1, 0, 1, 4, 1)
     assert any("fallback" in w for w in kfac.warnings)  # LayerNorm and Embedding: named, not hidden
     assert PILOT_FACTORS[2] == 1.0
+
+
+# --------------------------------------------------------------------------- progress
+def test_explorer_shows_progress_of_extra_runs(small_grid, monkeypatch):
+    monkeypatch.setattr("hesskit.widgets._base.figure_output", lambda figure: {"output_type": "display_data",
+                                                                               "data": {}, "metadata": {}})
+    explorer = ShootoutExplorer(small_grid)
+    seen = []
+    explorer.status.observe(lambda change: seen.append(change["new"]), names="value")
+    explorer.show()  # stored runs only: no training, no progress bar
+    assert not any("<progress" in v for v in seen)
+    explorer.controls["lr_of"].value = "AdamW"
+    explorer.controls["lr"].value = 3**0.5  # between two grid points: one extra run per seed
+    bars = [v for v in seen if "<progress" in v]
+    lr = small_grid.centre("AdamW") * 3**0.5
+    assert f"AdamW, lr {lr:.3g}: extra run 0/{len(SEEDS)}" in bars[0]
+    assert f"AdamW, lr {lr:.3g}: extra run {len(SEEDS)}/{len(SEEDS)}" in bars[-1]
+    assert explorer.status.value == ""

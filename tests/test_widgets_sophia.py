@@ -21,6 +21,7 @@ from hesskit.widgets.sophia import (  # noqa: E402
     make_optimizer,
     sampled_label_loss,
     step_cost,
+    step_cost_rounds,
     train_lm,
 )
 
@@ -291,3 +292,43 @@ def test_explorer_reuses_added_runs_and_picks_a_target(task):
     # no target given: the baseline's best held-out loss plus 0.02, so the baseline reaches it
     assert ex.result["target"] == pytest.approx(np.nanmin(sweep["adamw"][0].test_loss) + 0.02)
     assert math.isfinite(ex.result["steps_to"][sweep["adamw"][0].label])
+
+
+# --------------------------------------------------------------------------- progress
+def _record_status(explorer):
+    """Every value the explorer's status line takes while it renders (progress bars included)."""
+    seen = []
+    explorer.status.observe(lambda change: seen.append(change["new"]), names="value")
+    return seen
+
+
+def test_explorer_shows_training_progress(task):
+    ex = SophiaExplorer(task, steps=STEPS, lr=1e-2, gamma=0.05, update_every=5, batch_size=8, target=3.0)
+    seen = _record_status(ex)
+    ex.show()  # trains Sophia-G, then AdamW: each reports every step
+    bars = [v for v in seen if "<progress" in v]
+    assert "Sophia-G step 1/12" in bars[0]  # the first report shows at once
+    assert any(f"Sophia-G step {STEPS}/{STEPS}" in v for v in bars)  # the last of each run always shows
+    assert any(f"AdamW step {STEPS}/{STEPS}" in v for v in bars)
+    assert ex.status.value == ""  # cleared when done
+    seen.clear()
+    ex.controls["baseline"].value = "none"  # nothing to train: no progress bar
+    assert not any("<progress" in v for v in seen)
+
+
+def test_train_lm_reports_every_step(task, monkeypatch):
+    import hesskit.widgets.sophia as sophia
+
+    calls = []
+    monkeypatch.setattr(sophia, "progress", lambda done, total, what="": calls.append((done, total, what)))
+    train_lm(task, "sophia-h", 1e-2, steps=5, batch_size=8)
+    assert calls == [(t, 5, "Sophia-H step") for t in range(1, 6)]
+
+
+def test_step_cost_rounds_are_paired_and_clock_is_checked(task):
+    rounds = step_cost_rounds(task, {"adamw": 1e-3, "sophia-g": 1e-3}, blocks=3, block=2, batch_size=8)
+    assert set(rounds) == {"adamw", "sophia-g"} and all(r.shape == (3,) and (r > 0).all() for r in rounds.values())
+    wall = step_cost(task, {"adamw": 1e-3}, blocks=2, block=2, batch_size=8, clock="wall")
+    assert 0 < wall["adamw"] < 1
+    with pytest.raises(ValueError, match="clock"):
+        step_cost_rounds(task, {"adamw": 1e-3}, blocks=1, block=1, clock="gpu")

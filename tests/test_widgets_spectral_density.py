@@ -146,3 +146,29 @@ def test_helpers():
         DensityExplorer({})
     with pytest.raises(ValueError, match="square"):
         DensityExplorer({"bad": torch.zeros(3, 4)})
+
+
+def test_explorer_reports_slq_progress_and_keeps_the_answer():
+    from hesskit.widgets._base import _PROGRESS_SINK
+
+    A, _ = spiked()
+    explorer = DensityExplorer({"spiked": A}, num_runs=2, num_steps=10)
+    reports = []
+    token = _PROGRESS_SINK.set(lambda done, total, what: reports.append((done, total)))
+    try:
+        r = explorer.compute(num_runs=3, num_steps=12, sigma=0.01)
+    finally:
+        _PROGRESS_SINK.reset(token)
+    assert [done for done, _ in reports][:36] == list(range(1, 37)) and reports[-1] == (36, 36)
+    assert {total for _, total in reports} == {36}
+    # the reporting wrapper changes nothing: the same probes, products and quadrature as on the matrix
+    direct = hk.spectral_density(A, num_runs=3, num_steps=12, seed=0)
+    np.testing.assert_array_equal(r["nodes"], direct.nodes)
+    np.testing.assert_array_equal(r["weights"], direct.weights)
+    assert r["num_matvecs"] == direct.num_matvecs == 36
+    # the status line of a rendering explorer shows the bar
+    seen = []
+    explorer.status.observe(lambda change: seen.append(change["new"]), names="value")
+    explorer.controls["num_steps"].value = 30
+    assert any("SLQ: Hessian-vector products" in s and "<progress" in s for s in seen)
+    assert explorer.status.value == ""

@@ -129,3 +129,35 @@ def test_rademacher_hutchinson_is_exact_on_a_diagonal_matrix():
 def test_trace_explorer_rejects_a_non_square_matrix():
     with pytest.raises(ValueError, match="square"):
         TraceExplorer(torch.zeros(3, 4))
+
+
+def _trials(values: np.ndarray):
+    from hesskit.widgets.trace_estimation import TraceTrials
+
+    return TraceTrials(values, np.ones_like(values), 0.0, 1, "hutchinson", "rademacher")
+
+
+def test_std_stderr_is_the_spread_of_the_std():
+    gen = np.random.default_rng(0)
+    N = 200
+    # normal data: the normal-theory value sigma / sqrt(2 (N - 1)), to within the noise of mu_4
+    normal = _trials(gen.normal(0.0, 3.0, N))
+    assert normal.std_stderr == pytest.approx(normal.std / math.sqrt(2 * (N - 1)), rel=0.25)
+    # skewed data (like z^T A z): the standard error must match the real spread of std over repeats
+    repeats = [_trials(gen.chisquare(2, N)) for _ in range(400)]
+    spread = np.std([t.std for t in repeats], ddof=1)
+    assert np.mean([t.std_stderr for t in repeats]) == pytest.approx(spread, rel=0.15)
+    assert np.mean([t.std_stderr for t in repeats]) > 1.3 * np.mean([t.std / math.sqrt(2 * (N - 1)) for t in repeats])
+    assert math.isnan(_trials(np.array([1.0, 2.0, 3.0])).std_stderr)
+    assert _trials(np.full(10, 2.5)).std_stderr == 0.0
+
+
+def test_trials_report_progress_while_an_explorer_renders():
+    A, _ = spiked_matrix()
+    explorer = TraceExplorer(A, counts=(3, 30), num_matvecs=3, num_trials=12, min_trials=12, max_products=36)
+    explorer.show()
+    seen = []
+    explorer.status.observe(lambda change: seen.append(change["new"]), names="value")
+    explorer.controls["method"].value = "hutch++"
+    assert any("hutch++ runs" in s and "<progress" in s for s in seen)
+    assert explorer.status.value == ""

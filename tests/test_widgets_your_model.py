@@ -388,7 +388,11 @@ def test_explorer_over_its_controls(task):
     slider.value = slider.max
     assert explorer.result["products"] == 6
     cached = len(explorer._cache)
-    slider.value = slider.min
+    shown = []  # the status line while it computes: a bar counting the budgets of products of every estimate
+    explorer.status.observe(lambda change: shown.append(change["new"]), names="value")
+    slider.value = slider.min  # two modules at 3 products (3 // 4 and 3 // 2 give no smaller budget)
+    assert any("products (budget) 6/6" in s and "<progress" in s for s in shown) and explorer.status.value == ""
+    explorer.status.unobserve_all()
     slider.value = slider.max
     assert len(explorer._cache) == cached + 1  # the minimum is new, the maximum was cached
     assert_unchanged(model, snap)

@@ -46,12 +46,14 @@ def claims_mode() -> bool:
 CLAIMS: list[tuple[str, bool]] = []  # every claim of this session, in order: (text, held)
 
 
-def claim(condition: Any, text: str) -> bool:
-    """Print the verdict on a conclusion the notebook's text draws from a number, and record it.
+def claim(condition: Any, text: str) -> None:
+    """Print the verdict on a conclusion the notebook's text draws from a number, and record it
+    (in `CLAIMS`, as (text, held)).
 
     Prints "✓ claim: text" or "✗ claim failed: text" (in fast mode with "(fast mode: not checked)"
     added to a failure). In a claims run (`claims_mode()`) a failed claim raises AssertionError, so
-    the notebook run fails; otherwise it only prints. Returns the verdict as a bool."""
+    the notebook run fails; otherwise it only prints. Returns nothing, so a cell that ends with a
+    claim shows only the printed verdict."""
     held = bool(condition)
     CLAIMS.append((text, held))
     if held:
@@ -61,7 +63,6 @@ def claim(condition: Any, text: str) -> bool:
         print(f"✗ claim failed: {text}{note}")
         if claims_mode():
             raise AssertionError(f"claim failed: {text}")
-    return held
 
 
 def fit_labels(control: Any) -> None:

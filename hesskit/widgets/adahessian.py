@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..models import SmallCNN
 from ..operators import HessianOperator
 from ..optim import AdaHessian
-from ._base import Explorer, TrainingRecord, best_run, loss_and_accuracy, make_closure, run_plan
+from ._base import Explorer, TrainingRecord, best_run, loss_and_accuracy, make_closure, progress, run_plan
 
 __all__ = [
     "AdaHessianExplorer",
@@ -50,8 +50,8 @@ LABELS = {"adahessian": "AdaHessian", "adamw": "AdamW", "sgd": "SGD"}
 COLORS = {"adahessian": "tab:red", "adamw": "tab:blue", "sgd": "tab:green"}
 
 # What `AdaHessian(model.parameters(), lr=0.15)` means in three public packages, written as
-# hk.optim.AdaHessian settings (the differences that change the trajectory; see
-# /work/shared/research/optimizers.md section 6.2 and hk.optim.AdaHessian's docstring).
+# hk.optim.AdaHessian settings (the differences that change the trajectory, read from each package's
+# source; see hk.optim.AdaHessian's docstring).
 IMPLEMENTATIONS: dict[str, dict[str, Any]] = {
     "official (amirgholami/adahessian)": dict(hessian_power=1.0, eps=1e-4, spatial_average=True),
     "torch-optimizer 0.3.0 defaults": dict(hessian_power=0.5, eps=1e-4, spatial_average=True),
@@ -240,6 +240,7 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
             if not losses[c - 1] < divergence:
                 diverged = True
                 break
+        progress(t, steps, f"{LABELS.get(optimizer, optimizer)} step")  # shown while an explorer renders
     return Run(optimizer, float(lr), dict(settings), np.array(checkpoints), losses, accuracies,
                np.array(step_times), thetas, num_hvps, diverged)
 

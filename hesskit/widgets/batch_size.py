@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..eigen import eigenvalues
 from ..models import MLP
 from ..operators import HessianOperator
-from ._base import Explorer
+from ._base import Explorer, progress
 
 __all__ = [
     "BatchSizeExplorer",
@@ -134,6 +134,7 @@ def minibatch_sharpness(model: nn.Module, criterion: nn.Module, x: Tensor, y: Te
     matvecs = 0
     for s, b in enumerate(sizes):
         for j in range(num_batches):
+            progress(s * num_batches + j + 1, len(sizes) * num_batches, "mini-batch Hessians")  # while an explorer renders
             if b == n:
                 values[s, j], overlaps[s, j] = full, 1.0
                 continue
@@ -266,12 +267,14 @@ def scaling_check(x: Tensor, y: Tensor, batch_sizes: Sequence[int], base_batch: 
     epochs, with the learning rate `scaled_lr(base_lr, base_batch, B, rule)` of each rule."""
     seeds = list(seeds)
     losses: dict[str, dict[str, np.ndarray]] = {}
-    for opt, base_lr in base_lrs.items():
+    units = len(base_lrs) * len(batch_sizes)  # progress: one population (all rules and seeds) per unit
+    for k, (opt, base_lr) in enumerate(base_lrs.items()):
         table = np.empty((len(batch_sizes), len(rules), len(seeds)))
         for i, b in enumerate(batch_sizes):
             lrs = [scaled_lr(base_lr, base_batch, b, rule) for rule in rules for _ in seeds]
             out = train_population(opt, lrs, seeds * len(rules), x, y, b, epochs, hidden)
             table[i] = out.reshape(len(rules), len(seeds))
+            progress(k * len(batch_sizes) + i + 1, units, f"scaling check ({opt}, B = {b})")
         losses[opt] = {rule: table[:, r] for r, rule in enumerate(rules)}
     threshold = 2 * math.log(int(y.max()) + 1)
     return ScalingCheck(np.array(batch_sizes), base_batch, dict(base_lrs), epochs, seeds, losses, threshold)

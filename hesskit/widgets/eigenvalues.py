@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..eigen import eigenvalues, power_iteration
 from ..results import EigenResult
-from ._base import Explorer
+from ._base import Explorer, progress
 
 __all__ = [
     "EigenExplorer",
@@ -42,11 +42,13 @@ class RecordingOperator:
 
     For each single-vector product A v it stores v and the Rayleigh quotient v^T A v / v^T v,
     which is what power iteration (Golub & Van Loan, Matrix Computations, 4th ed. 2013, sec. 8.2)
-    takes as its eigenvalue estimate.
+    takes as its eigenvalue estimate. With `expected` products in view, every product is reported
+    to `progress` (a bar while an explorer renders).
     """
 
-    def __init__(self, op: Any):
+    def __init__(self, op: Any, expected: int | None = None, what: str = "products"):
         self.op = op
+        self.expected, self.what = expected, what
         self.shape = tuple(op.shape)
         self.dtype = getattr(op, "dtype", torch.float64)
         self.device = getattr(op, "device", torch.device("cpu"))
@@ -59,6 +61,8 @@ class RecordingOperator:
         if v.dim() == 1:
             self.inputs.append(v.detach().clone())
             self.rayleigh.append(float(torch.dot(v, w) / torch.dot(v, v)))
+            if self.expected:
+                progress(min(len(self.inputs), self.expected), self.expected, self.what)
         return w
 
     @property
@@ -100,7 +104,7 @@ def power_iteration_history(op: Any, k: int, max_iters: int, tol: float, seed: i
     vector. That assigns each recorded product to its eigenvalue without re-implementing the
     solver's stopping rule; the last estimate of each eigenvalue is checked against the result.
     """
-    recorder = RecordingOperator(op)
+    recorder = RecordingOperator(op, expected=k * max_iters, what="power iteration: products")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = power_iteration(recorder, k=k, max_iters=max_iters, tol=tol, seed=seed)
@@ -148,9 +152,10 @@ def lanczos_history(
         else:
             budgets = np.unique(np.linspace(k, last, num_points).round().astype(int))
         rows = []
-        for b in budgets[:-1]:
+        for j, b in enumerate(budgets[:-1]):
             values = eigenvalues(op, k=k, which=which, tol=tol, max_matvecs=int(b), seed=seed).values
             rows.append(values.double().cpu().numpy())
+            progress(j + 1, len(budgets) - 1, "Lanczos: runs stopped early")
     rows.append(final.values.double().cpu().numpy())
     return History(products=budgets, estimates=np.stack(rows), result=final)
 

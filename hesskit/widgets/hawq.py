@@ -1,6 +1,6 @@
 """Notebook 11: HAWQ, Hessian-aware mixed-precision quantization, judged by exhaustive enumeration.
 
-The experiment (the research notes' pilot E4): an equal-width deep MLP on the digits (64 -> five
+The experiment: an equal-width deep MLP on the digits (64 -> five
 64 x 64 layers -> 10, ReLU), weight-only symmetric per-channel round-to-nearest quantization, widths
 {2, 3, 4, 8} per layer, so 4^6 = 4,096 configurations, ALL of which are evaluated (a few seconds,
 thanks to prefix sharing: `enumerate_configs`). Against that ground truth:
@@ -41,7 +41,7 @@ from ..models import MLP
 from ..quant.allocate import CostTable, Enumeration, _frontier, cost_table, exhaustive, knapsack
 from ..quant.fake import fake_quantize, quantizable_layers
 from ..quant.sensitivity import PairInteractions, Sensitivities, pair_interactions, rank_correlation, sensitivities
-from ._base import Explorer
+from ._base import Explorer, progress
 
 __all__ = [
     "HAWQExplorer",
@@ -103,7 +103,7 @@ def digits_problem(seed: int = 0, width: int = 64, depth: int = 5, steps: int = 
     """Train `hk.models.MLP(64, (width,) * depth, 10, activation)` on the digits (Adam, `steps`
     mini-batches of `batch_size`, seeded by `seed`; the train/test split by `data_seed`) and pick the
     calibration data: the first `calibration` training digits, and `num_subsets` disjoint batches
-    of `subset_size` for Q-BERT (the pilot's 256 samples and 5 x 128)."""
+    of `subset_size` for Q-BERT (by default 256 samples and 5 x 128)."""
     (x, y), (x_test, y_test) = digits(flatten=True, seed=data_seed)
     if num_subsets * subset_size > len(x) or calibration > len(x):
         raise ValueError(f"calibration, num_subsets, subset_size: need at most the {len(x)} training digits")
@@ -144,9 +144,15 @@ def all_sensitivities(problem: HAWQProblem, choices: Sequence[int] = CHOICES, nu
         "measured": lambda: sensitivities(m, c, problem.calibration, "measured", bits=tuple(choices),
                                           granularity=problem.granularity),
     }
-    out = {key: make[key]() for key in metrics}
+    units = len(metrics) + bool(pairs)  # progress (shown while an explorer renders): one unit per metric
+    out = {}
+    for k, key in enumerate(metrics, start=1):
+        out[key] = make[key]()
+        progress(k, units, f"sensitivities ({key})")
     interactions = pair_interactions(m, c, problem.calibration, choices, granularity=problem.granularity) \
         if pairs else None
+    if pairs:
+        progress(units, units, "sensitivities (adjacent pairs)")
     return out, interactions
 
 
@@ -316,16 +322,22 @@ def compare_at_budget(tables: Mapping[str, CostTable], enumeration: Enumeration,
 
 
 def seed_study(seeds: Sequence[int], avg_bits: Sequence[float] = (2.5, 3.0),
-               proxies: Sequence[str] = ("trace", "pairs"), **problem_kwargs: Any) -> dict[str, np.ndarray]:
+               proxies: Sequence[str] = ("trace", "pairs"), num_matvecs: int = 100,
+               **problem_kwargs: Any) -> dict[str, np.ndarray]:
     """Repeat train -> sensitivities -> enumeration -> `compare_at_budget` for several seeds.
-    Returns arrays (seeds, budgets): "float", "uniform", "random", "best" and one per proxy, plus
-    "rho_<proxy>" (seeds,) rank correlations."""
+    Seed s trains `digits_problem(seed=s, **problem_kwargs)` and draws the probes of
+    `all_sensitivities(..., num_matvecs, seed=s)`, so a walk-through of one seed that does the same
+    reproduces its row exactly. Returns arrays (seeds, budgets): "float", "uniform", "random",
+    "best" and one per proxy, plus "rho_<proxy>" (seeds,) rank correlations and "seeds" (seeds,)."""
     rows: dict[str, list] = {}
-    for seed in seeds:
+    seeds = list(seeds)
+    for j, seed in enumerate(seeds):
+        progress(j, len(seeds), "seed")  # shown while an explorer renders
         problem = digits_problem(seed=seed, **problem_kwargs)
         needed = [k for k in ("trace", "eigenvalue", "qbert") if k in proxies]
         needed += ["measured"] if {"measured", "pairs"} & set(proxies) else []
-        sens, pairs = all_sensitivities(problem, seed=seed, metrics=needed, pairs="pairs" in proxies)
+        sens, pairs = all_sensitivities(problem, num_matvecs=num_matvecs, seed=seed, metrics=needed,
+                                        pairs="pairs" in proxies)
         tables = proxy_tables(problem, sens, pairs)
         e = enumerate_configs(problem)
         rho = correlations(tables, e)
@@ -342,7 +354,10 @@ def seed_study(seeds: Sequence[int], avg_bits: Sequence[float] = (2.5, 3.0),
                 per_budget.setdefault(p, []).append(c.chosen[p][1])
         for k, v in per_budget.items():
             rows.setdefault(k, []).append(v)
-    return {k: np.array(v) for k, v in rows.items()}
+    progress(len(seeds), len(seeds), "seed")
+    out = {k: np.array(v) for k, v in rows.items()}
+    out["seeds"] = np.array(seeds)
+    return out
 
 
 # --------------------------------------------------------------------------- widget

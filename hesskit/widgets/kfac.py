@@ -38,7 +38,7 @@ from ..kfac import KroneckerFactor, find_layers, kfac_factors
 from ..models import MLP, SmallCNN
 from ..operators import EmpiricalFisherOperator, GGNOperator
 from ..optim import KFAC, MKOR
-from ._base import Explorer, batch_order, best_run, make_closure
+from ._base import Explorer, batch_order, best_run, make_closure, progress
 
 __all__ = [
     "KFACExplorer",
@@ -307,9 +307,10 @@ class TrainingRun:
 
 def _training(task: DigitsTask, name: str, lr: float, steps: int = 300, batch_size: int = 64, damping: float = 1e-3,
               factor_every: int = 10, inverse_every: int | None = None, fisher: str = "empirical",
-              kl_clip: float | None = 1e-3, seed: int = 0, eval_every: int = 10) -> Iterator[None]:
-    """One training run as a generator: it pauses (yields) after each evaluation, so that
-    `train_together` can interleave runs; it returns the `TrainingRun`."""
+              kl_clip: float | None = 1e-3, seed: int = 0, eval_every: int = 10) -> Iterator[int]:
+    """One training run as a generator, so that `train_together` can interleave runs and report
+    progress: it yields its number of steps once set up (after the first evaluation), then pauses
+    after each evaluation and yields the number of steps taken so far; it returns the `TrainingRun`."""
     if steps < 1 or batch_size < 1 or eval_every < 1:
         raise ValueError(f"steps, batch_size, eval_every: expected positive integers, got {steps}, {batch_size}, "
                          f"{eval_every}")
@@ -332,7 +333,7 @@ def _training(task: DigitsTask, name: str, lr: float, steps: int = 300, batch_si
     train_loss, test_loss, test_acc = (np.full(len(eval_steps), np.nan) for _ in range(3))
     train_loss[0], test_loss[0], test_acc[0] = task.evaluate(model)
     diverged = False
-    yield
+    yield steps
     for t in range(1, steps + 1):
         xb, yb = task.x[batches[t - 1]], task.y[batches[t - 1]]
 
@@ -359,7 +360,7 @@ def _training(task: DigitsTask, name: str, lr: float, steps: int = 300, batch_si
             if not math.isfinite(train_loss[j]):
                 diverged = True
                 break
-            yield
+            yield t
     settings = {"batch_size": batch_size, "seed": seed, "steps": steps, "eval_every": eval_every}
     if name == "kfac":
         settings.update(damping=damping, factor_every=factor_every, inverse_every=inverse_every, fisher=fisher,
@@ -376,16 +377,25 @@ def train_together(task: DigitsTask, configs: Sequence[dict], **common) -> list[
     interleaved: each run in turn trains until its next evaluation (about `eval_every` steps),
     then hands over to the next. A slow stretch of a shared machine then slows all runs alike,
     so their wall-clock times stay comparable. The results equal separate `train` calls'."""
-    runs = [_training(task, **{**common, **config}) for config in configs]
+    settings = [{**common, **config} for config in configs]
+    runs = [_training(task, **s) for s in settings]
     results: list[TrainingRun | None] = [None] * len(runs)
+    budgets = [next(run) for run in runs]  # each run sets up, evaluates its start and says how many steps it takes
+    # progress, shown while an explorer renders: steps taken by all runs together
+    taken = [0] * len(runs)
+    what = "training " + ", ".join(dict.fromkeys(LABELS.get(s["name"], s["name"]) for s in settings)) + ": step"
+    if runs:
+        progress(0, sum(budgets), what)
     active = list(range(len(runs)))
     while active:
         for i in list(active):
             try:
-                next(runs[i])
+                taken[i] = next(runs[i])
             except StopIteration as stop:
                 results[i] = stop.value
+                taken[i] = budgets[i]  # done (a diverged run stops early)
                 active.remove(i)
+            progress(sum(taken), sum(budgets), what)
     return results  # type: ignore[return-value]
 
 

@@ -36,7 +36,7 @@ from ..data import digits
 from ..mfac import MFACInverse
 from ..models import MLP
 from ..optim import MFAC, NewtonCG
-from ._base import Explorer, TrainingRecord, best_run, loss_and_accuracy, make_closure, run_plan
+from ._base import Explorer, TrainingRecord, best_run, loss_and_accuracy, make_closure, progress, run_plan
 
 __all__ = [
     "MFACExplorer",
@@ -169,13 +169,14 @@ def ihvp_errors(problem: FisherProblem, windows: Sequence[int], damping: float) 
         raise ValueError(f"windows: expected sizes in 1..{problem.num_samples}, got {list(windows)}")
     exact = problem.exact(damping)
     window, single, rounding = [], [], []
-    for m in windows:
+    for k, m in enumerate(windows, start=1):
         G = problem.grads[:m]
         u64 = fill_window(G, int(m), damping, torch.float64) @ problem.x
         u32 = fill_window(G, int(m), damping, torch.float32) @ problem.x.float()
         window.append(_rel(u64, exact))
         single.append(_rel(u32, exact))
         rounding.append(_rel(u32, u64))
+        progress(k, len(windows), "IHVP error: window")
     return IHVPErrors(windows, float(damping), np.array(window), np.array(single), np.array(rounding),
                       problem.num_samples, problem.dim)
 
@@ -433,6 +434,7 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
             if not losses[c - 1] < divergence:
                 diverged = True
                 break
+        progress(t, steps, f"{LABELS.get(optimizer, optimizer)} step")  # shown while an explorer renders
     return Run(optimizer, float(lr), settings, np.array(checkpoints), losses, accuracies, np.array(step_times),
                diverged=diverged, batch_size=batch_size, **per_step)
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .. import prune
 from ..data import digits
 from ..models import MLP
-from ._base import Explorer
+from ._base import Explorer, progress
 
 __all__ = [
     "PruningExplorer",
@@ -130,7 +130,8 @@ def one_shot_curve(model: nn.Module, criterion: Any, data: Any, test: tuple[Tens
     uses one `FisherInverse.from_model(num_grads, damping, block_size, seed)` with
     `hk.prune.obs_with_inverse` (= `hk.prune.obs(..., num_recomputations=1, seed=seed)`)."""
     curve = Curve(dense=evaluate(model, criterion, test))
-    for method in methods:
+    for k, method in enumerate(methods):
+        progress(k, len(methods), f"one-shot curve ({method})")  # shown while an explorer renders
         start = time.perf_counter()
         if method == "magnitude":
             models = [prune.magnitude(model, s) for s in sparsities]
@@ -144,6 +145,7 @@ def one_shot_curve(model: nn.Module, criterion: Any, data: Any, test: tuple[Tens
         else:
             raise ValueError(f"methods: expected 'magnitude', 'obd' or 'obs', got {method!r}")
         curve.add(method, sparsities, models, criterion, test, time.perf_counter() - start)
+    progress(len(methods), len(methods), "one-shot curve")
     return curve
 
 
@@ -173,6 +175,7 @@ def obs_path(model: nn.Module, criterion: Any, data: Any, test: tuple[Tensor, Te
         current = prune.obs(current, criterion, data, float(target), num_grads=num_grads, damping=damping,
                             block_size=block_size, seed=seed + j, saliency=saliency, update=update)
         models.append(current)
+        progress(j + 1, len(targets), "OBS recomputation")  # shown while an explorer renders
     curve.add(label, targets, models, criterion, test, time.perf_counter() - start)
     return curve
 
@@ -184,15 +187,20 @@ def compensation_ablation(model: nn.Module, criterion: Any, data: Any, test: tup
     """Test accuracy at each sparsity for ranking in {"magnitude", "obs"} x update in {False, True},
     with `steps` recomputations (`hk.prune.obs(saliency=..., update=..., num_recomputations=steps)`).
     ("magnitude", False) is magnitude pruning, ("obs", True) is OBS; the other two isolate the
-    saliency and the compensating update (pilots E3 and E6 of the research notes)."""
+    saliency and the compensating update."""
     out = {}
+    units, done = 4 * len(sparsities), 0  # progress, shown while an explorer renders: one unit per pruned model
     for saliency in ("magnitude", "obs"):
         for update in (False, True):
-            out[(saliency, update)] = np.array([
-                evaluate(prune.obs(model, criterion, data, s, num_grads=num_grads, damping=damping,
+            accuracies = []
+            for s in sparsities:
+                pruned = prune.obs(model, criterion, data, s, num_grads=num_grads, damping=damping,
                                    block_size=block_size, num_recomputations=steps, seed=seed, saliency=saliency,
-                                   update=update), criterion, test)[1]
-                for s in sparsities])
+                                   update=update)
+                accuracies.append(evaluate(pruned, criterion, test)[1])
+                done += 1
+                progress(done, units, "pruned model")
+            out[(saliency, update)] = np.array(accuracies)
     return out
 
 
@@ -205,10 +213,11 @@ def obs_sweep(model: nn.Module, criterion: Any, data: Any, test: tuple[Tensor, T
         raise ValueError(f"name: expected 'num_grads', 'damping' or 'block_size', got {name!r}")
     settings = dict(num_grads=num_grads, damping=damping, block_size=block_size)
     accuracies = []
-    for value in values:
+    for k, value in enumerate(values, start=1):
         settings[name] = value
         pruned = prune.obs(model, criterion, data, sparsity, num_recomputations=steps, seed=seed, **settings)
         accuracies.append(evaluate(pruned, criterion, test)[1])
+        progress(k, len(values), f"OBS, {name}")  # shown while an explorer renders
     return np.array(accuracies)
 
 
@@ -306,8 +315,14 @@ class PruningExplorer(Explorer):
         if key not in self._obs_curves:
             curve = Curve()
             start = time.perf_counter()
+            units = len(self.grid) + 1  # progress: the inverse, then one unit per sparsity of the curve
+            progress(0, units, "OBS: block inverse")
             inverse = self.inverse(num_grads, damping, block_size)
-            models = [prune.obs_with_inverse(self.model, inverse, s) for s in self.grid]
+            models = []
+            for k, s in enumerate(self.grid, start=1):
+                progress(k, units, "OBS curve: sparsity")  # the inverse is done: unit 1
+                models.append(prune.obs_with_inverse(self.model, inverse, s))
+            progress(units, units, "OBS curve: sparsity")
             curve.add("obs", self.grid, models, self.criterion, self.test, time.perf_counter() - start)
             self._obs_curves[key] = curve
         obs_curve = self._obs_curves[key]

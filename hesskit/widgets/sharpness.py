@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..eigen import eigenvalues
 from ..operators import HessianOperator
 from ..trace import trace
-from ._base import Explorer
+from ._base import Explorer, progress
 
 __all__ = [
     "SharpnessExplorer",
@@ -193,7 +193,8 @@ def _due(t: int, every: int | None, steps: int) -> bool:
 
 def train(model: nn.Module, criterion, data, lr: float, batch_size: int | None = None, steps: int = 500,
           measure_every: int | None = 10, trace_every: int | None = None, trace_matvecs: int = 0,
-          tol: float = 1e-3, seed: int = 0, divergence: float = 1e3, measure_from: int = 0) -> TrainingRecord:
+          tol: float = 1e-3, seed: int = 0, divergence: float = 1e3, measure_from: int = 0,
+          progress_of: tuple[str, int, int] | None = None) -> TrainingRecord:
     """Plain (S)GD, theta <- theta - lr * grad L_batch(theta), logging the full-batch curvature.
 
     `model` is trained in place (pass a copy to keep the initialisation). data = (x, targets) in
@@ -205,6 +206,9 @@ def train(model: nn.Module, criterion, data, lr: float, batch_size: int | None =
     measurement is made before step `measure_from`.
     Training stops, and `diverged_at` is set, when the loss becomes non-finite or exceeds
     `divergence`.
+    Every step reports `progress` (a bar in the status line of the explorer that runs it):
+    "GD step t/steps" by default; `progress_of` = (label, offset, total) counts this run's steps
+    as units offset+1.. of a larger computation (`sweep`).
     """
     x, targets = data
     n = len(x)
@@ -220,6 +224,8 @@ def train(model: nn.Module, criterion, data, lr: float, batch_size: int | None =
     order, position = torch.arange(n), n
     losses, sharp_steps, sharp, trace_steps, traces, stderrs = [], [], [], [], [], []
     matvecs, diverged_at = 0, None
+    mode = "GD" if batch_size == n else f"SGD (batch {batch_size})"
+    label, offset, total = progress_of if progress_of is not None else (f"{mode} step", 0, steps)
     for t in range(steps + 1):
         with torch.no_grad():
             full = criterion(model(x), targets).item()
@@ -253,6 +259,7 @@ def train(model: nn.Module, criterion, data, lr: float, batch_size: int | None =
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.sub_(g, alpha=lr)
+        progress(offset + t + 1, total, label)  # shown while an explorer renders
     return TrainingRecord(
         lr=float(lr), batch_size=batch_size, loss=np.array(losses), steps=np.array(sharp_steps, dtype=int),
         sharpness=np.array(sharp), trace_steps=np.array(trace_steps, dtype=int), trace=np.array(traces),
@@ -270,18 +277,22 @@ def sweep(model: nn.Module, criterion, data, lrs, batch_sizes, steps: int = 500,
     training for last=3); "sharpness" is their mean and "sharpness_spread" their standard deviation:
     under SGD the iterate, and so its curvature, fluctuates. The trace is estimated once, at the
     end, by Hutch++ ("trace", "trace_stderr"). "loss" is the final full-batch loss. Arrays have
-    shape (len(batch_sizes), len(lrs)) and are nan where training diverged.
+    shape (len(batch_sizes), len(lrs)) and are nan where training diverged. Progress is reported
+    in training steps over the whole grid.
     """
     lrs, batch_sizes = [float(a) for a in lrs], [int(b) for b in batch_sizes]
     shape = (len(batch_sizes), len(lrs))
     keys = ("sharpness", "sharpness_spread", "trace", "trace_stderr", "loss")
     out: dict[str, Any] = {key: np.full(shape, np.nan) for key in keys}
+    total = len(batch_sizes) * len(lrs) * steps
     for i, b in enumerate(batch_sizes):
         for j, lr in enumerate(lrs):
             spacing = max(steps // 10, 1)
+            done = (i * len(lrs) + j) * steps
             run = train(copy.deepcopy(model), criterion, data, lr, b, steps=steps, measure_every=spacing,
                         measure_from=steps - (last - 1) * spacing, trace_every=None, trace_matvecs=trace_matvecs,
-                        seed=seed)
+                        seed=seed, progress_of=(f"sweep (B = {b}, η = {lr:.3g}): step", done, total))
+            progress(done + steps, total, f"sweep (B = {b}, η = {lr:.3g}): step")  # a diverged run stopped early
             if run.diverged:
                 continue
             tail = run.sharpness[-last:]

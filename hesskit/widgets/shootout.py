@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..data import char_windows, digits, text
 from ..models import CharTransformerLM, SmallCNN
 from ..optim import KFAC, MFAC, MKOR, AdaHessian, NewtonCG, Sophia
-from ._base import CLOSURES, Explorer, make_closure
+from ._base import CLOSURES, Explorer, make_closure, progress
 
 __all__ = [
     "BEST",
@@ -330,13 +330,13 @@ class Grid:
 
     def runs_at(self, name: str, lr: float) -> list[Run]:
         """The runs of `name` at `lr` for every seed: from the grid, else from `extra` (trained now if missing)."""
-        out = []
-        for seed in self.seeds:
-            key = (name, lr, seed)
-            if key not in self.runs and key not in self.extra:
-                self.extra[key] = self.train(name, lr, seed)
-            out.append(self.runs.get(key) or self.extra[key])
-        return out
+        missing = [s for s in self.seeds if (name, lr, s) not in self.runs and (name, lr, s) not in self.extra]
+        for k, seed in enumerate(missing):
+            progress(k, len(missing), f"{name}, lr {lr:.3g}: extra run")  # shown while an explorer renders
+            self.extra[(name, lr, seed)] = self.train(name, lr, seed)
+        if missing:
+            progress(len(missing), len(missing), f"{name}, lr {lr:.3g}: extra run")
+        return [self.runs.get((name, lr, s)) or self.extra[(name, lr, s)] for s in self.seeds]
 
     def on_grid(self, name: str, lr: float) -> bool:
         return any(math.isclose(lr, g, rel_tol=1e-9) for g in self.lrs(name))

@@ -31,7 +31,7 @@ from ..optim import Sophia
 from ..optim._base import step_seed
 from .. import trace
 from ..optim.sophia import DEFAULT_GAMMA
-from ._base import Explorer, batch_order, best_run, make_closure
+from ._base import Explorer, batch_order, best_run, make_closure, progress
 
 __all__ = [
     "SophiaExplorer",
@@ -46,6 +46,7 @@ __all__ = [
     "batch_order",
     "lr_sweep",
     "step_cost",
+    "step_cost_rounds",
     "best_run",
 ]
 
@@ -334,6 +335,7 @@ def train_lm(task: CharLMTask, optimizer: str, lr: float, steps: int = 300, batc
             break
         if t in eval_steps:
             test_loss[np.searchsorted(eval_steps, t)] = task.test_loss(model)
+        progress(t, steps, f"{LABELS.get(optimizer, optimizer)} step")  # shown while an explorer renders
     if not diverged and not np.isfinite(test_loss).all():
         diverged = True
     extra: dict = {}
@@ -348,24 +350,32 @@ def train_lm(task: CharLMTask, optimizer: str, lr: float, steps: int = 300, batc
                        diverged, extra, batch_size)
 
 
-def step_cost(task: CharLMTask, configs: dict[str, float], blocks: int = 8, block: int = 10, batch_size: int = 32,
-              seed: int = 0) -> dict[str, float]:
-    """Seconds per training step of each optimizer (`configs`: name -> lr), measured fairly on a
-    busy machine: the optimizers take turns, `block` steps each (one Sophia refresh per block of
-    k = 10 steps), for `blocks` rounds, and the median block time / `block` is returned. Taking
-    turns exposes every optimizer to the same background load; the median ignores load spikes."""
+def step_cost_rounds(task: CharLMTask, configs: dict[str, float], blocks: int = 8, block: int = 10,
+                     batch_size: int = 32, seed: int = 0, clock: str = "cpu") -> dict[str, np.ndarray]:
+    """Seconds per training step of each optimizer (`configs`: name -> lr) in each of `blocks`
+    rounds: the optimizers take turns, `block` steps each (one Sophia refresh per block of k = 10
+    steps), so within a round every optimizer sees the same background load, and the ratio of two
+    optimizers' times in one round cancels most of it. `clock` "cpu" (default) is the process's
+    CPU time, which a busy, shared machine inflates far less than the wall clock; "wall" is
+    `time.perf_counter`. With one torch thread (as in the notebooks) the two agree on a quiet
+    machine. Returns name -> array (blocks,) of seconds per step."""
     if blocks < 1 or block < 1:
         raise ValueError(f"blocks, block: expected positive integers, got {blocks} and {block}")
+    if clock not in ("cpu", "wall"):
+        raise ValueError(f"clock: expected 'cpu' or 'wall', got {clock!r}")
+    now = time.process_time if clock == "cpu" else time.perf_counter
     batches = batch_order(len(task.x), blocks * block, batch_size, seed)
     setups = {}
     for name, lr in configs.items():
+        if name == "sophia-g-official":
+            raise ValueError("step_cost: the official training loop is not timed here")
         model = task.model(seed)
         opt = make_optimizer(name, model.parameters(), lr, update_every=block, seed=seed)
         setups[name] = (model, opt)
     times: dict[str, list[float]] = {name: [] for name in configs}
     for r in range(blocks):
         for name, (model, opt) in setups.items():
-            start = time.perf_counter()
+            start = now()
             for idx in batches[r * block : (r + 1) * block]:
                 xb, yb = task.x[idx], task.y[idx]
 
@@ -374,13 +384,19 @@ def step_cost(task: CharLMTask, configs: dict[str, float], blocks: int = 8, bloc
                     return task.loss(logits, yb), logits
 
                 kind = "backward" if not isinstance(opt, Sophia) else "loss_outputs" if name == "sophia-g" else "loss"
-                closure = make_closure(kind, opt, compute)
+                opt.step(make_closure(kind, opt, compute))
+            times[name].append((now() - start) / block)
+    return {name: np.array(t) for name, t in times.items()}
 
-                if isinstance(opt, OfficialSophiaG):
-                    raise ValueError("step_cost: the official training loop is not timed here")
-                opt.step(closure)
-            times[name].append((time.perf_counter() - start) / block)
-    return {name: float(np.median(t)) for name, t in times.items()}
+
+def step_cost(task: CharLMTask, configs: dict[str, float], blocks: int = 8, block: int = 10, batch_size: int = 32,
+              seed: int = 0, clock: str = "cpu") -> dict[str, float]:
+    """Seconds per training step of each optimizer (`configs`: name -> lr), measured fairly on a
+    busy machine: the median over the rounds of `step_cost_rounds` (the optimizers take turns,
+    `block` steps each, for `blocks` rounds; CPU time by default). Taking turns exposes every
+    optimizer to the same background load; the median ignores load spikes."""
+    rounds = step_cost_rounds(task, configs, blocks=blocks, block=block, batch_size=batch_size, seed=seed, clock=clock)
+    return {name: float(np.median(t)) for name, t in rounds.items()}
 
 
 def lr_sweep(task: CharLMTask, optimizers: Sequence[str], lrs: Sequence[float], steps: int = 300,

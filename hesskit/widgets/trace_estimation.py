@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..trace import trace
-from ._base import Explorer
+from ._base import Explorer, progress
 
 __all__ = ["TraceExplorer", "TraceTrials", "trace_trials", "hutchinson_variance", "deflated_tail_norm",
            "geometric_counts"]
@@ -67,6 +67,24 @@ class TraceTrials:
         return float(self.estimates.std(ddof=1)) if len(self.estimates) > 1 else math.nan
 
     @property
+    def std_stderr(self) -> float:
+        """Standard error of `std` itself, so that two spreads can be compared with a tolerance.
+
+        The sample variance s^2 of N i.i.d. values has Var(s^2) = (mu_4 - sigma^4 (N - 3)/(N - 1)) / N,
+        mu_4 the fourth central moment (so skewed, heavy-tailed estimates get a wider tolerance than
+        the normal-theory sigma / sqrt(2 (N - 1))); the delta method gives se(s) = sqrt(Var(s^2)) / (2 s).
+        nan with fewer than 4 trials."""
+        N = len(self.estimates)
+        if N < 4:
+            return math.nan
+        centred = self.estimates - self.estimates.mean()
+        var = float(centred.var(ddof=1))
+        if var == 0.0:
+            return 0.0
+        var_of_var = max(float(np.mean(centred**4)) - var**2 * (N - 3) / (N - 1), 0.0) / N
+        return math.sqrt(var_of_var) / (2 * math.sqrt(var))
+
+    @property
     def mean_stderr(self) -> float:
         """Mean reported standard error (nan when a run has a single Hutchinson sample)."""
         return float(self.stderrs.mean())
@@ -80,9 +98,12 @@ class TraceTrials:
 
 def trace_trials(A: Tensor, num_matvecs: int, method: str = "hutchinson", distribution: str = "rademacher",
                  num_trials: int = 100, seed: int = 0, exact: float | None = None) -> TraceTrials:
-    """Run `hk.trace` with seeds seed, seed+1, ... and collect the estimates."""
-    results = [trace(A, num_matvecs, method=method, distribution=distribution, seed=seed + i)
-               for i in range(num_trials)]
+    """Run `hk.trace` with seeds seed, seed+1, ... and collect the estimates (each run reports to
+    `progress`, which shows a bar while an explorer renders)."""
+    results = []
+    for i in range(num_trials):
+        results.append(trace(A, num_matvecs, method=method, distribution=distribution, seed=seed + i))
+        progress(i + 1, num_trials, f"{method} runs")
     exact = float(torch.as_tensor(A).diagonal().sum()) if exact is None else exact
     return TraceTrials(np.array([r.value for r in results]), np.array([r.stderr for r in results]), exact,
                        num_matvecs, method, distribution)

@@ -47,7 +47,7 @@ from ..optim import Sophia
 from ..quant import (allocate_bits, gptq, model_size, quantizable_layers, quantize_model, round_to_nearest,
                      sensitivities)
 from ..trace import diagonal, trace
-from ._base import Explorer, batch_order, make_closure
+from ._base import Explorer, batch_order, make_closure, progress
 
 __all__ = [
     "PAD",
@@ -246,6 +246,7 @@ def train_bert(seed: int = 0, steps: int = 500, batch_size: int = 64, lr: float 
             if step % eval_every == 0 or step == steps:
                 checkpoints.append(step)
                 accuracy.append(evaluate(model, test)[1])
+            progress(step, steps, "fine-tuning step")  # shown while an explorer renders
     seconds = time.perf_counter() - start
     model.eval().zero_grad(set_to_none=True)
     config = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
@@ -332,7 +333,8 @@ def block_curvature(op: HessianOperator, num_matvecs: int = 30, method: str = "h
     residual says how far it is); its warning is not repeated here."""
     start, used = time.perf_counter(), 0
     names, n, tr, se, top, res = [], [], [], [], [], []
-    for name, block in op.blocks(by):
+    blocks = list(op.blocks(by))
+    for k, (name, block) in enumerate(blocks, start=1):
         t = trace(block, num_matvecs, method=method, seed=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -344,6 +346,7 @@ def block_curvature(op: HessianOperator, num_matvecs: int = 30, method: str = "h
         top.append(float(e.values[0]))
         res.append(float(e.residuals[0]))
         used += t.num_matvecs + e.num_matvecs
+        progress(k, len(blocks), "block")  # shown while an explorer renders
     return BlockCurvature(names, [block_group(x) for x in names], [block_layer(x) for x in names], np.array(n),
                           np.array(tr), np.array(se), np.array(top), np.array(res), used,
                           time.perf_counter() - start)
@@ -353,10 +356,13 @@ def whole_spectrum(op: HessianOperator, num_runs: int = 4, num_steps: int = 40, 
     """The whole Hessian's spectral density (`hk.spectral_density`, SLQ) and, as a check on its
     right edge, its top-k eigenvalues and most negative one by Lanczos (`hk.eigenvalues`)."""
     density = spectral_density(op, num_runs=num_runs, num_steps=num_steps, seed=seed)
+    progress(1, 3, "spectral density, then Lanczos")  # shown while an explorer renders
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         top = eigenvalues(op, k=k, which="largest", seed=seed)
+        progress(2, 3, "spectral density, then Lanczos")
         bottom = eigenvalues(op, k=1, which="smallest", seed=seed)
+        progress(3, 3, "spectral density, then Lanczos")
     return {"density": density, "top": top, "bottom": bottom}
 
 
@@ -444,10 +450,12 @@ def mixed_precision(model: nn.Module, data: Any, test: Pair, head_dim: int, avg_
         return QuantRow(method, size.average_bits, size.bits_per_weight,
                         *evaluate(quantize_bert(model, dict(bits), head_dim), test), bits=dict(bits))
 
-    rows = [row("float32", None)]
-    rows += [row(f"uniform {b}-bit", dict.fromkeys(layers, b)) for b in uniform]
-    rows.append(row(f"Hessian ({metric}) mixed", allocation))
-    rows.append(row("||ΔW||² only mixed", no_hessian))
+    plans = [("float32", None), *[(f"uniform {b}-bit", dict.fromkeys(layers, b)) for b in uniform],
+             (f"Hessian ({metric}) mixed", allocation), ("||ΔW||² only mixed", no_hessian)]
+    rows = []
+    for k, (method, bits) in enumerate(plans, start=1):
+        rows.append(row(method, bits))
+        progress(k, len(plans), "quantized model")  # shown while an explorer renders
     return MixedPrecisionResult(sens, allocation, rows, float(avg_bits))
 
 
@@ -472,7 +480,7 @@ def gptq_vs_rtn(model: nn.Module, calibration: Mapping[str, Tensor], test: Pair,
     inputs (no labels)."""
     layers = encoder_layers(model)
     out = GPTQResult(list(bits_list), evaluate(model, test)[1], [], [], [], [], [])
-    for b in bits_list:
+    for done, b in enumerate(bits_list, start=1):
         rtn = round_to_nearest(model, b, layers=layers, **{k: v for k, v in options.items()
                                                            if k in ("group_size", "symmetric")})
         start = time.perf_counter()
@@ -482,6 +490,7 @@ def gptq_vs_rtn(model: nn.Module, calibration: Mapping[str, Tensor], test: Pair,
             loss, acc = evaluate(q, test)
             losses.append(loss)
             accs.append(acc)
+        progress(done, len(bits_list), "bit width")  # shown while an explorer renders
     return out
 
 
@@ -574,6 +583,7 @@ def continue_finetuning(task: BertTask, optimizer: str, lr: float, steps: int = 
                 loss_t, acc_t = evaluate(model, task.test)
                 test_loss.append(loss_t)
                 test_acc.append(acc_t)
+            progress(step, steps, f"{OPTIMIZERS[optimizer]} step")  # shown while an explorer renders
     if diverged:
         checkpoints.append(steps)
         monitor_loss.append(math.nan)
@@ -668,14 +678,25 @@ class YourModelExplorer(Explorer):
         key = (group, estimator, int(products))
         if key not in self._cache:
             names = self.sets[group]
-            per = {name: estimate_block(self.model, self.data, self.modules[name], estimator, int(products), self.seed,
-                                        self.criterion) for name in names}
-            sizes = {n: sum(self.params[p].numel() for p in self.modules[n]) for n in names}
-            largest = max(names, key=lambda n: abs(per[n]["value"]) / (1 if estimator.startswith("top") else sizes[n]))
             budgets = [] if estimator.startswith("GGN") else sorted({max(3, int(products) // 4),
                                                                       max(3, int(products) // 2)} - {int(products)})
-            path = [estimate_block(self.model, self.data, self.modules[largest], estimator, b, self.seed,
-                                   self.criterion) for b in budgets] + [per[largest]]
+            # progress, shown while the explorer renders: the budgets of products of every estimate
+            total, done = int(products) * len(names) + sum(budgets), 0
+            per = {}
+            for name in names:
+                per[name] = estimate_block(self.model, self.data, self.modules[name], estimator, int(products),
+                                           self.seed, self.criterion)
+                done += int(products)
+                progress(done, total, "products (budget)")
+            sizes = {n: sum(self.params[p].numel() for p in self.modules[n]) for n in names}
+            largest = max(names, key=lambda n: abs(per[n]["value"]) / (1 if estimator.startswith("top") else sizes[n]))
+            path = []
+            for b in budgets:  # the largest module again at smaller budgets: how the estimate moves
+                path.append(estimate_block(self.model, self.data, self.modules[largest], estimator, b, self.seed,
+                                           self.criterion))
+                done += b
+                progress(done, total, "products (budget)")
+            path.append(per[largest])
             self._cache[key] = {"per": per, "largest": largest, "budgets": budgets + [int(products)], "path": path}
         return self._cache[key]
 
