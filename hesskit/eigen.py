@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._probe import Counted, check_choice, check_count, make_generator
+from ._probe import Counted, check_choice, check_count, make_generator, progress_bar
 from .results import EigenResult
 
 __all__ = ["eigenvalues", "power_iteration"]
@@ -86,6 +86,7 @@ def lanczos(
         residuals = beta * S[j - 1].abs()
         wanted = order[: min(k, j)]
         converged = residuals[wanted] <= tol * anorm
+        A.show(f"λ ≈ {theta[wanted[0]].item():.6g}, residual/‖A‖ {residuals[wanted].max().item() / max(anorm, 1e-300):.1e}")
         if (A.num_matvecs >= min_steps and bool(converged.all())) or j == n or A.num_matvecs >= max_matvecs:
             break
         if beta <= 1e-10 * max(anorm, 1e-30):  # an invariant subspace: continue in a fresh direction
@@ -112,6 +113,7 @@ def eigenvalues(
     basis_size: int | None = None,
     seed: int | None = None,
     start: Tensor | None = None,
+    progress: bool = False,
 ) -> EigenResult:
     """The k extreme eigenpairs of a symmetric operator by Lanczos.
 
@@ -127,6 +129,8 @@ def eigenvalues(
 
     A residual bounds the distance to *some* eigenvalue; with a loose tol and nearly equal top
     eigenvalues, check a second seed before trusting which one was found.
+    `progress=True` shows a bar of the products (up to the budget; convergence ends it early) with
+    the leading Ritz value and the largest wanted residual.
     """
     A = Counted(op)
     check_choice("which", which, WHICH)
@@ -140,7 +144,8 @@ def eigenvalues(
     if m < A.n and m < k + 2 or m > A.n:
         raise ValueError(f"basis_size: expected k + 2 = {k + 2} <= basis_size <= n = {A.n}, got {m}")
     max_matvecs = 20 * m if max_matvecs is None else check_count("max_matvecs", max_matvecs, k)
-    seed, gen = make_generator(seed)
+    A.bar = progress_bar(progress, max_matvecs, f"eigenvalues ({which})", group=A.group)
+    seed, gen = make_generator(seed, A.group)
     if start is not None:
         if not isinstance(start, Tensor) or start.shape != (A.n,) or not torch.isfinite(start).all() or start.norm() == 0:
             raise ValueError(f"start: expected a finite, nonzero vector of shape ({A.n},)")
@@ -154,22 +159,24 @@ def eigenvalues(
 
 
 def power_iteration(
-    op: Any, k: int = 1, max_iters: int = 100, tol: float = 1e-3, seed: int | None = None
+    op: Any, k: int = 1, max_iters: int = 100, tol: float = 1e-3, seed: int | None = None,
+    progress: bool = False,
 ) -> EigenResult:
     """The k eigenpairs of largest magnitude by power iteration with deflation (as PyHessian).
 
     For eigenvalue i: start from a random vector, repeat v <- A v, projected orthogonal to the
     eigenvectors already found and normalised, until ||A v - (v^T A v) v|| <= tol * ||A|| or
     `max_iters` products. Kept for teaching and comparison: Lanczos needs far fewer products.
+    `progress=True` shows a bar of the products (up to k * max_iters) with the current estimate.
     """
-    A = Counted(op)
     check_count("k", k)
     check_count("max_iters", max_iters)
+    A = Counted(op, progress, k * max_iters, "power iteration")
     if k > A.n:
         raise ValueError(f"k: expected at most n = {A.n} eigenpairs, got {k}")
     if not tol > 0:
         raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
-    seed, gen = make_generator(seed)
+    seed, gen = make_generator(seed, A.group)
     Q = torch.zeros(0, A.n, dtype=A.dtype, device=A.device)  # eigenvectors found, as rows
     values, residuals, converged, anorm = [], [], [], 0.0
     for _ in range(k):
@@ -179,6 +186,7 @@ def power_iteration(
             theta = torch.dot(v, w).item()
             residual = (w - theta * v).norm().item()
             anorm = max(anorm, abs(theta))
+            A.show(f"λ{len(values) + 1} ≈ {theta:.6g}, residual/‖A‖ {residual / max(anorm, 1e-300):.1e}")
             if residual <= tol * anorm or step == max_iters - 1:
                 break  # v, theta and residual describe the same vector
             w = w - (Q @ w) @ Q

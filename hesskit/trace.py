@@ -17,14 +17,17 @@ __all__ = ["trace", "diagonal", "gauss_newton_bartlett"]
 _CHUNK = 32  # probe columns multiplied at once: bounds memory at n x 32
 
 
-def _quadratic_forms(A: Counted, num: int, distribution: str, gen: torch.Generator, basis: Tensor | None = None) -> Tensor:
-    """z^T P A P z for `num` random probes z, with P = I - Q Q^T when a basis Q is given."""
+def _quadratic_forms(A: Counted, num: int, distribution: str, gen: torch.Generator, basis: Tensor | None = None,
+                     offset: float = 0.0) -> Tensor:
+    """z^T P A P z for `num` random probes z, with P = I - Q Q^T when a basis Q is given. The
+    running trace estimate (offset + mean so far) goes next to the progress bar."""
     samples = []
     for start in range(0, num, _CHUNK):
         Z = probes(A.n, min(_CHUNK, num - start), distribution, gen, A)
         if basis is not None:
             Z = Z - basis @ (basis.T @ Z)
         samples.append((Z * (A @ Z)).sum(dim=0))
+        A.show(f"trace ≈ {offset + torch.cat(samples).double().mean().item():.5g}")
     return torch.cat(samples).double()
 
 
@@ -51,7 +54,7 @@ def hutchpp_trace(A: Counted, num_matvecs: int, distribution: str, gen: torch.Ge
     sketch = A @ probes(A.n, k, distribution, gen, A)
     Q = torch.linalg.qr(sketch).Q
     top = (Q * (A @ Q)).sum().item()
-    rest, stderr = _mean_and_stderr(_quadratic_forms(A, num_matvecs - 2 * k, distribution, gen, basis=Q))
+    rest, stderr = _mean_and_stderr(_quadratic_forms(A, num_matvecs - 2 * k, distribution, gen, basis=Q, offset=top))
     return top + rest, stderr, num_matvecs - 2 * k
 
 
@@ -64,19 +67,20 @@ def trace(
     method: str = "hutch++",
     distribution: str = "rademacher",
     seed: int | None = None,
+    progress: bool = False,
 ) -> TraceResult:
     """Estimate tr(op) with exactly `num_matvecs` products.
 
     `method="hutch++"` (default, needs at least 3 products) has error O(1/m) on matrices with a
     few large eigenvalues, against Hutchinson's O(1/sqrt(m)). There is no adaptive early stop:
     the standard error tells how good the estimate is. `op` is a curvature operator or any
-    square tensor.
+    square tensor. `progress=True` shows a bar of the products with the running estimate.
     """
-    A = Counted(op)
     check_choice("method", method, tuple(_METHODS))
     check_choice("distribution", distribution, DISTRIBUTIONS)
     check_count("num_matvecs", num_matvecs, 3 if method == "hutch++" else 1)
-    seed, gen = make_generator(seed)
+    A = Counted(op, progress, num_matvecs, f"trace ({method})")
+    seed, gen = make_generator(seed, A.group)
     value, stderr, num_samples = _METHODS[method](A, num_matvecs, distribution, gen)
     return TraceResult(
         value=value, stderr=stderr, num_samples=num_samples, method=method, distribution=distribution, **A.cost(seed)
@@ -84,17 +88,19 @@ def trace(
 
 
 def diagonal(
-    op: Any, num_matvecs: int = 100, distribution: str = "rademacher", seed: int | None = None
+    op: Any, num_matvecs: int = 100, distribution: str = "rademacher", seed: int | None = None,
+    progress: bool = False,
 ) -> DiagonalResult:
     """Estimate diag(op) as the mean of z * (A z) over probes (Bekas, Kokiopoulou & Saad 2007).
 
     With Rademacher probes, entry i has variance sum_{j != i} A_ij^2 per probe; the returned
-    `stderr` is the sample standard error of each entry.
+    `stderr` is the sample standard error of each entry. `progress=True` shows a bar of the
+    products with the running sum of the diagonal (the trace it implies).
     """
-    A = Counted(op)
     check_choice("distribution", distribution, DISTRIBUTIONS)
     check_count("num_matvecs", num_matvecs)
-    seed, gen = make_generator(seed)
+    A = Counted(op, progress, num_matvecs, "diagonal")
+    seed, gen = make_generator(seed, A.group)
     count, mean, m2 = 0, torch.zeros(A.n, dtype=torch.float64, device=A.device), None
     for start in range(0, num_matvecs, _CHUNK):
         Z = probes(A.n, min(_CHUNK, num_matvecs - start), distribution, gen, A)
@@ -106,6 +112,7 @@ def diagonal(
         m2 = chunk_m2 if m2 is None else m2 + chunk_m2 + delta**2 * count * c / (count + c)
         mean = mean + delta * c / (count + c)
         count += c
+        A.show(f"sum ≈ {mean.sum().item():.5g}")
     if count > 1:
         stderr = (m2 / (count - 1) / count).sqrt()
     else:
