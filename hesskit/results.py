@@ -42,8 +42,8 @@ class _Cost:
 @dataclass(frozen=True, kw_only=True)
 class TraceResult(_Cost):
     """A trace estimate. `stderr` is the standard error of `value`, computed from `num_samples`
-    random quadratic forms (all probes for Hutchinson, the residual probes for Hutch++; nan with
-    fewer than two)."""
+    random quadratic forms (all probes for Hutchinson, the residual probes for Hutch++, the
+    leave-one-out estimates for XTrace; nan with fewer than two; 0 when the estimate is exact)."""
 
     value: float
     stderr: float
@@ -60,11 +60,13 @@ class TraceResult(_Cost):
 
 @dataclass(frozen=True, kw_only=True)
 class DiagonalResult(_Cost):
-    """A diagonal estimate with a per-entry standard error."""
+    """A diagonal estimate with a per-entry standard error; `method` is "hutchinson" or "xdiag"
+    (or the estimator's name, e.g. "model labels" for Gauss-Newton-Bartlett)."""
 
     value: Tensor
     stderr: Tensor
     distribution: str
+    method: str = "hutchinson"
 
 
 @dataclass(frozen=True, kw_only=True)

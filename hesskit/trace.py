@@ -58,7 +58,70 @@ def hutchpp_trace(A: Counted, num_matvecs: int, distribution: str, gen: torch.Ge
     return top + rest, stderr, num_matvecs - 2 * k
 
 
-_METHODS = {"hutch++": hutchpp_trace, "hutchinson": hutchinson_trace}
+class ExchangeableSketch:
+    """What XTrace and XDiag (Epperly, Tropp & Webber, SIAM J. Matrix Anal. Appl. 2024) build from
+    s = m/2 probes W and m products: Y = A W, an orthonormal basis Q of range(Y) (Y = Q R) and
+    Z = A Q. Every probe w_i serves twice. With S the columns of R^{-T}, normalised,
+
+        P_i = Q (I - s_i s_i^T) Q^T
+
+    is the projector onto the span of the *other* s - 1 columns of Y, so w_i is independent of P_i
+    and can estimate what P_i misses, without bias ("leave one out"). `exact` is True when Y has
+    lower rank than s: then range(Y) = range(A) (Y = A W with random W), and the trace and
+    diagonal of A are those of Q_r Q_r^T A, no randomness left (Q_r: a basis of range(Y))."""
+
+    def __init__(self, A: Counted, num_matvecs: int, distribution: str, gen: torch.Generator):
+        s = num_matvecs // 2
+        self.W = probes(A.n, s, distribution, gen, A)
+        self.Y = A @ self.W
+        self.Q, R = torch.linalg.qr(self.Y)
+        self.Z = A @ self.Q
+        sv = torch.linalg.svdvals(R)
+        tol = 1e3 * torch.finfo(R.dtype).eps * sv.max()
+        self.exact = bool(sv.min() <= tol)
+        if self.exact:  # a basis of range(Y) inside span(Q), and A times it, with no new products
+            U, sigma, _ = torch.linalg.svd(self.Y, full_matrices=False)
+            Qr = U[:, : int((sigma > tol).sum())]
+            self.Q, self.Z = Qr, self.Z @ (self.Q.T @ Qr)
+            return
+        Rinv_T = torch.linalg.solve_triangular(R, torch.eye(s, dtype=R.dtype, device=R.device), upper=True).T
+        self.S = Rinv_T / Rinv_T.norm(dim=0)
+        self.H = (self.Q.T @ self.Z + self.Z.T @ self.Q) / 2  # Q^T A Q
+        self.T = self.Z.T @ self.W  # Q^T A W = Q^T Y
+
+    def traces(self) -> Tensor:
+        """The s leave-one-out estimates tr(P_i A) + ((I - P_i) w_i)^T A ((I - P_i) w_i)."""
+        Q, Z, W, Y, S, H, T = self.Q, self.Z, self.W, self.Y, self.S, self.H, self.T
+        top = (Q * Z).sum() - ((H @ S) * S).sum(dim=0)  # tr(Q^T A Q) - s_i^T (Q^T A Q) s_i
+        C = Q.T @ W
+        C = C - S * (S * C).sum(dim=0)  # (I - s_i s_i^T) Q^T w_i, column by column
+        # (w - Q c)^T (y - Z c) with A symmetric: w^T y - 2 T_i^T c + c^T H c
+        rest = (W * Y).sum(dim=0) - 2 * (T * C).sum(dim=0) + (C * (H @ C)).sum(dim=0)
+        return (top + rest).double()
+
+    def diagonals(self) -> Tensor:
+        """The s leave-one-out estimates diag(P_i A) + w_i * ((I - P_i) A w_i), as columns (n, s)."""
+        Q, Z, W, Y, S, T = self.Q, self.Z, self.W, self.Y, self.S, self.T
+        QS, ZS = Q @ S, Z @ S
+        top = (Q * Z).sum(dim=1, keepdim=True) - QS * ZS
+        rest = W * (Y - Q @ T + QS * (S * T).sum(dim=0))
+        return (top + rest).double()
+
+
+def xtrace(A: Counted, num_matvecs: int, distribution: str, gen: torch.Generator) -> tuple[float, float, int]:
+    """XTrace (Epperly, Tropp & Webber 2024): the mean of the s = m/2 leave-one-out estimates of
+    `ExchangeableSketch.traces`, each an unbiased Hutch++-type estimate whose sketch uses s - 1 of
+    the probes and whose Hutchinson part uses the remaining one. Every product serves both parts,
+    where Hutch++ spends two thirds of them on the sketch alone; on flat spectra it stays close to
+    Hutchinson, on decaying ones it beats Hutch++. The standard error is that of the mean of the s
+    (exchangeable, positively correlated) estimates, the paper's error estimate."""
+    sketch = ExchangeableSketch(A, num_matvecs, distribution, gen)
+    if sketch.exact:
+        return (sketch.Q * sketch.Z).sum().item(), 0.0, num_matvecs // 2
+    return (*_mean_and_stderr(sketch.traces()), num_matvecs // 2)
+
+
+_METHODS = {"hutch++": hutchpp_trace, "hutchinson": hutchinson_trace, "xtrace": xtrace}
 
 
 def trace(
@@ -72,14 +135,18 @@ def trace(
     """Estimate tr(op) with exactly `num_matvecs` products.
 
     `method="hutch++"` (default, needs at least 3 products) has error O(1/m) on matrices with a
-    few large eigenvalues, against Hutchinson's O(1/sqrt(m)). There is no adaptive early stop:
+    few large eigenvalues, against Hutchinson's O(1/sqrt(m)). `method="xtrace"` (an even number
+    of products, at most 2n) uses every product for both its sketch and its Hutchinson part
+    (Epperly, Tropp & Webber 2024). There is no adaptive early stop:
     the standard error tells how good the estimate is. `op` is a curvature operator or any
     square tensor. `progress=True` shows a bar of the products with the running estimate.
     """
     check_choice("method", method, tuple(_METHODS))
     check_choice("distribution", distribution, DISTRIBUTIONS)
-    check_count("num_matvecs", num_matvecs, 3 if method == "hutch++" else 1)
+    check_count("num_matvecs", num_matvecs, {"hutch++": 3, "hutchinson": 1, "xtrace": 4}[method])
     A = Counted(op, progress, num_matvecs, f"trace ({method})")
+    if method == "xtrace":
+        _check_pairs(num_matvecs, A.n, "XTrace")
     seed, gen = make_generator(seed, A.group)
     value, stderr, num_samples = _METHODS[method](A, num_matvecs, distribution, gen)
     return TraceResult(
@@ -87,20 +154,47 @@ def trace(
     )
 
 
+def _check_pairs(num_matvecs: int, n: int, name: str) -> None:
+    if num_matvecs % 2 or num_matvecs > 2 * n:
+        raise ValueError(f"num_matvecs: {name} spends its products in pairs (s = m/2 probes, each used twice); "
+                         f"expected an even number between 4 and 2n = {2 * n}, got {num_matvecs}")
+
+
+def xdiag(A: Counted, num_matvecs: int, distribution: str, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """XDiag (Epperly, Tropp & Webber 2024): the mean of the s = m/2 leave-one-out diagonal
+    estimates of `ExchangeableSketch.diagonals`, with the standard error of that mean per entry."""
+    sketch = ExchangeableSketch(A, num_matvecs, distribution, gen)
+    if sketch.exact:
+        value = (sketch.Q * sketch.Z).sum(dim=1).double()
+        return value, torch.zeros_like(value)
+    D = sketch.diagonals()
+    return D.mean(dim=1), D.std(dim=1) / math.sqrt(D.shape[1])
+
+
 def diagonal(
     op: Any, num_matvecs: int = 100, distribution: str = "rademacher", seed: int | None = None,
-    progress: bool = False,
+    progress: bool = False, method: str = "hutchinson",
 ) -> DiagonalResult:
     """Estimate diag(op) as the mean of z * (A z) over probes (Bekas, Kokiopoulou & Saad 2007).
 
     With Rademacher probes, entry i has variance sum_{j != i} A_ij^2 per probe; the returned
-    `stderr` is the sample standard error of each entry. `progress=True` shows a bar of the
-    products with the running sum of the diagonal (the trace it implies).
+    `stderr` is the sample standard error of each entry. `method="xdiag"` (an even number of
+    products) is XDiag (Epperly, Tropp & Webber 2024): a sketch of A's range from half the probes,
+    whose diagonal is exact, plus the probes' estimate of what it misses, leave-one-out, so each
+    product serves both parts. `progress=True` shows a bar of the products with the running sum
+    of the diagonal (the trace it implies).
     """
     check_choice("distribution", distribution, DISTRIBUTIONS)
-    check_count("num_matvecs", num_matvecs)
-    A = Counted(op, progress, num_matvecs, "diagonal")
+    check_choice("method", method, ("hutchinson", "xdiag"))
+    check_count("num_matvecs", num_matvecs, 4 if method == "xdiag" else 1)
+    A = Counted(op, progress, num_matvecs, f"diagonal ({method})")
     seed, gen = make_generator(seed, A.group)
+    if method == "xdiag":
+        _check_pairs(num_matvecs, A.n, "XDiag")
+        value, stderr = xdiag(A, num_matvecs, distribution, gen)
+        A.show(f"sum ≈ {value.sum().item():.5g}")
+        return DiagonalResult(value=value.to(A.dtype), stderr=stderr.to(A.dtype), distribution=distribution,
+                              method=method, **A.cost(seed))
     count, mean, m2 = 0, torch.zeros(A.n, dtype=torch.float64, device=A.device), None
     for start in range(0, num_matvecs, _CHUNK):
         Z = probes(A.n, min(_CHUNK, num_matvecs - start), distribution, gen, A)
@@ -118,7 +212,7 @@ def diagonal(
     else:
         stderr = torch.full_like(mean, math.nan)
     return DiagonalResult(
-        value=mean.to(A.dtype), stderr=stderr.to(A.dtype), distribution=distribution, **A.cost(seed)
+        value=mean.to(A.dtype), stderr=stderr.to(A.dtype), distribution=distribution, method=method, **A.cost(seed)
     )
 
 
@@ -174,5 +268,5 @@ def gauss_newton_bartlett(
     stderr = S.std(dim=0) / math.sqrt(num_samples) if num_samples > 1 else torch.full_like(S[0], math.nan)
     return DiagonalResult(
         value=S.mean(dim=0).to(logits.dtype), stderr=stderr.to(logits.dtype), distribution="model labels",
-        num_matvecs=num_samples, seed=seed, wall_time=time.perf_counter() - start, matvec_time=backward_time,
+        method="gauss_newton_bartlett", num_matvecs=num_samples, seed=seed, wall_time=time.perf_counter() - start, matvec_time=backward_time,
     )
