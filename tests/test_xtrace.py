@@ -116,3 +116,57 @@ def test_bad_budgets_are_refused():
             hk.diagonal(A, bad, method="xdiag")
     with pytest.raises(ValueError, match="method"):
         hk.diagonal(A, 10, method="xtrace")
+
+
+# ------------------------------------------------------------------- per-block traces
+def test_block_traces_share_their_probes_and_add_up():
+    case = make_case("cnn")
+    op = hk.HessianOperator(case.model, case.criterion, case.batches)
+    H = op.dense()
+    whole = hk.trace(op, 40, method="hutchinson", seed=2)
+    per_layer = hk.trace(op, 40, method="hutchinson", seed=2, blocks="module")
+    assert per_layer.num_matvecs == 40 and per_layer.num_samples == 40  # one product per probe for all blocks
+    assert abs(sum(per_layer.values.values()) - whole.value) < 1e-10 * abs(whole.value)  # the same probes
+    assert list(per_layer) == list(hk.operators.layer_groups(op.param_names)) and sum(per_layer.sizes.values()) == H.shape[0]
+    start = 0
+    for block, size in per_layer.sizes.items():
+        exact = torch.trace(H[start : start + size, start : start + size]).item()
+        assert abs(per_layer[block] - exact) <= 5 * per_layer.stderr[block] + 1e-12  # 5 sd: ~6e-7 per block
+        assert len(per_layer.samples[block]) == 40
+        start += size
+    per_param = hk.trace(op, 40, method="xtrace", seed=2, blocks="parameter")
+    assert per_param.params == tuple(case.names) and per_param.num_samples == 20
+    exact_all = hk.trace(op, 2 * H.shape[0], method="xtrace", seed=0, blocks="parameter")  # spans: exact
+    start = 0
+    for block, size in exact_all.sizes.items():
+        exact = torch.trace(H[start : start + size, start : start + size]).item()
+        assert abs(exact_all[block] - exact) < 1e-8 * H.abs().max().item() and exact_all.stderr[block] == 0
+        start += size
+
+
+def test_block_traces_of_a_matrix_with_row_indices_and_the_variance_of_each_block():
+    A = random_symmetric(24, seed=5, decay=0.9)
+    blocks = {"first": slice(0, 10), "rest": list(range(10, 24))}
+    runs = [hk.trace(A, 30, method="hutchinson", seed=s, blocks=blocks) for s in range(TRIALS)]
+    for name, idx in (("first", torch.arange(10)), ("rest", torch.arange(10, 24))):
+        values = np.array([r[name] for r in runs])
+        Abb = A[idx][:, idx]
+        others = A[idx][:, [j for j in range(24) if j not in idx.tolist()]]
+        # per probe: Var = 2 ||A_bb||_F^2 - 2 sum diag(A_bb)^2 + ||A_b,rest||_F^2 (Rademacher)
+        var = (2 * (Abb**2).sum() - 2 * (Abb.diag() ** 2).sum() + (others**2).sum()).item() / 30
+        assert abs(values.mean() - torch.trace(Abb).item()) <= 4 * math.sqrt(var / TRIALS)
+        assert abs(values.var() / var - 1) < 0.3  # the sample variance of 400 runs: relative sd ~7%
+
+
+def test_block_traces_refuse_what_they_cannot_do():
+    A = random_symmetric(10, seed=0)
+    with pytest.raises(ValueError, match="method: per-block traces"):
+        hk.trace(A, 30, blocks={"a": slice(0, 5)})  # Hutch++, the default
+    with pytest.raises(ValueError, match="blocks: 'module' needs a curvature operator"):
+        hk.trace(A, 30, method="hutchinson", blocks="module")
+    with pytest.raises(ValueError, match="outside"):
+        hk.trace(A, 30, method="hutchinson", blocks={"a": [3, 10]})
+    case = make_case("mlp")
+    op = hk.HessianOperator(case.model, case.criterion, case.batches)
+    with pytest.raises(ValueError, match="not parameters of the operator"):
+        hk.trace(op, 30, method="hutchinson", blocks={"a": ["nope.weight"]})
