@@ -91,8 +91,7 @@ def tensor_bytes(tensors: Iterable[Any], exclude: set[int] = frozenset()) -> dic
 class SavedBytes:
     """Records the storages autograd saves for backward while it is active (`with meter.recording():`),
     so that the size of a graph is known without walking it. Storages that outlive the graph
-    anyway (the model's parameters and buffers, the batch) are excluded. The tensors themselves
-    are saved unchanged."""
+    anyway (the model's parameters and buffers, the batch) are excluded. The tensors are saved as they are (detached views of the same storage)."""
 
     def __init__(self, exclude: Iterable[Tensor]):
         self.exclude = set(tensor_bytes(exclude))
@@ -102,7 +101,11 @@ class SavedBytes:
         s = _storage(t)
         if s is not None and s[0] not in self.exclude:
             self.storages[s[0]] = max(self.storages.get(s[0], 0), s[1])
-        return t
+        # detached, as torch's own example: the tensor itself would make a reference cycle (node ->
+        # saved output -> its grad_fn -> node) that keeps the graph alive until the garbage collector
+        # runs. Autograd restores the saved tensor's grad_fn on unpacking, so double backward still
+        # differentiates through it (the operators' tests against dense Hessians cover it).
+        return t.detach()
 
     @contextmanager
     def recording(self) -> Iterator["SavedBytes"]:

@@ -156,3 +156,21 @@ def test_compression_progress_is_off_by_default_and_shows_when_asked(name, capfd
     runs[name](progress=True)
     err = capfd.readouterr().err
     assert "100%" in err, err
+
+
+def test_measuring_a_graph_does_not_keep_it_alive():
+    model, criterion, batches = _five_batches()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    gc.collect()
+    gc.disable()  # a reference cycle would survive until a collection: none may be needed
+    try:
+        before = sum(type(o) in (torch.Tensor, nn.Parameter) for o in gc.get_objects())
+        for _ in range(3):
+            op = hk.HessianOperator(model, criterion, batches, cache_memory=float("inf"))
+            op @ v
+            assert op.cached_batches == [0, 1, 2, 3, 4]
+            del op
+        after = sum(type(o) in (torch.Tensor, nn.Parameter) for o in gc.get_objects())
+    finally:
+        gc.enable()
+    assert after <= before + 2, (before, after)
