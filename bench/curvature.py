@@ -126,7 +126,7 @@ def product_costs(label, model, criterion, data, repeat):
     v = torch.randn(n)
     V = torch.randn(n, 16)
     cached = hk.HessianOperator(model, criterion, data)
-    rebuilt = hk.HessianOperator(model, criterion, data, cache_graphs=False)
+    rebuilt = hk.HessianOperator(model, criterion, data, cache_memory=0)
     ggn = hk.GGNOperator(model, criterion, data)
     ef = hk.EmpiricalFisherOperator(model, criterion, data)
     loop = hk.HessianOperator(model, criterion, data, batched_products=False)

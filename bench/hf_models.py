@@ -17,7 +17,7 @@ What is measured, per model:
    bench/curvature.py, after one warm-up call each, which also builds the cached graphs), as a
    multiple of one gradient (forward + backward with plain autograd, default SDPA kernel). Rows:
    hesskit's Hessian-vector and GGN-vector products with the batch's graph reused (the product
-   alone) and rebuilt (`cache_graphs=False`: forward + create_graph backward + product); PyHessian's
+   alone) and rebuilt (`cache_memory=0`: forward + create_graph backward + product); PyHessian's
    product on its kept graph (`pyhessian.utils.hessian_vector_product(gradsH, params, v)`, what
    `hessian.eigenvalues()` and `hessian.trace()` call once per iteration on a single batch) and its
    `dataloader_hv_product` (the multi-batch path, which rebuilds the graph per product);
@@ -300,7 +300,7 @@ def _run_config(case: Case, config: str, quick: bool) -> dict:
         del g
     elif config.startswith("hk_"):
         cls = hk.HessianOperator if "hvp" in config else hk.GGNOperator
-        op = cls(case.model, case.criterion, case.data, cache_graphs="reused" in config)
+        op = cls(case.model, case.criterion, case.data, cache_memory=float("inf") if "reused" in config else 0)
         with _peak(out, "first"):
             r = op @ v
         del r
@@ -372,9 +372,9 @@ def product_costs(model_name: str, quick: bool, repeat: int, idea: bool) -> dict
     v = torch.randn(n, generator=torch.Generator().manual_seed(2))
 
     hvp = hk.HessianOperator(model, criterion, data)
-    hvp_rebuilt = hk.HessianOperator(model, criterion, data, cache_graphs=False)
+    hvp_rebuilt = hk.HessianOperator(model, criterion, data, cache_memory=0)
     ggn = hk.GGNOperator(model, criterion, data)
-    ggn_rebuilt = hk.GGNOperator(model, criterion, data, cache_graphs=False)
+    ggn_rebuilt = hk.GGNOperator(model, criterion, data, cache_memory=0)
     ph = PyHessianRunner(case, quick)
     eig = EigenthingsRunner(case, quick)
 
@@ -398,9 +398,9 @@ def product_costs(model_name: str, quick: bool, repeat: int, idea: bool) -> dict
         "gradient (reference: forward + backward, default SDPA kernel)": gradient,
         "gradient, math SDPA kernel": gradient_math,
         "hesskit HVP, graph reused": lambda: hvp @ v,
-        "hesskit HVP, graph rebuilt (cache_graphs=False)": lambda: hvp_rebuilt @ v,
+        "hesskit HVP, graph rebuilt (cache_memory=0)": lambda: hvp_rebuilt @ v,
         "hesskit GGN product, graph reused": lambda: ggn @ v,
-        "hesskit GGN product, graph rebuilt (cache_graphs=False)": lambda: ggn_rebuilt @ v,
+        "hesskit GGN product, graph rebuilt (cache_memory=0)": lambda: ggn_rebuilt @ v,
         "PyHessian HVP, graph kept (hessian_vector_product)": lambda: ph.product_kept(v),
         "PyHessian dataloader_hv_product (graph rebuilt)": lambda: ph.product_rebuilt(v),
         "hessian-eigenthings HVP (matvec, graph rebuilt)": lambda: eig.product(v),
@@ -422,9 +422,9 @@ def product_costs(model_name: str, quick: bool, repeat: int, idea: bool) -> dict
 MEMORY_ROW = {
     "gradient (reference: forward + backward, default SDPA kernel)": "gradient",
     "hesskit HVP, graph reused": "hk_hvp_reused",
-    "hesskit HVP, graph rebuilt (cache_graphs=False)": "hk_hvp_rebuilt",
+    "hesskit HVP, graph rebuilt (cache_memory=0)": "hk_hvp_rebuilt",
     "hesskit GGN product, graph reused": "hk_ggn_reused",
-    "hesskit GGN product, graph rebuilt (cache_graphs=False)": "hk_ggn_rebuilt",
+    "hesskit GGN product, graph rebuilt (cache_memory=0)": "hk_ggn_rebuilt",
     "PyHessian HVP, graph kept (hessian_vector_product)": "pyhessian_kept",
     "PyHessian dataloader_hv_product (graph rebuilt)": "pyhessian_rebuilt",
     "hessian-eigenthings HVP (matvec, graph rebuilt)": "eigenthings",

@@ -24,7 +24,7 @@ from .operators import (
     MatrixFreeOperator,
     NonFiniteError,
 )
-from .results import DiagonalResult, EigenResult, SpectralDensityResult, TraceResult
+from .results import BlockTraceResult, DiagonalResult, EigenResult, SpectralDensityResult, TraceResult
 from .trace import diagonal, gauss_newton_bartlett, trace
 
 __version__ = "0.1.0"
@@ -49,6 +49,7 @@ __all__ = [
     "power_iteration",
     "spectral_density",
     "TraceResult",
+    "BlockTraceResult",
     "DiagonalResult",
     "EigenResult",
     "SpectralDensityResult",

@@ -14,10 +14,48 @@ from torch import Tensor
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
-class Counted:
-    """Wraps an operator (a curvature operator or a symmetric torch matrix): counts and times products."""
+class _NoBar:
+    """What `progress_bar` returns when progress is off: every call does nothing."""
 
-    def __init__(self, op: Any):
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def progress_bar(enabled: Any, total: int | None, desc: str, unit: str = "product", group: Any = None) -> Any:
+    """A tqdm bar (tqdm.auto: a widget in notebooks, text in a terminal) when `enabled`, else a
+    no-op with the same methods. With a process group only process 0 shows it."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"progress: expected True or False, got {enabled!r}")
+    if not enabled:
+        return _NoBar()
+    if group is not None:
+        import torch.distributed as dist
+
+        if dist.get_rank(group) != 0:
+            return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
+
+
+class Counted:
+    """Wraps an operator (a curvature operator or a symmetric torch matrix): counts and times
+    products, and with `progress=True` shows them in a progress bar of `total` products, with
+    the running estimate the estimator reports through `show(text)`."""
+
+    def __init__(self, op: Any, progress: bool = False, total: int | None = None, desc: str = "products"):
         shape = getattr(op, "shape", None)
         if shape is None or len(shape) != 2 or shape[0] != shape[1] or not hasattr(op, "__matmul__"):
             raise TypeError(f"op: expected a square operator with .shape and @ (or a square tensor), got {type(op).__name__}")
@@ -25,16 +63,24 @@ class Counted:
         self.n = int(shape[0])
         self.dtype = getattr(op, "dtype", torch.float64)
         self.device = getattr(op, "device", torch.device("cpu"))
+        self.group = getattr(op, "process_group", None)
         self.num_matvecs = 0
         self.matvec_time = 0.0
         self.start = time.perf_counter()
+        self.bar = progress_bar(progress, total, desc, group=self.group)
+
+    def show(self, text: str) -> None:
+        """The running estimate, next to the progress bar (nothing without one)."""
+        self.bar.set_postfix_str(text)
 
     def __matmul__(self, V: Tensor) -> Tensor:
         t0 = time.perf_counter()
         with torch.no_grad() if isinstance(self.op, Tensor) else nullcontext():
             out = self.op @ V
         self.matvec_time += time.perf_counter() - t0
-        self.num_matvecs += 1 if V.dim() == 1 else V.shape[1]
+        k = 1 if V.dim() == 1 else V.shape[1]
+        self.num_matvecs += k
+        self.bar.update(k)
         if isinstance(self.op, Tensor) and not torch.isfinite(out).all():
             from .operators import NonFiniteError
 
@@ -42,6 +88,8 @@ class Counted:
         return out.detach()
 
     def cost(self, seed: int | None) -> dict[str, Any]:
+        """What a result records about its products (and the end of the progress bar)."""
+        self.bar.close()
         names = getattr(self.op, "param_names", None)
         return dict(
             num_matvecs=self.num_matvecs,
@@ -74,10 +122,13 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def make_generator(seed: int | None) -> tuple[int, torch.Generator]:
-    """A private CPU generator (the global RNG is untouched); a fresh seed is drawn and reported if None."""
+def make_generator(seed: int | None, group: Any = None) -> tuple[int, torch.Generator]:
+    """A private CPU generator (the global RNG is untouched); a fresh seed is drawn and reported if
+    None. With a process group, a fresh seed is process 0's, so every process draws the same probes."""
     if seed is None:
-        seed = int.from_bytes(os.urandom(7), "little")
+        from ._distributed import shared_seed
+
+        seed = shared_seed(int.from_bytes(os.urandom(7), "little"), group)
     if not is_int(seed) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
     return int(seed), torch.Generator().manual_seed(int(seed))

@@ -63,7 +63,8 @@ def lanczos_quadrature(A: Counted, v: torch.Tensor, num_steps: int) -> tuple[np.
 
 
 def spectral_density(
-    op: Any, num_runs: int = 10, num_steps: int = 80, distribution: str = "rademacher", seed: int | None = None
+    op: Any, num_runs: int = 10, num_steps: int = 80, distribution: str = "rademacher", seed: int | None = None,
+    progress: bool = False,
 ) -> SpectralDensityResult:
     """The eigenvalue density of a symmetric operator by SLQ (Ubaru, Chen & Saad 2017;
     Ghorbani, Krishnan & Xiao 2019), with `num_runs * num_steps` products.
@@ -72,18 +73,20 @@ def spectral_density(
     have shape (num_runs, num_steps), each run's weights sum to 1, and
     `result.estimate_trace(f)` estimates tr f(A) with a standard error over runs.
     `result.density(grid, sigma)` and `result.plot()` smooth it with a Gaussian.
+    `progress=True` shows a bar of the products, with the runs done and the largest node so far.
     """
-    A = Counted(op)
     check_count("num_runs", num_runs)
     check_count("num_steps", num_steps)
+    A = Counted(op, progress, num_runs * num_steps, "spectral density")
     if num_steps > A.n:
         raise ValueError(f"num_steps: expected at most n = {A.n} Lanczos steps, got {num_steps}")
     check_choice("distribution", distribution, DISTRIBUTIONS)
-    seed, gen = make_generator(seed)
+    seed, gen = make_generator(seed, A.group)
     nodes, weights = [], []
-    for _ in range(num_runs):
+    for run in range(num_runs):
         v = probes(A.n, 1, distribution, gen, A)[:, 0]
         run_nodes, run_weights = lanczos_quadrature(A, v / v.norm(), num_steps)
         nodes.append(run_nodes)
         weights.append(run_weights)
+        A.show(f"run {run + 1}/{num_runs}, largest node {max(n.max() for n in nodes):.5g}")
     return SpectralDensityResult(nodes=np.stack(nodes), weights=np.stack(weights), dim=A.n, **A.cost(seed))

@@ -1,4 +1,5 @@
-"""Extreme eigenpairs: thick-restart Lanczos (the default) and power iteration with deflation."""
+"""Extreme eigenpairs: thick-restart Lanczos (the default), block Lanczos for repeated eigenvalues,
+and power iteration with deflation."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._probe import Counted, check_choice, check_count, make_generator
+from ._probe import Counted, check_choice, check_count, make_generator, progress_bar
 from .results import EigenResult
 
 __all__ = ["eigenvalues", "power_iteration"]
@@ -86,6 +87,7 @@ def lanczos(
         residuals = beta * S[j - 1].abs()
         wanted = order[: min(k, j)]
         converged = residuals[wanted] <= tol * anorm
+        A.show(f"λ ≈ {theta[wanted[0]].item():.6g}, residual/‖A‖ {residuals[wanted].max().item() / max(anorm, 1e-300):.1e}")
         if (A.num_matvecs >= min_steps and bool(converged.all())) or j == n or A.num_matvecs >= max_matvecs:
             break
         if beta <= 1e-10 * max(anorm, 1e-30):  # an invariant subspace: continue in a fresh direction
@@ -103,6 +105,80 @@ def lanczos(
     return theta[wanted], vectors, residuals[wanted], converged
 
 
+def _orthonormal_block(X: Tensor, V: Tensor, gen: torch.Generator, A: Counted) -> Tensor:
+    """The rows of X made orthonormal and orthogonal to the rows of V (Gram-Schmidt twice, then
+    QR). Directions X has lost (rank deficiency: an invariant subspace was found) are replaced by
+    random ones, so the block keeps its size."""
+    b = X.shape[0]
+    for _ in range(2):
+        if len(V):
+            X = X - (X @ V.T) @ V
+    Q, R = torch.linalg.qr(X.T)
+    scale = max(X.norm(dim=1).max().item(), 1e-300)
+    weak = R.diagonal().abs() <= 1e-10 * scale
+    Q = Q.T
+    for i in torch.nonzero(weak).flatten().tolist():
+        Q[i] = _random_unit(A, gen, against=torch.cat([V, Q[:i]]))
+    if weak.any():  # the replacements are orthogonal to V and the rows before them; re-orthonormalise the rest
+        Q = _orthonormal_block(Q, V, gen, A) if b > 1 and not weak.all() else Q
+    return Q
+
+
+def block_lanczos(
+    A: Counted, k: int, which: str, tol: float, max_matvecs: int, basis_size: int, block_size: int,
+    gen: torch.Generator, start: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Block Lanczos with full reorthogonalisation and thick restarts (Golub & Underwood 1977;
+    restarted as Wu & Simon 2000, in blocks).
+
+    A Krylov space grown from a single vector holds one direction of each eigenspace, so
+    single-vector Lanczos finds a repeated eigenvalue once, and then the next distinct one. A
+    block of b vectors sees up to b copies. Each step multiplies the newest block by A (b
+    products), keeps V and A V (the basis, as rows, and its products: twice the memory of
+    single-vector Lanczos), and takes Ritz pairs from H = V A V^T. The residuals
+    ||A y_i - theta_i y_i|| are computed from the stored products, not from a recurrence. The next
+    block is the orthonormalised residuals of the b most wanted Ritz pairs, which span the same
+    new Krylov directions as A times the last block; when the basis is full it restarts from the
+    most wanted Ritz vectors (and their products, kept without new ones). As `lanczos`,
+    convergence is accepted only after at least k + 5 products.
+    """
+    n, b = A.n, block_size
+    X = torch.randn(b, n, generator=gen, dtype=torch.float64).to(device=A.device, dtype=A.dtype)
+    if start is not None:
+        X[0] = start
+    V = torch.zeros(0, n, dtype=A.dtype, device=A.device)
+    AV = torch.zeros_like(V)
+    X = _orthonormal_block(X, V, gen, A)
+    min_steps = min(n, k + 5)
+    while True:
+        AX = (A @ X.T).T
+        V, AV = torch.cat([V, X]), torch.cat([AV, AX])
+        H = V.double() @ AV.double().T
+        theta, S = torch.linalg.eigh((H + H.T) / 2)
+        order = _rank(theta, which)
+        Y, AY = S.T.to(V) @ V, S.T.to(V) @ AV  # all Ritz vectors (rows) and A times them
+        R = AY - theta.to(V)[:, None] * Y
+        residuals = R.norm(dim=1).double().cpu()
+        anorm = max(theta.abs().max().item(), 1e-300)
+        wanted = order[: min(k, len(V))]
+        converged = residuals[wanted] <= tol * anorm
+        A.show(f"λ ≈ {theta[wanted[0]].item():.6g}, residual/‖A‖ {residuals[wanted].max().item() / anorm:.1e}")
+        if (A.num_matvecs >= min_steps and bool(converged.all()) and len(wanted) == k) or len(V) >= n \
+                or A.num_matvecs + b > max_matvecs:
+            break
+        # the next directions: residuals of the most wanted Ritz pairs that have not converged
+        # (a converged pair's residual is rounding noise); of converged ones only if too few are left
+        active = [i for i in order.tolist() if residuals[i] > tol * anorm] + \
+                 [i for i in order.tolist() if residuals[i] <= tol * anorm]
+        nxt = R[active[:b]]
+        if len(V) + b > basis_size:  # thick restart on the most wanted Ritz vectors
+            keep = order[: max(min(basis_size - b, max(k + b, basis_size // 2)), 1)]
+            V, AV = Y[keep], AY[keep]
+        b_now = min(b, n - len(V))
+        X = _orthonormal_block(nxt[:b_now], V, gen, A)
+    return theta[wanted], Y[wanted].T, residuals[wanted], converged
+
+
 def eigenvalues(
     op: Any,
     k: int = 1,
@@ -112,6 +188,8 @@ def eigenvalues(
     basis_size: int | None = None,
     seed: int | None = None,
     start: Tensor | None = None,
+    progress: bool = False,
+    block_size: int | None = None,
 ) -> EigenResult:
     """The k extreme eigenpairs of a symmetric operator by Lanczos.
 
@@ -125,8 +203,17 @@ def eigenvalues(
     start: a starting vector (e.g. the previous top eigenvector when tracking lambda_max during
     training); default a random Gaussian vector from `seed`.
 
+    block_size: vectors per Krylov step. 1 is single-vector thick-restart Lanczos; b >= 2 is
+    block Lanczos (`block_lanczos`), which finds up to b copies of a repeated eigenvalue where
+    single-vector Lanczos finds one. Default: k for which="smallest" (the smallest eigenvalues of
+    GGN and Fisher matrices are a many-fold zero, and of most Hessians a cluster near it), 1
+    otherwise (a top eigenvalue of a network's Hessian is rarely repeated exactly, and one vector
+    per step needs fewer products). Pass block_size >= the multiplicity you expect.
+
     A residual bounds the distance to *some* eigenvalue; with a loose tol and nearly equal top
     eigenvalues, check a second seed before trusting which one was found.
+    `progress=True` shows a bar of the products (up to the budget; convergence ends it early) with
+    the leading Ritz value and the largest wanted residual.
     """
     A = Counted(op)
     check_choice("which", which, WHICH)
@@ -136,40 +223,48 @@ def eigenvalues(
     if not tol > 0:
         raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
     _warn_below_precision(tol, A.dtype)
-    m = min(A.n, max(2 * k + 20, 40)) if basis_size is None else check_count("basis_size", basis_size)
-    if m < A.n and m < k + 2 or m > A.n:
-        raise ValueError(f"basis_size: expected k + 2 = {k + 2} <= basis_size <= n = {A.n}, got {m}")
+    b = (k if which == "smallest" else 1) if block_size is None else check_count("block_size", block_size)
+    b = min(b, A.n)
+    m = min(A.n, max(2 * k + 20, 40, k + 3 * b)) if basis_size is None else check_count("basis_size", basis_size)
+    if m < A.n and m < k + 2 * b or m > A.n:
+        raise ValueError(f"basis_size: expected k + 2 * block_size = {k + 2 * b} <= basis_size <= n = {A.n}, got {m}")
     max_matvecs = 20 * m if max_matvecs is None else check_count("max_matvecs", max_matvecs, k)
-    seed, gen = make_generator(seed)
+    A.bar = progress_bar(progress, max_matvecs, f"eigenvalues ({which})", group=A.group)
+    seed, gen = make_generator(seed, A.group)
     if start is not None:
         if not isinstance(start, Tensor) or start.shape != (A.n,) or not torch.isfinite(start).all() or start.norm() == 0:
             raise ValueError(f"start: expected a finite, nonzero vector of shape ({A.n},)")
         start = start.detach().to(device=A.device, dtype=A.dtype)
-    values, vectors, residuals, converged = lanczos(A, k, which, tol, max_matvecs, m, gen, start)
+    if b == 1:
+        values, vectors, residuals, converged = lanczos(A, k, which, tol, max_matvecs, m, gen, start)
+    else:
+        values, vectors, residuals, converged = block_lanczos(A, k, which, tol, max_matvecs, m, b, gen, start)
     _warn_unconverged("eigenvalues", residuals, converged, tol, max_matvecs)
     return EigenResult(
         values=values.to(A.dtype), vectors=vectors, residuals=residuals.to(A.dtype), converged=converged,
-        which=which, method="lanczos", **A.cost(seed),
+        which=which, method="lanczos" if b == 1 else f"block lanczos (block size {b})", **A.cost(seed),
     )
 
 
 def power_iteration(
-    op: Any, k: int = 1, max_iters: int = 100, tol: float = 1e-3, seed: int | None = None
+    op: Any, k: int = 1, max_iters: int = 100, tol: float = 1e-3, seed: int | None = None,
+    progress: bool = False,
 ) -> EigenResult:
     """The k eigenpairs of largest magnitude by power iteration with deflation (as PyHessian).
 
     For eigenvalue i: start from a random vector, repeat v <- A v, projected orthogonal to the
     eigenvectors already found and normalised, until ||A v - (v^T A v) v|| <= tol * ||A|| or
     `max_iters` products. Kept for teaching and comparison: Lanczos needs far fewer products.
+    `progress=True` shows a bar of the products (up to k * max_iters) with the current estimate.
     """
-    A = Counted(op)
     check_count("k", k)
     check_count("max_iters", max_iters)
+    A = Counted(op, progress, k * max_iters, "power iteration")
     if k > A.n:
         raise ValueError(f"k: expected at most n = {A.n} eigenpairs, got {k}")
     if not tol > 0:
         raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
-    seed, gen = make_generator(seed)
+    seed, gen = make_generator(seed, A.group)
     Q = torch.zeros(0, A.n, dtype=A.dtype, device=A.device)  # eigenvectors found, as rows
     values, residuals, converged, anorm = [], [], [], 0.0
     for _ in range(k):
@@ -179,6 +274,7 @@ def power_iteration(
             theta = torch.dot(v, w).item()
             residual = (w - theta * v).norm().item()
             anorm = max(anorm, abs(theta))
+            A.show(f"λ{len(values) + 1} ≈ {theta:.6g}, residual/‖A‖ {residual / max(anorm, 1e-300):.1e}")
             if residual <= tol * anorm or step == max_iters - 1:
                 break  # v, theta and residual describe the same vector
             w = w - (Q @ w) @ Q

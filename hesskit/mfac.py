@@ -234,7 +234,7 @@ class MFACInverse(MatrixFreeOperator):
         if num_grads is not None:
             num_grads = check_count("num_grads", num_grads)
         damping = check_damping(damping)
-        op = EmpiricalFisherOperator(model, criterion, data, params, mode=mode, cache_graphs=False, output_fn=output_fn)
+        op = EmpiricalFisherOperator(model, criterion, data, params, mode=mode, cache_memory=0, output_fn=output_fn)
         rows: list[Tensor] = []
         if per_sample:
             rows.append(op.per_sample_gradients(num_grads))

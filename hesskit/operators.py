@@ -8,10 +8,15 @@ where L_b is the (mean-reduced) loss of batch b with N_b samples, so a ragged la
 weighted exactly. Products use torch.autograd double backward only: torch.func's second
 derivatives through `layer_norm` are wrong in torch 2.13, autograd's are right.
 
-For in-memory data (one batch, or a list of batches) the operator keeps each batch's
-gradient graph between products, so a product costs one backward pass instead of a forward
-and two backward passes. The cache is rebuilt when a parameter or buffer of the model changes
-and released by `clear_cache()`; DataLoaders are re-iterated for every product instead.
+For in-memory data (one batch, or a list of batches) the operator keeps batch graphs between
+products, as many as fit in a memory budget (`cache_memory`), so a product on a cached batch
+costs one backward pass instead of a forward and two backward passes; the other batches are
+rebuilt for every product, so one operator serves 1 batch and 1,000 batches alike. The cache
+is rebuilt when a parameter or buffer of the model changes and released by `clear_cache()`;
+DataLoaders are re-iterated for every product unless given a budget.
+
+With `process_group=` (torch.distributed), each process holds its own shard of the data and a
+product is the sample-weighted sum over the processes: the operator of the union of the shards.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -27,6 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import Batches, move_batch
+from ._distributed import Collective, resolve_model
+from ._memory import SavedBytes, check_cache_memory, default_cache_memory
 from ._model import (as_one_sample, call_model, differentiable_attention, explain_backward_error, model_output,
                      per_sample_grads, split_batch, LowPrecisionSpy)
 from .layers import tied_names
@@ -202,13 +209,20 @@ class MatrixFreeOperator(ABC):
             raise NonFiniteError(f"{type(self).__name__}: a product came out nan or inf; the model or loss is not finite here")
         return out.reshape(v.shape)
 
-    def dense(self) -> Tensor:
-        """The exact n x n matrix (n products), for small models."""
+    def dense(self, progress: bool = False) -> Tensor:
+        """The exact n x n matrix (n products, 256 at a time), for small models. `progress=True`
+        shows a progress bar of the products."""
+        from ._probe import progress_bar
+
         n = self.shape[0]
         if n > _DENSE_LIMIT:
             raise ValueError(f"dense(): n = {n} is too large to materialise (limit {_DENSE_LIMIT}); use the estimators")
         eye = torch.eye(n, dtype=self.dtype, device=self.device)
-        cols = [self @ eye[:, i : i + 256] for i in range(0, n, 256)]
+        cols = []
+        with progress_bar(progress, n, "dense", unit="product", group=getattr(self, "process_group", None)) as bar:
+            for i in range(0, n, 256):
+                cols.append(self @ eye[:, i : i + 256])
+                bar.update(cols[-1].shape[1])
         matrix = torch.cat(cols, dim=1)
         return (matrix + matrix.T) / 2
 
@@ -259,8 +273,24 @@ class CurvatureOperator(MatrixFreeOperator):
             randomness). "eval" evaluates in eval mode. "train" evaluates in train mode
             (BatchNorm uses batch statistics; its running statistics are restored); randomness is
             refused there. The model's own mode is restored after every pass.
-        cache_graphs: keep each batch's graph between products. Default: True for
-            in-memory data, False for other iterables such as DataLoaders.
+        cache_memory: bytes that graphs kept between products may take (per-sample gradients
+            for the empirical Fisher). Batches are cached in data order while their measured
+            states fit (a state's size is what autograd saved to build it, measured on its
+            first build); the others are rebuilt for every product and freed by it, so the peak
+            stays within the budget plus one batch's graph. Results do not depend on the budget.
+            0 caches nothing (every product pays a forward and a gradient per batch again);
+            float("inf") caches everything. Default (None): for in-memory data a quarter of the
+            RAM available at the first product on CPU, half the free GPU memory on CUDA; 0 for
+            other iterables such as DataLoaders, which may reshuffle or load lazily (give a
+            budget only if yours yields the same batches in the same order every time).
+        process_group: a torch.distributed process group (e.g. `dist.group.WORLD`). Each process
+            passes its own shard of the data (the shards may differ in size); a product is the
+            sample-weighted sum of the processes' products, so every process gets the operator
+            of the union of the shards, and the estimators (whose probes are drawn from the same
+            seed on every process) return the same result on every process. Every process must
+            call the same products in the same order. A process that fails makes every process
+            raise, instead of hanging. Default None: one process, or the group of a
+            `DistributedDataParallel` model.
         batch_size_fn: `batch_size_fn(batch) -> int` samples in a batch, used to weight batches
             (default: the leading dimension of the batch's first tensor).
         batched_products: evaluate the k columns of `op @ V` in one vmapped backward pass
@@ -279,6 +309,7 @@ class CurvatureOperator(MatrixFreeOperator):
     """
 
     kind = "curvature"
+    state_is_graph = True  # a batch's state holds an autograd graph (its size is what autograd saved)
 
     def __init__(
         self,
@@ -290,12 +321,15 @@ class CurvatureOperator(MatrixFreeOperator):
         loss_fn: LossFn | None = None,
         output_fn: Callable[[Any], Tensor] | None = None,
         mode: str | None = None,
-        cache_graphs: bool | None = None,
+        cache_memory: float | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
         batched_products: bool | None = None,
+        process_group: Any = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        wrapped = model
+        model, params, process_group = resolve_model(model, params, process_group)
         if (criterion is None) == (loss_fn is None):
             raise ValueError("criterion/loss_fn: give exactly one of criterion(outputs, targets) or loss_fn(model, batch)")
         if criterion is not None and not callable(criterion):
@@ -316,17 +350,23 @@ class CurvatureOperator(MatrixFreeOperator):
         self.param_names, self.params = _select_params(model, params)
         self._check_mode()
         self.batches = Batches(data, batch_size_fn)
-        self.cache_graphs = self.batches.in_memory if cache_graphs is None else bool(cache_graphs)
+        self.cache_memory = check_cache_memory(cache_memory)
+        self.process_group = process_group
+        self._collective = Collective(process_group, type(self).__name__)
         self._sizes = [p.numel() for p in self.params]
         super().__init__(sum(self._sizes), self.params[0].dtype, self.params[0].device)
         self.batched_products = self.device.type != "cpu" if batched_products is None else bool(batched_products)
         self._init_kwargs = dict(
-            loss_fn=loss_fn, output_fn=output_fn, mode=mode, cache_graphs=cache_graphs, batch_size_fn=batch_size_fn,
-            batched_products=batched_products,
+            loss_fn=loss_fn, output_fn=output_fn, mode=mode, cache_memory=cache_memory, batch_size_fn=batch_size_fn,
+            batched_products=batched_products, process_group=process_group,
         )
+        self._wrapped = wrapped
         self._data = data
-        self._cache: list[tuple[int, Any]] | None = None
+        self._cache: dict[int, Any] = {}  # batch index -> its state, while the parameters are unchanged
         self._cache_key: tuple[int, ...] | None = None
+        self._budget: float | None = None  # cache_memory, or the default decided at the first pass
+        self.state_bytes: dict[int, int] = {}  # batch index -> measured size of its state (bytes)
+        self._retain = False  # whether the state being applied is cached (its graph must survive)
         self._checked_model = False  # precision and randomness, checked before the first pass
 
     # ----------------------------------------------------------------- model safety
@@ -478,44 +518,95 @@ class CurvatureOperator(MatrixFreeOperator):
     def _state_key(self) -> tuple[int, ...]:
         return tuple(t._version for t in (*self.model.parameters(), *self.model.buffers()))
 
-    def _states(self) -> Iterator[tuple[int, Any]]:
-        if self.cache_graphs:
-            if self._cache is None or self._cache_key != self._state_key():
-                self._cache = None
-                self._cache = list(self._build_states())
-                self._cache_key = self._state_key()
-            yield from self._cache
-        else:
-            yield from self._build_states()
+    @property
+    def budget(self) -> float:
+        """The cache budget in bytes: `cache_memory`, or its default (decided at the first pass)."""
+        if self.cache_memory is not None:
+            return self.cache_memory
+        if not self.batches.in_memory:
+            return 0.0
+        if self._budget is None:
+            self._budget = default_cache_memory(self.device)
+        return self._budget
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes the cached states take now (as measured when each was built)."""
+        return sum(self.state_bytes[i] for i in self._cache)
+
+    @property
+    def cached_batches(self) -> list[int]:
+        """Indices of the batches whose states are cached now."""
+        return sorted(self._cache)
+
+    def _states(self) -> Iterator[tuple[int, Any, bool]]:
+        """(sample count, state, cached) for every batch in data order: a cached state, or one built
+        now. A new state is kept while the measured sizes fit in the budget; the rest are yielded
+        once and dropped, so their graphs are freed by the product (`_retain` False)."""
+        key = self._state_key()
+        if self._cache_key != key:
+            self.clear_cache()
+            self._cache_key = key
+        budget = self.budget
+        self._ensure_checked()
+        used = self.cached_bytes
+        for index, (count, batch) in enumerate(self.batches):
+            if index in self._cache:
+                yield count, self._cache[index], True
+                continue
+            measure = budget > 0 and index not in self.state_bytes
+            state = self._build(move_batch(batch, self.device, self.dtype), index, measure)
+            keep = budget > 0 and used + self.state_bytes[index] <= budget
+            if keep:
+                self._cache[index] = state
+                used += self.state_bytes[index]
+            yield count, state, keep
+            del state  # an uncached graph must not outlive its product
+
+    def _build(self, batch: Any, index: int, measure: bool) -> Any:
+        """The batch's state; with `measure`, its size is recorded in `state_bytes`."""
+        if not measure:
+            return self._prepare(batch, index)
+        meter = SavedBytes([*self.model.parameters(), *self.model.buffers(), batch])
+        with meter.recording() if self.state_is_graph else nullcontext():
+            state = self._prepare(batch, index)
+        self.state_bytes[index] = meter.total(state)
+        return state
 
     def _build_states(self) -> Iterator[tuple[int, Any]]:
+        """(sample count, state) for every batch, built now and not cached."""
         self._ensure_checked()
         for index, (count, batch) in enumerate(self.batches):
-            batch = move_batch(batch, self.device, self.dtype)
-            yield count, self._prepare(batch, index)
+            yield count, self._prepare(move_batch(batch, self.device, self.dtype), index)
 
     def clear_cache(self) -> None:
-        """Release the cached per-batch graphs (they are rebuilt on the next product)."""
-        self._cache = None
+        """Release the cached per-batch states (they are rebuilt on the next product)."""
+        self._cache = {}
         self._cache_key = None
 
     # ----------------------------------------------------------------- products
     def _matmat(self, V: Tensor) -> Tensor:
-        total = 0
-        out = torch.zeros_like(V)
-        for count, state in self._states():
-            out.add_(self._apply(state, V), alpha=count)
-            total += count
+        def local() -> tuple[Tensor, int]:
+            total, out = 0, torch.zeros_like(V)
+            for count, state, cached in self._states():
+                self._retain = cached
+                out.add_(self._apply(state, V), alpha=count)
+                total += count
+                del state
+            return out, total
+
+        out, total = self._collective.sum(local, "a product")
         return out.div_(total)
 
     def _vjp(self, outputs: Tensor, inputs: list[Tensor] | Tensor, V: Tensor) -> Tensor:
         """`_vjp` on a batch's state; a graph that is not cached is freed by its last use."""
-        return _vjp(outputs, inputs, V, self.batched_products, retain=self.cache_graphs)
+        return _vjp(outputs, inputs, V, self.batched_products, retain=self._retain)
 
     # ----------------------------------------------------------------- conveniences
     def batch_gradients(self) -> Iterator[tuple[int, Tensor]]:
         """(sample count, flat gradient of the batch's mean loss) for each batch in data order,
-        in the operator's mode and parameter order (one forward and backward pass per batch)."""
+        in the operator's mode and parameter order (one forward and backward pass per batch).
+        With a process group: this process's batches only."""
         self._ensure_checked()
         for index, (count, batch) in enumerate(self.batches):
             batch = move_batch(batch, self.device, self.dtype)
@@ -525,7 +616,7 @@ class CurvatureOperator(MatrixFreeOperator):
 
     def restrict(self, params: Any) -> CurvatureOperator:
         """The same curvature restricted to a subset of parameters (a diagonal block)."""
-        return type(self)(self.model, self.criterion, self._data, params, **self._init_kwargs)
+        return type(self)(self._wrapped, self.criterion, self._data, params, **self._init_kwargs)
 
     def blocks(self, by: str = "module") -> Iterator[tuple[str, CurvatureOperator]]:
         """Yield (name, block operator) per layer (`by="module"`) or per parameter (`by="parameter"`)."""
@@ -533,7 +624,9 @@ class CurvatureOperator(MatrixFreeOperator):
             yield key, self.restrict(names)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(n={self.shape[0]}, params={len(self.params)}, dtype={self.dtype}, device={self.device})"
+        group = "" if self.process_group is None else f", processes={self._collective.world_size}"
+        return (f"{type(self).__name__}(n={self.shape[0]}, params={len(self.params)}, dtype={self.dtype}, "
+                f"device={self.device}{group})")
 
 
 class HessianOperator(CurvatureOperator):
@@ -621,26 +714,30 @@ class GGNOperator(CurvatureOperator):
             outputs = model_output(call_model(self.model, as_one_sample(x), {**fixed, **w}), output_fn)
             return outputs.reshape(-1) @ u
 
-        self._ensure_checked()
-        total, out = 0, torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        for index, (count, batch) in enumerate(self.batches):
-            inputs, targets = split_batch(move_batch(batch, self.device, self.dtype), index)
-            with self._forward_mode(), torch.no_grad():
-                outputs = self._forward(inputs, index)
-                loss = self._criterion_loss(outputs, targets, index)
-            outputs = outputs.detach()
-            n, c = outputs.shape[0], outputs[0].numel()
-            if not torch.allclose(vmap(sample_loss)(outputs, targets).mean(), loss, rtol=1e-5, atol=0):
-                raise ValueError("criterion: exact_diagonal needs a batch loss equal to the mean of the per-sample "
-                                 "losses criterion(f_i[None], y_i[None]) (padding tokens make a token mean differ)")
-            hess = vmap(jacrev(jacrev(sample_loss)))(outputs, targets)  # reverse-over-reverse: no jvp rules needed
-            lam, U = torch.linalg.eigh(hess.reshape(n, c, c))
-            with self._forward_mode():
-                for j in range(c):
-                    g = per_sample_grads(projected_output, weights, (inputs, U[:, :, j]), "GGNOperator.exact_diagonal")
-                    flat = torch.cat([g[name].reshape(n, -1) for name in self.param_names], dim=1)
-                    out.add_((lam[:, j : j + 1] * flat.square()).sum(dim=0) / n, alpha=count)
-            total += count
+        def local() -> tuple[Tensor, int]:
+            self._ensure_checked()
+            total, out = 0, torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+            for index, (count, batch) in enumerate(self.batches):
+                inputs, targets = split_batch(move_batch(batch, self.device, self.dtype), index)
+                with self._forward_mode(), torch.no_grad():
+                    outputs = self._forward(inputs, index)
+                    loss = self._criterion_loss(outputs, targets, index)
+                outputs = outputs.detach()
+                n, c = outputs.shape[0], outputs[0].numel()
+                if not torch.allclose(vmap(sample_loss)(outputs, targets).mean(), loss, rtol=1e-5, atol=0):
+                    raise ValueError("criterion: exact_diagonal needs a batch loss equal to the mean of the per-sample "
+                                     "losses criterion(f_i[None], y_i[None]) (padding tokens make a token mean differ)")
+                hess = vmap(jacrev(jacrev(sample_loss)))(outputs, targets)  # reverse-over-reverse: no jvp rules needed
+                lam, U = torch.linalg.eigh(hess.reshape(n, c, c))
+                with self._forward_mode():
+                    for j in range(c):
+                        g = per_sample_grads(projected_output, weights, (inputs, U[:, :, j]), "GGNOperator.exact_diagonal")
+                        flat = torch.cat([g[name].reshape(n, -1) for name in self.param_names], dim=1)
+                        out.add_((lam[:, j : j + 1] * flat.square()).sum(dim=0) / n, alpha=count)
+                total += count
+            return out, total
+
+        out, total = self._collective.sum(local, "exact_diagonal")
         return out.div_(total)
 
 
@@ -654,6 +751,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
     """
 
     kind = "empirical_fisher"
+    state_is_graph = False  # the (N_b x n) per-sample gradients, no graph (torch.func refuses saved-tensor hooks)
 
     def _check_mode(self) -> None:
         super()._check_mode()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TraceResult", "DiagonalResult", "EigenResult", "SpectralDensityResult"]
+__all__ = ["TraceResult", "BlockTraceResult", "DiagonalResult", "EigenResult", "SpectralDensityResult"]
 
 
 def _t_quantile(level: float, num_samples: int) -> float:
@@ -42,8 +42,8 @@ class _Cost:
 @dataclass(frozen=True, kw_only=True)
 class TraceResult(_Cost):
     """A trace estimate. `stderr` is the standard error of `value`, computed from `num_samples`
-    random quadratic forms (all probes for Hutchinson, the residual probes for Hutch++; nan with
-    fewer than two)."""
+    random quadratic forms (all probes for Hutchinson, the residual probes for Hutch++, the
+    leave-one-out estimates for XTrace; nan with fewer than two; 0 when the estimate is exact)."""
 
     value: float
     stderr: float
@@ -59,12 +59,41 @@ class TraceResult(_Cost):
 
 
 @dataclass(frozen=True, kw_only=True)
+class BlockTraceResult(_Cost):
+    """Traces of several diagonal blocks (layers, parameters) from the same products.
+
+    `values[block]` is the estimate of tr(A_bb), `stderr[block]` its standard error and
+    `samples[block]` the `num_samples` random terms it is the mean of (one per probe for
+    Hutchinson, one per leave-one-out estimate for XTrace); `sizes[block]` is the block's
+    dimension. The blocks' estimates add up to the estimate of the trace of the rows they cover."""
+
+    values: dict[str, float]
+    stderr: dict[str, float]
+    samples: dict[str, np.ndarray]
+    sizes: dict[str, int]
+    num_samples: int
+    method: str
+    distribution: str
+
+    def __getitem__(self, block: str) -> float:
+        return self.values[block]
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+@dataclass(frozen=True, kw_only=True)
 class DiagonalResult(_Cost):
-    """A diagonal estimate with a per-entry standard error."""
+    """A diagonal estimate with a per-entry standard error; `method` is "hutchinson" or "xdiag"
+    (or the estimator's name, e.g. "model labels" for Gauss-Newton-Bartlett)."""
 
     value: Tensor
     stderr: Tensor
     distribution: str
+    method: str = "hutchinson"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -254,7 +254,7 @@ def test_estimators_reject_bad_arguments():
     with pytest.raises(ValueError, match="num_matvecs"):
         hk.trace(A, num_matvecs=2, method="hutch++")
     with pytest.raises(ValueError, match="method"):
-        hk.trace(A, method="xtrace")
+        hk.trace(A, method="xtrace++")
     with pytest.raises(ValueError, match="distribution"):
         hk.diagonal(A, distribution="uniform")
     with pytest.raises(ValueError, match="num_matvecs"):

@@ -101,9 +101,9 @@ def test_ggn_matches_explicit_jacobian_product(name):
 
     _close(hk.GGNOperator(case.model, data=case.batches, loss_fn=loss_fn) @ V, expected)
     for batched in (False, True):  # a graph built for one product is freed by its last use
-        _close(hk.GGNOperator(case.model, data=case.batches, loss_fn=loss_fn, cache_graphs=False,
+        _close(hk.GGNOperator(case.model, data=case.batches, loss_fn=loss_fn, cache_memory=0,
                               batched_products=batched) @ V, expected)
-        _close(hk.GGNOperator(case.model, case.criterion, case.batches, cache_graphs=False,
+        _close(hk.GGNOperator(case.model, case.criterion, case.batches, cache_memory=0,
                               batched_products=batched) @ V, expected)
     _close(hk.GGNOperator(case.model, case.criterion, case.batches, output_fn=lambda out: out[0]) @ V, expected)
 

@@ -61,7 +61,7 @@ def test_dataloader_without_cache_equals_list(kind):
     y = torch.cat([b[1] for b in case.batches])
     loader = hk.data.loader(x, y, batch_size=10)  # batches of 10, 10, 3: ragged
     op_loader = KINDS[kind](case.model, case.criterion, loader)
-    assert not op_loader.cache_graphs
+    assert op_loader.budget == 0 and not op_loader.cached_batches
     op_single = KINDS[kind](case.model, case.criterion, (x, y))
     v = torch.randn(case.num_params, dtype=torch.float64)
     _close(op_loader @ v, op_single @ v)
@@ -221,7 +221,7 @@ def test_cache_follows_parameter_updates():
     with torch.no_grad():
         case.model[1].weight.mul_(1.5)
     second = op @ v
-    fresh = hk.HessianOperator(case.model, case.criterion, case.batches, cache_graphs=False) @ v
+    fresh = hk.HessianOperator(case.model, case.criterion, case.batches, cache_memory=0) @ v
     _close(second, fresh)
     assert not torch.allclose(first, second)
 

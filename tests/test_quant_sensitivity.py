@@ -76,7 +76,7 @@ def test_joint_hutchinson_traces_match_the_dense_blocks(problem):
         n = Hii.shape[0]
         assert s.num_params[layer] == n
         exact = torch.trace(Hii).item() / n
-        # per-probe variance of z_i^T (H z)_i for Rademacher z (derived in layer_traces' docstring)
+        # per-probe variance of z_i^T (H z)_i for Rademacher z (hk.trace's docstring, blocks=)
         others = torch.cat([H[sl, :sl.start], H[sl, sl.stop:]], dim=1)
         var = (2 * (Hii**2).sum() - 2 * (torch.diagonal(Hii) ** 2).sum() + (others**2).sum()).item() / n**2
         sd = math.sqrt(var / m)

@@ -11,11 +11,20 @@ The optimizer computes the gradient itself (and writes it to `.grad`, so clippin
 code still sees it), and builds the second-order graph (`create_graph=True`) only on the
 steps that need curvature. Optimizers that need the model outputs (Sophia-G, Newton-CG with
 the GGN) take a closure returning `(loss, outputs)`; the loss must be computed from those outputs.
+
+Data parallel (torch.distributed, DistributedDataParallel). The optimizer takes the gradient with
+`torch.autograd.grad`, which DDP's gradient hooks do not see, so an optimizer built with
+`process_group=` averages the gradient over the processes itself (DDP's convention: the mean of
+the processes' mean losses), and averages its curvature estimate too. AdaHessian, Sophia (H and G)
+and M-FAC support it; K-FAC, MKOR and Newton-CG would need their factors or products all-reduced
+and refuse a process group. Without one, in a job of several processes, every process would step
+on its own gradient and curvature and the replicas would drift apart: a warning says so.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._distributed import Collective
 from .._model import differentiable_attention, explain_backward_error, model_output, warn_loss_dtype
 from .._probe import is_int, is_real
 from ..operators import NonFiniteError
@@ -33,7 +43,11 @@ __all__ = ["ClosureOptimizer", "Evaluation"]
 
 @dataclass
 class Evaluation:
-    """One closure call: the loss, the gradient of every trainable parameter, and the outputs if given."""
+    """One closure call: the loss, the gradient of every trainable parameter, and the outputs if given.
+
+    With a process group, `grads` are averaged over the processes, except with create_graph=True:
+    then they are this process's own, with their graph for curvature products, and `.grad` holds
+    the average."""
 
     loss: Tensor
     grads: list[Tensor]
@@ -76,6 +90,35 @@ class ClosureOptimizer(torch.optim.Optimizer):
 
     needs_outputs = False  # Sophia-G / Newton-CG with GGN: closure returns (loss, outputs)
     settings: tuple[str, ...] = ()  # optimizer-wide attributes saved in state_dict under "hesskit"
+    supports_process_group = False  # whether the subclass averages its curvature over processes
+    process_group: Any = None
+    _collective: Collective | None = None
+    _warned_group = False
+
+    def _use_group(self, process_group: Any) -> None:
+        """Set the torch.distributed group gradients and curvature are averaged over (see the module docstring)."""
+        if process_group is None:
+            return
+        name = type(self).__name__
+        if not self.supports_process_group:
+            raise NotImplementedError(
+                f"process_group: {name} does not average its curvature over processes yet (its factors or products "
+                "would have to be all-reduced); use AdaHessian, Sophia or MFAC, or run one process")
+        self.process_group = process_group
+        self._collective = Collective(process_group, name)
+
+    def _warn_without_group(self) -> None:
+        import torch.distributed as dist
+
+        if self._warned_group or self._collective is not None or not dist.is_available() or not dist.is_initialized():
+            return
+        if dist.get_world_size() > 1:
+            self._warned_group = True
+            warnings.warn(
+                f"{type(self).__name__}: torch.distributed runs {dist.get_world_size()} processes but the optimizer has "
+                "no process_group, so each process steps on its own gradient and curvature (hesskit's optimizers take "
+                "gradients with torch.autograd.grad, which DDP does not average) and the replicas drift apart. Pass "
+                "process_group=dist.group.WORLD (or your DDP model's group).", stacklevel=4)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -135,19 +178,45 @@ class ClosureOptimizer(torch.optim.Optimizer):
         With `create_graph=True` the gradients keep their graph for Hessian-vector products.
         The detached gradients are also written to `.grad`.
         """
-        loss, outputs = self._call_closure(closure, create_graph)
+        self._warn_without_group()
         params = self._trainable()
-        try:
-            grads = list(torch.autograd.grad(loss, params, create_graph=create_graph, retain_graph=create_graph or
-                                             outputs is not None, materialize_grads=True))
-        except RuntimeError as exc:
-            clear = explain_backward_error(exc, f"closure ({type(self).__name__})")
-            if clear is exc:
-                raise
-            raise clear from exc
-        for p, g in zip(params, grads):
-            p.grad = g.detach().clone() if create_graph else g
-        return Evaluation(loss=loss, grads=grads, outputs=outputs)
+
+        found: dict[str, Evaluation] = {}
+
+        def local() -> tuple[Tensor, int]:
+            loss, outputs = self._call_closure(closure, create_graph)
+            try:
+                grads = list(torch.autograd.grad(loss, params, create_graph=create_graph, retain_graph=create_graph or
+                                                 outputs is not None, materialize_grads=True))
+            except RuntimeError as exc:
+                clear = explain_backward_error(exc, f"closure ({type(self).__name__})")
+                if clear is exc:
+                    raise
+                raise clear from exc
+            found["ev"] = Evaluation(loss=loss, grads=grads, outputs=outputs)
+            return torch.cat([g.detach().reshape(-1) for g in grads]), 1
+
+        if self._collective is None:
+            local()
+            ev = found["ev"]
+            for p, g in zip(params, ev.grads):
+                p.grad = g.detach().clone() if create_graph else g
+            return ev
+        total, count = self._collective.sum(local, "the gradient")
+        ev = found["ev"]
+        mean = split_like(total.div_(count), params)
+        for p, g in zip(params, mean):
+            p.grad = g.clone()
+        if not create_graph:
+            ev.grads = [p.grad for p in params]
+        return ev
+
+    def _average(self, tensors: list[Tensor], what: str) -> list[Tensor]:
+        """The mean of `tensors` over the processes (as they are with one process)."""
+        if self._collective is None:
+            return tensors
+        total, count = self._collective.sum(lambda: (torch.cat([t.reshape(-1) for t in tensors]), 1), what)
+        return split_like(total.div_(count), tensors)
 
 
 def split_like(flat: Tensor, params: list[Tensor]) -> list[Tensor]:

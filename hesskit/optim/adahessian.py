@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,6 +59,9 @@ class AdaHessian(ClosureOptimizer):
       * num_probes: probes per refresh (averaged before |.|); official 1.
       * distribution: official "rademacher"; "gaussian" is also unbiased but noisier.
       * weight_decay is decoupled and scaled by lr, as the official code.
+      * process_group (torch.distributed, e.g. with a DDP model): the gradient and z * (H z) are
+        averaged over the processes with the same probe z everywhere, so D is the estimate for the
+        Hessian of the averaged loss, taken before |.| (averaging |z * H_r z| would not be).
 
     The second-order graph is built only on refresh steps. Probes come from a private generator
     seeded by (seed, step), so a restored optimizer draws the same probes.
@@ -67,7 +71,8 @@ class AdaHessian(ClosureOptimizer):
 
     def __init__(self, params, lr: float = 0.15, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-4,
                  weight_decay: float = 0.0, hessian_power: float = 1.0, update_every: int = 1, num_probes: int = 1,
-                 spatial_average: bool = True, distribution: str = "rademacher", seed: int = 0):
+                 spatial_average: bool = True, distribution: str = "rademacher", seed: int = 0,
+                 process_group: Any = None):
         lr = check_number("lr", lr, open_low=True)
         betas = check_betas("betas", betas)
         eps = check_number("eps", eps, open_low=True)
@@ -84,6 +89,9 @@ class AdaHessian(ClosureOptimizer):
         self.spatial_average = bool(spatial_average)
         self.distribution = distribution
         self.seed = check_seed(seed)
+        self._use_group(process_group)
+
+    supports_process_group = True
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> Tensor:
@@ -93,8 +101,8 @@ class AdaHessian(ClosureOptimizer):
         with torch.enable_grad():
             ev = self._evaluate(closure, create_graph=refresh)
             if refresh:
-                diag = hutchinson_diagonal(ev.loss, params, ev.grads, self.num_probes, self.distribution,
-                                           step_seed(self.seed, t))
+                diag = self._average(hutchinson_diagonal(ev.loss, params, ev.grads, self.num_probes, self.distribution,
+                                                         step_seed(self.seed, t)), "the Hessian diagonal")
         for i, (p, g) in enumerate(zip(params, ev.grads)):
             state = self.state[p]
             if not state:

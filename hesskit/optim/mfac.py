@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,6 +56,10 @@ class MFAC(ClosureOptimizer):
       * Weight decay: coupled L2 added to the gradient before it enters the window (official);
         decoupled (AdamW-style) decay is not offered.
       * Sparse mode (`sparse=True` in the official code, freezing exact zeros) is not offered.
+      * process_group (torch.distributed): the gradient, from the closure or from `.grad`, is
+        averaged over the processes before it enters the window, so every process keeps the
+        same window and takes the same step (DDP averages `.grad` itself; averaging it again
+        changes nothing).
       * Closure: the official `step()` refuses one. Here `step(closure)` follows hesskit's
         contract (the optimizer differentiates the loss); `step()` without a closure is also
         allowed after your own `loss.backward()`, since M-FAC needs only the gradient.
@@ -66,7 +71,7 @@ class MFAC(ClosureOptimizer):
     settings = ("num_grads", "damping")
 
     def __init__(self, params, lr: float = 1e-3, num_grads: int = 32, damping: float = 1e-5, momentum: float = 0.0,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, process_group: Any = None):
         lr = check_number("lr", lr, open_low=True)
         num_grads = check_count("num_grads", num_grads)
         damping = check_number("damping", damping, open_low=True)
@@ -87,6 +92,9 @@ class MFAC(ClosureOptimizer):
         state["window_grads"] = self.inverse.grads
         state["window_gram"] = self.inverse.gram
         state["window_count"] = 0
+        self._use_group(process_group)
+
+    supports_process_group = True
 
     # ----------------------------------------------------------------- settings kept by the inverse
     @property
@@ -141,7 +149,8 @@ class MFAC(ClosureOptimizer):
         if all(p.grad is None for p in params):
             raise TypeError("closure: MFAC.step() without a closure needs gradients in .grad (call loss.backward() "
                             "first), or pass closure() that zeroes the gradients and returns the loss")
-        return None, [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        return None, self._average(grads, "the gradient")
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> Tensor | None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..trace import gauss_newton_bartlett
+from ..trace import gauss_newton_bartlett, sampled_label_loss
 from .._probe import check_count
 from ._base import ClosureOptimizer, check_betas, check_number, check_seed, split_like, step_seed
 from .adahessian import hutchinson_diagonal
@@ -53,6 +54,12 @@ class Sophia(ClosureOptimizer):
         divided by (1 - beta1^t) and (1 - beta2^r), r = number of estimates so far, so the first
         h is the estimate itself rather than 1% of it. `bias_correction=False` is the official rule.
       * Probes for Sophia-H: Gaussian (paper, levanter) vs Rademacher (`distribution`).
+      * process_group (torch.distributed, e.g. with a DDP model): the gradient is averaged over
+        the processes. Sophia-H averages u * (H u) with the same probe u everywhere. Sophia-G draws
+        labels independently on each process, averages g_hat weighted by each process's number
+        of predictions and squares the mean: B g_hat * g_hat with B and g_hat of the union of the
+        processes' predictions, the global batch's estimate (the official DDP training script
+        squares each process's own g_hat instead, with its local B).
 
     `win_rate` after a step is the fraction of coordinates that were not clipped, |m| < gamma h
     (the official training script's definition; its README suggests tuning gamma so that it
@@ -63,7 +70,8 @@ class Sophia(ClosureOptimizer):
 
     def __init__(self, params, lr: float = 6e-4, betas: tuple[float, float] = (0.965, 0.99), gamma: float | None = None,
                  eps: float = 1e-12, weight_decay: float = 0.1, estimator: str = "hutchinson", update_every: int = 10,
-                 bias_correction: bool = True, distribution: str = "gaussian", seed: int = 0):
+                 bias_correction: bool = True, distribution: str = "gaussian", seed: int = 0,
+                 process_group: Any = None):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
         gamma = DEFAULT_GAMMA[estimator] if gamma is None else gamma
@@ -82,6 +90,9 @@ class Sophia(ClosureOptimizer):
         self.distribution = distribution
         self.seed = check_seed(seed)
         self.win_rate = float("nan")
+        self._use_group(process_group)
+
+    supports_process_group = True
 
     @property
     def needs_outputs(self) -> bool:  # Sophia-G's closure returns (loss, logits)
@@ -90,8 +101,28 @@ class Sophia(ClosureOptimizer):
     def _curvature(self, ev, params: list[Tensor], seed: int) -> list[Tensor]:
         """A fresh diagonal estimate h_hat, one tensor per parameter."""
         if self.estimator == "hutchinson":
-            return hutchinson_diagonal(ev.loss, params, ev.grads, 1, self.distribution, seed)
-        return split_like(gauss_newton_bartlett(ev.outputs, params, seed=seed).value, params)
+            return self._average(hutchinson_diagonal(ev.loss, params, ev.grads, 1, self.distribution, seed),
+                                 "the Hessian diagonal")
+        if self._collective is None:
+            return split_like(gauss_newton_bartlett(ev.outputs, params, seed=seed).value, params)
+        return self._distributed_gnb(ev.outputs, params, seed)
+
+    def _distributed_gnb(self, logits: Tensor, params: list[Tensor], seed: int) -> list[Tensor]:
+        """Gauss-Newton-Bartlett over the processes: B g_hat^2 for the union of their predictions,
+        with labels drawn independently on each (seeded by step and process)."""
+        rank = self._collective.rank
+
+        def local() -> tuple[Tensor, int]:
+            gen = torch.Generator().manual_seed(step_seed(seed, rank))
+            with torch.enable_grad():
+                loss = sampled_label_loss(logits, gen)
+                grads = torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)
+            count = logits[..., 0].numel()
+            return count * torch.cat([g.reshape(-1) for g in grads]).double(), count
+
+        total, count = self._collective.sum(local, "the Gauss-Newton-Bartlett estimate")
+        g_hat = total / count
+        return split_like((count * g_hat * g_hat).to(params[0].dtype), params)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> Tensor:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from .._batches import Batches, move_batch
 from .._copy import model_copy
 from .._model import call_model, model_output, split_batch
-from .._probe import check_choice, check_count, is_int, is_real
+from .._probe import check_choice, check_count, is_int, is_real, progress_bar
 from ..layers import is_conv1d, is_linear
 from ..mfac import check_damping as _check_damping
 from ..operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
@@ -342,7 +342,7 @@ def per_sample_gradients(model: nn.Module, criterion: Any, data: Any, *, layers:
         idx = torch.randperm(num_samples(data), generator=torch.Generator().manual_seed(int(seed)))[:num_grads]
         data, seed = select_samples(data, idx), None
     with requiring_grad(weights):
-        op = EmpiricalFisherOperator(model, criterion, _as_batches(data), weights, mode="eval", cache_graphs=False,
+        op = EmpiricalFisherOperator(model, criterion, _as_batches(data), weights, mode="eval", cache_memory=0,
                                      output_fn=output_fn)
         G = op.per_sample_gradients(num_grads if seed is None else None)[:, _positions(chosen)]
     if num_grads is not None:
@@ -512,7 +512,7 @@ def obs_with_inverse(model: nn.Module, inverse: Any, sparsity: float, *, scope: 
 def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_grads: int | None = None,
         damping: float = 1e-5, block_size: int | None = 128, num_recomputations: int = 1, scope: str = "global",
         layers: Any = None, seed: int | None = None, saliency: str = "obs", update: bool = True,
-        output_fn: Any = None) -> nn.Module:
+        output_fn: Any = None, progress: bool = False) -> nn.Module:
     r"""Optimal Brain Surgeon with the damped empirical Fisher (WoodFisher / M-FAC): a pruned copy.
 
     Curvature: F = damping * I + (1/m) sum_i g_i g_i^T over m per-sample gradients g_i of the
@@ -551,6 +551,8 @@ def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_gra
             instead of w_q^2 / (2 [F^{-1}]_qq); `update=False` drops without compensating (then
             the remaining weights never change; WoodFisher's `--scale-prune-update 0`).
         output_fn: `output_fn(model outputs) -> tensor` for the criterion (see the module docstring).
+        progress: show a progress bar of the phases (per-sample gradients, then inverse and
+            surgery, for each recomputation).
 
     Zeros already in the model stay zero and count towards the sparsity; the per-sample gradients
     are taken in eval mode. Cost per step: m per-sample gradients, then O(n c m) (c <= m) or
@@ -572,15 +574,22 @@ def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_gra
     chosen = _resolve_layers(pruned, layers)
     names = [name for name in chosen]
     groups = _groups(chosen, scope)
+    bar = progress_bar(progress, 2 * steps, "OBS", unit="phase")
     for j, counts in enumerate(_targets(_flat(chosen), groups, sparsity, steps)):
         w = _flat(chosen)
         alive = w != 0
         if all(int((~alive[g]).sum()) >= k for g, k in zip(groups, counts)):
+            bar.update(2)
             continue  # nothing to prune in this step
+        bar.set_postfix_str(f"step {j + 1}/{steps}: per-sample gradients")
         inverse = FisherInverse.from_model(pruned, criterion, data, num_grads=num_grads, damping=damping,
                                            block_size=block_size, layers=names,
                                            seed=None if seed is None else int(seed) + j, output_fn=output_fn)
+        bar.update()
+        bar.set_postfix_str(f"step {j + 1}/{steps}: inverse and surgery")
         _write(chosen, _obs_step(w, alive, inverse, groups, counts, saliency, bool(update)))
+        bar.update()
+    bar.close()
     return report_compression(pruned, "obs", chosen, warn=layers is None, why=COVERAGE,
                               details=dict(sparsity=sparsity, scope=scope, num_grads=num_grads, damping=damping,
                                            block_size=block_size, num_recomputations=steps))

@@ -685,8 +685,8 @@ def exhaustive(model: nn.Module, choices: Sequence[int], evaluate: Callable[[nn.
 def random_configs(costs: CostTable, avg_bits: float, num: int, *, min_fill: float = 0.85, seed: int = 0,
                    max_tries: int = 1_000_000) -> np.ndarray:
     """`num` random configurations (bits, (num, L)) with weight bits in [min_fill * budget, budget]:
-    uniform over the configurations that qualify (rejection sampling). The research notes' random
-    baseline used min_fill = 0.85, so that random allocations do not win by being small."""
+    uniform over the configurations that qualify (rejection sampling). min_fill (default 0.85) keeps
+    random allocations from winning by being small."""
     limit = size_limit(costs, avg_bits)
     if not is_int(num) or num < 1:
         raise ValueError(f"num: expected a positive integer, got {num!r}")

@@ -62,7 +62,7 @@ from torch.nn import functional as F
 from .._batches import first_tensor
 from .._copy import model_copy
 from .._model import call_model
-from .._probe import is_int, is_real
+from .._probe import is_int, is_real, progress_bar
 from ..layers import is_linear, linear_weight
 from .fake import (check_bits, eval_mode, grid, layer_weight, quantizable_layers, quantize_model, report_compression,
                    round_to_grid, unknown_layer_error)
@@ -282,7 +282,7 @@ def gptq_layers(model: nn.Module, layers: Iterable[str] | str | None = None) -> 
 
 def gptq(model: nn.Module, calibration_inputs: Any, bits: int, *, group_size: int | None = None,
          symmetric: bool = False, damping: float = 0.01, act_order: bool = False, block_size: int = 128,
-         layers: Iterable[str] | str | None = None) -> nn.Module:
+         layers: Iterable[str] | str | None = None, progress: bool = False) -> nn.Module:
     """A copy of `model` with its Linear, Conv1D and Conv2d weights quantized by GPTQ (Frantar et al., ICLR 2023).
 
     Sequential, as the official code: the layers are quantized in model order, and each layer's
@@ -297,6 +297,7 @@ def gptq(model: nn.Module, calibration_inputs: Any, bits: int, *, group_size: in
     `model` is not modified; the copy keeps its train/eval mode and requires_grad flags, and carries
     `.compression` (`hk.quant.CompressionReport`: the layers quantized, the weights left float);
     with the default `layers` the latter are also named in an `UncompressedWarning`.
+    `progress=True` shows a bar of the layers quantized.
     """
     targets = gptq_layers(model, layers)
     check_bits(bits, symmetric)
@@ -304,8 +305,9 @@ def gptq(model: nn.Module, calibration_inputs: Any, bits: int, *, group_size: in
     batches = _calibration_batches(calibration_inputs)
     clone = model_copy(model)
     chosen = {n: m for n, m in quantizable_layers(clone).items() if n in targets}
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(progress, len(chosen), "GPTQ", unit="layer") as bar:
         for name, layer in chosen.items():
+            bar.set_postfix_str(name)
             H = _hessians(clone, {name: layer}, batches)[name]
             try:
                 Q, _ = gptq_layer(layer_weight(layer).flatten(1), H, bits, group_size=group_size, symmetric=symmetric,
@@ -313,6 +315,7 @@ def gptq(model: nn.Module, calibration_inputs: Any, bits: int, *, group_size: in
             except ValueError as error:
                 raise ValueError(f"layer {name!r}: {error}") from error
             layer_weight(layer).copy_(Q.reshape(layer_weight(layer).shape))
+            bar.update()
     return report_compression(clone, "gptq", chosen, warn=layers is None, why=COVERAGE,
                               details=dict(bits=bits, group_size=group_size, symmetric=symmetric, damping=damping,
                                            act_order=act_order))

@@ -21,9 +21,9 @@ layer's weight for the eigenvalues (`eigenvalues`, Lanczos; HAWQ and PyHessian u
 which finds the same largest-magnitude eigenvalue with more products), and for the trace one
 Rademacher probe z over *all* layers at once: z^T H z = sum_i z_i^T (H z)_i + (cross terms), and the
 cross terms z_i^T H_ij z_j have mean 0, so the per-layer dot products z_i^T (H z)_i estimate every
-Tr(H_i) from the same product (as the pilots of the research notes; HAWQ-V2 does not say how it
-batched its probes). Each layer's estimate has its own standard error from the spread of its
-quadratic forms.
+Tr(H_i) from the same product (`hk.trace(op, blocks=...)`; HAWQ-V2 does not say how it batched
+its probes). Each layer's estimate has its own standard error from the spread of its quadratic
+forms.
 
 Models. Inputs may be tensors (`model(x)`) or dicts (`model(**x)`, Hugging Face's `input_ids` and
 `attention_mask`); `output_fn(outputs) -> tensor` picks what the criterion sees (default: a tensor
@@ -48,10 +48,10 @@ from torch import Tensor, nn
 
 from .._batches import Batches, first_tensor, is_batch, move_batch
 from .._model import call_model, model_output, split_batch
-from .._probe import check_count, is_int, make_generator, probes
+from .._probe import check_count, is_int, progress_bar
 from ..eigen import eigenvalues
 from ..operators import HessianOperator, mode_sensitive_modules
-from ..trace import _CHUNK, trace
+from ..trace import trace
 from .fake import (check_bits, eval_mode, fake_quantize, layer_weight, quantizable_layers, requiring_grad,
                    unknown_layer_error)
 
@@ -59,7 +59,6 @@ __all__ = [
     "METRICS",
     "Sensitivities",
     "sensitivities",
-    "layer_traces",
     "PairInteractions",
     "pair_interactions",
     "mean_loss",
@@ -286,44 +285,6 @@ def _subsets(batches: list[Any], num_subsets: int) -> list[list[Any]]:
 
 
 # ----------------------------------------------------------------------------- the estimators
-def layer_traces(op: HessianOperator, groups: Mapping[str, Sequence[str]], num_matvecs: int = 100,
-                 seed: int | None = 0) -> tuple[dict[str, float], dict[str, float], dict[str, np.ndarray]]:
-    """Hutchinson traces of several diagonal blocks of `op` from the SAME probes (HAWQ-V2's trace,
-    one Hessian-vector product per probe for every block at once).
-
-    For Rademacher z over all of op's parameters, E[z_i^T (H z)_i] = Tr(H_ii): the cross terms
-    z_i^T H_ij z_j vanish in expectation because z_i and z_j are independent with mean 0. They do
-    add variance: Var = 2 ||H_ii||_F^2 - 2 sum_k (H_ii)_kk^2 + sum_{j != i} ||H_ij||_F^2 per probe.
-
-    `groups` maps a block name to the parameter names of op that form it. Returns (traces,
-    standard errors, per-probe quadratic forms) per block. The probes are drawn exactly as
-    `hk.trace(op, num_matvecs, method="hutchinson", seed=seed)` draws them, so the blocks' traces add
-    up to that estimate of the whole trace when the blocks cover op.
-    """
-    check_count("num_matvecs", num_matvecs)
-    seed, gen = make_generator(seed)
-    offsets, start = {}, 0
-    for name, p in zip(op.param_names, op.params):
-        offsets[name] = slice(start, start + p.numel())
-        start += p.numel()
-    for block, names in groups.items():
-        missing = [n for n in names if n not in offsets]
-        if missing:
-            raise ValueError(f"groups[{block!r}]: parameters {missing} are not in the operator ({op.param_names})")
-    forms = {block: [] for block in groups}
-    for begin in range(0, num_matvecs, _CHUNK):
-        Z = probes(op.shape[0], min(_CHUNK, num_matvecs - begin), "rademacher", gen, op)
-        HZ = (op @ Z).detach()
-        ZHZ = Z * HZ
-        for block, names in groups.items():
-            forms[block].append(sum(ZHZ[offsets[n]].sum(dim=0) for n in names).double())
-    samples = {block: torch.cat(f).cpu().numpy() for block, f in forms.items()}
-    values = {block: float(s.mean()) for block, s in samples.items()}
-    stderr = {block: float(s.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else math.nan
-              for block, s in samples.items()}
-    return values, stderr, samples
-
-
 def _weight(name: str) -> str:
     """The parameter name of a layer's weight (the canonical one: `quantizable_layers` lists owners)."""
     return f"{name}.weight" if name else "weight"
@@ -339,7 +300,8 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
                   num_matvecs: int | None = None, num_subsets: int = 5, seed: int | None = 0,
                   method: str = "joint", which: str = "magnitude", tol: float = 1e-3,
                   layers: Sequence[str] | None = None, granularity: str = "tensor", group_size: int | None = None,
-                  symmetric: bool = True, mode: str | None = None, output_fn: Any = None) -> Sensitivities:
+                  symmetric: bool = True, mode: str | None = None, output_fn: Any = None,
+                  progress: bool = False) -> Sensitivities:
     """Per-layer sensitivity of `model`'s loss to quantizing each layer's weight.
 
     Args:
@@ -352,9 +314,8 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
             "measured" (the loss change of quantizing layer i alone to `bits`).
         bits: "measured" only (ignored otherwise): one width, or several (then `.table` holds every
             width and the values are those of the smallest).
-        num_matvecs: "trace": Hutchinson probes (default 100, PyHessian's maxIter; HAWQ-V2 and the
-            research notes use 64-200), each one Hessian-vector product for all layers together
-            (`method="joint"`) or per layer (`method="hutchinson"` or `"hutch++"`, `hk.trace` on
+        num_matvecs: "trace": Hutchinson probes (default 100, PyHessian's maxIter), each one
+            Hessian-vector product for all layers together (`method="joint"`, `hk.trace(op, blocks=...)`) or per layer (`method="hutchinson"` or `"hutch++"`, `hk.trace` on
             each layer's block, with its lower variance at L times the cost). Eigenvalue metrics:
             the product budget of each Lanczos run (default `hk.eigenvalues`' 20 x basis size).
         num_subsets: "qbert": the number of disjoint subsets (consecutive batches, or parts of a
@@ -371,6 +332,8 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
             or "eval".
         output_fn: `output_fn(model outputs) -> tensor` for the criterion (default: a tensor as it
             is, a ModelOutput's `logits`).
+        progress: show a progress bar: of the products for the joint trace, else of the layers
+            (per subset for "qbert", per layer and width for "measured").
 
     Returns a `Sensitivities` dict {layer: value} with `.stderr`, `.curvature` (the factor of
     ||Q_b(W_i) - W_i||^2 in the allocation cost), `.num_params`, `.num_matvecs`, `.seed`.
@@ -402,7 +365,13 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
             return mean_loss(swapper.apply(config), criterion, batches, output_fn=output_fn)
 
         base = loss({})
-        table = {name: {b: loss({name: b}) - base for b in widths} for name in names}
+        table = {}
+        with progress_bar(progress, len(names) * len(widths), "measured sensitivity", unit="loss") as bar:
+            for name in names:
+                table[name] = {}
+                for b in widths:
+                    table[name][b] = loss({name: b}) - base
+                    bar.update()
         low = min(widths)
         return Sensitivities({name: table[name][low] for name in names}, table=table, bits=widths if len(widths) > 1
                              else widths[0], wall_time=time.perf_counter() - start, baseline_loss=base, **common)
@@ -413,13 +382,16 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
             op = HessianOperator(model, criterion, batches, params=[_weight(n) for n in names], mode=mode,
                                  output_fn=output_fn)
             if method == "joint":
-                values, stderr, samples = layer_traces(op, {n: [_weight(n)] for n in names}, m, seed)
-                used = op.num_matvecs
+                result = trace(op, m, method="hutchinson", seed=seed, progress=progress,
+                               blocks={n: [_weight(n)] for n in names})
+                values, stderr, samples, used = result.values, result.stderr, result.samples, result.num_matvecs
             else:
                 values, stderr, samples, used = {}, {}, {}, 0
-                for name, block in zip(names, (op.restrict([_weight(n)]) for n in names)):
-                    result = trace(block, m, method=method, seed=seed)
-                    values[name], stderr[name], used = result.value, result.stderr, used + result.num_matvecs
+                with progress_bar(progress, len(names), f"trace ({method})", unit="layer") as bar:
+                    for name, block in zip(names, (op.restrict([_weight(n)]) for n in names)):
+                        result = trace(block, m, method=method, seed=seed)
+                        values[name], stderr[name], used = result.value, result.stderr, used + result.num_matvecs
+                        bar.update()
             per = {n: values[n] / sizes[n] for n in names}
             return Sensitivities(per, stderr={n: stderr[n] / sizes[n] for n in names}, curvature=per,
                                  samples={n: s / sizes[n] for n, s in samples.items()}, num_matvecs=used,
@@ -427,10 +399,12 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
 
         if metric == "eigenvalue":
             values, residuals, used = {}, {}, 0
-            for name in names:
-                lam, res, count = _top_eigenvalue(model, criterion, batches, name, which, tol, num_matvecs, seed, mode,
-                                                  output_fn)
-                values[name], residuals[name], used = lam, res, used + count
+            with progress_bar(progress, len(names), "top eigenvalue", unit="layer") as bar:
+                for name in names:
+                    lam, res, count = _top_eigenvalue(model, criterion, batches, name, which, tol, num_matvecs, seed,
+                                                      mode, output_fn)
+                    values[name], residuals[name], used = lam, res, used + count
+                    bar.update()
             return Sensitivities({n: values[n] / sizes[n] for n in names}, curvature=values,
                                  residuals={n: residuals[n] / sizes[n] for n in names}, num_matvecs=used,
                                  wall_time=time.perf_counter() - start, **common)
@@ -440,12 +414,14 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
         parts = _subsets(batches, num_subsets)
         lams = {name: [] for name in names}
         used = 0
-        for part in parts:
-            for name in names:
-                lam, _, count = _top_eigenvalue(model, criterion, part, name, which, tol, num_matvecs, seed, mode,
-                                                output_fn)
-                lams[name].append(lam)
-                used += count
+        with progress_bar(progress, len(parts) * len(names), "Q-BERT eigenvalues", unit="layer") as bar:
+            for part in parts:
+                for name in names:
+                    lam, _, count = _top_eigenvalue(model, criterion, part, name, which, tol, num_matvecs, seed, mode,
+                                                    output_fn)
+                    lams[name].append(lam)
+                    used += count
+                    bar.update()
         samples = {n: np.array(v) for n, v in lams.items()}
         stat = {n: abs(float(s.mean())) + float(s.std(ddof=1)) for n, s in samples.items()}
         return Sensitivities(stat, curvature=stat, samples=samples, num_matvecs=used,
