@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/optimizers.py
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/hf_models.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
