@@ -94,12 +94,13 @@ def cores() -> int:
 
 
 def _busy() -> float | None:
-    """The 1-minute load average where it shows other work on this machine's cores, else None."""
+    """The 1-minute load average where it shows other work on half of this machine's cores or more
+    (lower values are the tail of whatever ran a minute ago), else None."""
     try:
         one = float(Path("/proc/loadavg").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return one if one > 0.5 else None
+    return one if one >= 0.5 * cores() else None
 
 
 def loadavg() -> str:
