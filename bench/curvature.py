@@ -91,9 +91,10 @@ def default_matrices(data, criterion, quick: bool) -> dict[str, torch.Tensor]:
     low = hk.models.MLP(hidden=(4,) if quick else (32,))
     x64 = x.double()
     out = {}
-    for name, model, batch, kind in [("spiked (trained SmallCNN Hessian)", spiked, (x64, y), hk.HessianOperator),
-                                     ("flat indefinite (BatchNormCNN Hessian, init)", flat, (x64, y), hk.HessianOperator),
-                                     ("low-rank (MLP GGN, 8 samples)", low, (x64[:8], y[:8]), hk.GGNOperator)]:
+    cases = [("spiked (trained SmallCNN Hessian)", spiked, (x64, y), hk.HessianOperator),
+             ("flat indefinite (BatchNormCNN Hessian, init)", flat, (x64, y), hk.HessianOperator),
+             ("low-rank (MLP GGN, 8 samples)", low, (x64[:8], y[:8]), hk.GGNOperator)]
+    for name, model, batch, kind in cases:
         M = kind(copy.deepcopy(model).double(), criterion, batch).dense()
         out[f"{name}, n = {M.shape[0]:,}"] = (M + M.T) / 2
     return out
@@ -297,12 +298,13 @@ def curvlinops_eigsh_row(model, criterion, data, exact_eigs, tol: float = 1e-3):
 
     counted = LinearOperator(A.shape, matvec=matmat, matmat=matmat, dtype=A.dtype)
     start = time.perf_counter()
-    values = eigsh(counted, k=5, which="LA", tol=tol, v0=np.ones(A.shape[0], dtype=A.dtype), return_eigenvectors=False)
+    values = eigsh(counted, k=5, which="LA", tol=tol, v0=np.ones(A.shape[0], dtype=A.dtype),
+                   return_eigenvectors=False)
     seconds = time.perf_counter() - start
     values = sorted(values.tolist(), reverse=True)
     err = max(abs(a - b) / abs(b) for a, b in zip(values, exact_eigs))
-    return ("top-5 eigenvalues", f"curvlinops 3.0.1 + scipy eigsh (which='LA', tol={tol:g})", seconds, count[0], None,
-            err)
+    name = f"curvlinops 3.0.1 + scipy eigsh (which='LA', tol={tol:g})"
+    return ("top-5 eigenvalues", name, seconds, count[0], None, err)
 
 
 def layernorm_check(quick: bool) -> None:
@@ -317,7 +319,8 @@ def layernorm_check(quick: bool) -> None:
     n = sum(p.numel() for p in params)
     grads = torch.autograd.grad(criterion(model(tokens), data[1]), params, create_graph=True)
     flat = torch.cat([g.reshape(-1) for g in grads])
-    reference = torch.stack([torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat[i], params, retain_graph=True)])
+    reference = torch.stack([torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat[i], params,
+                                                                                    retain_graph=True)])
                              for i in range(n)])
     ours = hk.HessianOperator(model, criterion, data).dense()
     theirs = curvlinops_hessian(model, criterion, data) @ torch.eye(n, dtype=torch.float64)

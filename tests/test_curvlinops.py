@@ -68,7 +68,8 @@ def test_curvlinops_hessian_is_wrong_on_layernorm():
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(criterion(model(tokens), labels), params, create_graph=True)
     flat = torch.cat([g.reshape(-1) for g in grads])
-    reference = torch.stack([torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat[i], params, retain_graph=True)])
+    reference = torch.stack([torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat[i], params,
+                                                                                    retain_graph=True)])
                              for i in range(flat.numel())])
     ours = hk.HessianOperator(model, criterion, (tokens, labels)).dense()
     theirs = _theirs("HessianLinearOperator", model, criterion, (tokens, labels)) @ torch.eye(
