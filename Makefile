@@ -8,11 +8,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: lab test claims install bench clean
 
-$(STAMP): pyproject.toml
+# curvlinops (bench/curvature.py's comparison, tests/test_curvlinops.py) is installed on its own, with
+# --no-deps and its four pure-Python dependencies pinned: its backpack-for-pytorch dependency pulls
+# torchvision, which has no CPU build for torch 2.13, so it is not in pyproject.toml's dependencies.
+# Its operators and estimators do not need backpack. The stamp depends on this Makefile so that a
+# change here re-installs existing venvs.
+CURVLINOPS_SPEC := curvlinops-for-pytorch==3.0.1 einconv==0.1.0 einops==0.8.2 linear_operator==0.6.1 opt-einsum==3.4.0
+
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[notebooks,test]"
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt --no-deps $(CURVLINOPS_SPEC)
 	touch $(STAMP)
 
 install: $(STAMP)

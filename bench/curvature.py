@@ -11,8 +11,14 @@ ratio of their wall times. Exact answers: eigenvalues of the dense Hessian for t
 121k model and the table across training a float64 Lanczos run at tol 1e-10 (its residuals bound the
 error by 1e-10 * ||H||) and, for the trace, a 3,000-product Hutch++ estimate (given with its standard error).
 
-curvlinops is not measured: it requires backpack-for-pytorch, which requires torchvision, which
-has no CPU build for torch 2.13 here (and curvlinops 3.0.1 is wrong on LayerNorm models).
+curvlinops 3.0.1 (installed with --no-deps: its backpack-for-pytorch dependency pulls torchvision,
+which has no CPU build for torch 2.13 here; the Hessian and GGN operators and the estimators do not
+need it): trace and diagonal at equal products, top-5 eigenvalues by its scipy eigsh route, and its
+Hessian on a LayerNorm model against autograd. Without curvlinops these rows are skipped.
+
+Which estimator should be the default: `choose_defaults` measures Hutchinson, Hutch++ and XTrace
+(and Hutchinson and XDiag for the diagonal) on three dense float64 matrices of small models, a
+spiked, a flat indefinite and a low-rank one, at 30, 99 and 300 products over 50 seeds.
 """
 
 from __future__ import annotations
@@ -70,6 +76,92 @@ def trained_model(model: nn.Module, x, y, steps: int, seed: int = 0) -> nn.Modul
     return model.eval()
 
 
+# ------------------------------------------------------------------ estimator defaults
+def default_matrices(data, criterion, quick: bool) -> dict[str, torch.Tensor]:
+    """Three dense float64 curvature matrices of small models, each a kind of spectrum the
+    estimators meet: spiked (a trained CNN's Hessian: a few outliers above a bulk), flat and
+    indefinite (a BatchNorm CNN's Hessian at initialisation, eval mode) and low-rank (the GGN of
+    an MLP on 8 samples: rank at most 8 x 9 = 72)."""
+    x, y = data
+    torch.manual_seed(0)
+    spiked = trained_model(hk.models.SmallCNN((2, 4) if quick else (8, 16)), x, y, steps=20 if quick else 300)
+    torch.manual_seed(0)
+    flat = hk.models.BatchNormCNN((2, 4) if quick else (8, 16)).eval()
+    torch.manual_seed(0)
+    low = hk.models.MLP(hidden=(4,) if quick else (32,))
+    x64 = x.double()
+    out = {}
+    cases = [("spiked (trained SmallCNN Hessian)", spiked, (x64, y), hk.HessianOperator),
+             ("flat indefinite (BatchNormCNN Hessian, init)", flat, (x64, y), hk.HessianOperator),
+             ("low-rank (MLP GGN, 8 samples)", low, (x64[:8], y[:8]), hk.GGNOperator)]
+    for name, model, batch, kind in cases:
+        M = kind(copy.deepcopy(model).double(), criterion, batch).dense()
+        out[f"{name}, n = {M.shape[0]:,}"] = (M + M.T) / 2
+    return out
+
+
+def choose_defaults(matrices: dict[str, torch.Tensor], budgets=(30, 99, 300), seeds: int = 50) -> dict[str, dict]:
+    """RMS relative error over `seeds` seeds of each trace method (and each diagonal method) at
+    each budget, on dense matrices (products are matmuls, so this is cheap), and each method's
+    error over the best one's in the same cell. XTrace and XDiag need an even number of products:
+    at an odd budget m they run m - 1 and m + 1, and the ratio uses m - 1 (fewer products than the
+    others get). Errors below 1e-12 count as 1e-12 in the ratios (an exact answer, up to rounding)."""
+    floor = 1e-12
+
+    def rms(errors):
+        return (sum(e * e for e in errors) / len(errors)) ** 0.5
+
+    def even(m):
+        return [m] if m % 2 == 0 else [m - 1, m + 1]
+
+    trace_rows, diag_rows = {}, {}
+    for name, M in matrices.items():
+        exact_tr, exact_diag = M.trace().item(), M.diagonal()
+        for m in budgets:
+            cell = {}
+            for method in ("hutchinson", "hutch++"):
+                cell[(method, m)] = rms([abs(hk.trace(M, m, method=method, seed=s).value - exact_tr) / abs(exact_tr)
+                                         for s in range(seeds)])
+            for me in even(m):
+                cell[("xtrace", me)] = rms([abs(hk.trace(M, me, method="xtrace", seed=s).value - exact_tr)
+                                            / abs(exact_tr) for s in range(seeds)])
+            trace_rows[(name, m)] = cell
+            dcell = {}
+            dcell[("hutchinson", m)] = rms([((hk.diagonal(M, m, seed=s).value - exact_diag).norm()
+                                             / exact_diag.norm()).item() for s in range(seeds)])
+            for me in even(m):
+                dcell[("xdiag", me)] = rms([((hk.diagonal(M, me, method="xdiag", seed=s).value - exact_diag).norm()
+                                             / exact_diag.norm()).item() for s in range(seeds)])
+            diag_rows[(name, m)] = dcell
+
+    def table(title, rows, methods):
+        print(f"\n### {title}\n")
+        print("| matrix | products | " + " | ".join(methods) + " | best |")
+        print("|---|---:|" + "---:|" * (len(methods) + 1))
+        worst = {meth: 0.0 for meth in methods}
+        for (name, m), cell in rows.items():
+            at_m = {meth: cell[(meth, m)] if (meth, m) in cell else cell[(meth, m - 1)] for meth in methods}
+            best_name = min(at_m, key=at_m.get)
+            best = max(at_m[best_name], floor)
+            parts = []
+            for meth in methods:
+                ratio = max(at_m[meth], floor) / best
+                worst[meth] = max(worst[meth], ratio)
+                text = f"{at_m[meth]:.2e} ({ratio:.2f}x)"
+                if (meth, m) not in cell:
+                    text = f"{m - 1}: {text}; {m + 1}: {cell[(meth, m + 1)]:.2e}"
+                parts.append(text)
+            print(f"| {name} | {m} | " + " | ".join(parts) + f" | {best_name} |")
+        print("\nWorst ratio to the best, over all cells: " + ", ".join(f"{k} {v:.2f}x" for k, v in worst.items()))
+        return worst
+
+    worst_trace = table(f"Trace estimators: RMS relative error over {seeds} seeds (ratio to the best in the row)",
+                        trace_rows, ("hutchinson", "hutch++", "xtrace"))
+    worst_diag = table(f"Diagonal estimators: RMS of ||d - diag||/||diag|| over {seeds} seeds (ratio to the best)",
+                       diag_rows, ("hutchinson", "xdiag"))
+    return {"trace": worst_trace, "diagonal": worst_diag}
+
+
 # ------------------------------------------------------------------ competitors
 def pyhessian_run(model, criterion, data, task: str, **kwargs):
     import pyhessian
@@ -116,6 +208,128 @@ def eigenthings_run(model, criterion, data, task: str, **kwargs):
     else:
         result = he.trace(op, seed=0, **kwargs).estimate
     return result, time.perf_counter() - start, count[0]
+
+
+# ------------------------------------------------------------------ curvlinops 3.0.1
+def curvlinops_available() -> bool:
+    try:
+        import curvlinops  # noqa: F401
+    except ImportError:
+        print("\ncurvlinops not installed: rows skipped")
+        return False
+    return True
+
+
+def curvlinops_hessian(model, criterion, data):
+    import curvlinops
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return curvlinops.HessianLinearOperator(model, criterion, params, [data])
+
+
+def equal_products_table(label, model, criterion, data, exact_trace, exact_diag, seeds: int) -> None:
+    """Trace and diagonal at equal products, hesskit against curvlinops 3.0.1 on the same Hessian:
+    RMS relative error over `seeds` seeds (curvlinops draws its probes from the global RNG, seeded
+    with torch.manual_seed). Hutch++ runs 99 products (curvlinops needs a multiple of 3), XTrace,
+    XDiag and Hutchinson's diagonal 100 (even)."""
+    import curvlinops
+
+    cl = curvlinops_hessian(model, criterion, data)
+    op = hk.HessianOperator(model, criterion, data)
+
+    def rms(errors):
+        return (sum(e * e for e in errors) / len(errors)) ** 0.5
+
+    def tr_err(value):
+        return abs(float(value) - exact_trace) / abs(exact_trace)
+
+    def diag_err(value):
+        return ((value.double() - exact_diag).norm() / exact_diag.norm()).item()
+
+    def cl_run(fn, seed):
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - start
+
+    rows = []
+    for name, m, ours, theirs in [
+        ("Hutch++", 99, lambda s: hk.trace(op, 99, method="hutch++", seed=s),
+         lambda: curvlinops.hutchpp_trace(cl, 99)),
+        ("XTrace", 100, lambda s: hk.trace(op, 100, method="xtrace", seed=s),
+         lambda: curvlinops.xtrace(cl, 100)),
+    ]:
+        results = [ours(s) for s in range(seeds)]
+        rows.append(("trace", f"hesskit {name}", m, statistics.median(r.wall_time for r in results),
+                     rms([tr_err(r.value) for r in results])))
+        runs = [cl_run(theirs, s) for s in range(seeds)]
+        rows.append(("trace", f"curvlinops {name}", m, statistics.median(t for _, t in runs),
+                     rms([tr_err(v) for v, _ in runs])))
+    if exact_diag is not None:
+        for name, method, theirs in [("Hutchinson", "hutchinson", lambda: curvlinops.hutchinson_diag(cl, 100)),
+                                     ("XDiag", "xdiag", lambda: curvlinops.xdiag(cl, 100))]:
+            results = [hk.diagonal(op, 100, method=method, seed=s) for s in range(seeds)]
+            rows.append(("diagonal", f"hesskit {name}", 100, statistics.median(r.wall_time for r in results),
+                         rms([diag_err(r.value) for r in results])))
+            runs = [cl_run(theirs, s) for s in range(seeds)]
+            rows.append(("diagonal", f"curvlinops {name}", 100, statistics.median(t for _, t in runs),
+                         rms([diag_err(v) for v, _ in runs])))
+    print(f"\n### hesskit and curvlinops 3.0.1 at equal products: {label}\n")
+    print(f"RMS relative error over {seeds} seeds (diagonal: ||d - diag(H)|| / ||diag(H)||); median seconds\n")
+    print("| task | library / method | products | seconds | RMS relative error |")
+    print("|---|---|---:|---:|---:|")
+    for task, name, m, seconds, err in rows:
+        print(f"| {task} | {name} | {m} | {seconds:.2f} | {err:.1e} |")
+
+
+def curvlinops_eigsh_row(model, criterion, data, exact_eigs, tol: float = 1e-3):
+    """Top-5 eigenvalues by curvlinops' route: its operator wrapped for scipy, then scipy's eigsh
+    (ARPACK, which='LA', tol) with the products counted. Returns a row of `estimator_table`."""
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    A = curvlinops_hessian(model, criterion, data).to_scipy()
+    count = [0]
+
+    def matmat(X):
+        X = np.asarray(X)
+        count[0] += 1 if X.ndim == 1 else X.shape[1]
+        return A @ X
+
+    counted = LinearOperator(A.shape, matvec=matmat, matmat=matmat, dtype=A.dtype)
+    start = time.perf_counter()
+    values = eigsh(counted, k=5, which="LA", tol=tol, v0=np.ones(A.shape[0], dtype=A.dtype),
+                   return_eigenvectors=False)
+    seconds = time.perf_counter() - start
+    values = sorted(values.tolist(), reverse=True)
+    err = max(abs(a - b) / abs(b) for a, b in zip(values, exact_eigs))
+    name = f"curvlinops 3.0.1 + scipy eigsh (which='LA', tol={tol:g})"
+    return ("top-5 eigenvalues", name, seconds, count[0], None, err)
+
+
+def layernorm_check(quick: bool) -> None:
+    """curvlinops 3.0.1's Hessian on a LayerNorm model (TinyTransformer, float64) against the dense
+    Hessian by autograd double backward (column by column); hesskit's against the same reference."""
+    torch.manual_seed(0)
+    model = hk.models.TinyTransformer(vocab=4, dim=4 if quick else 8, heads=2, mlp_ratio=1).double()
+    tokens = torch.randint(0, 4, (16, 5))
+    data = (tokens, torch.randint(0, 4, (16,)))
+    criterion = nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    grads = torch.autograd.grad(criterion(model(tokens), data[1]), params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    reference = torch.stack([torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat[i], params,
+                                                                                    retain_graph=True)])
+                             for i in range(n)])
+    ours = hk.HessianOperator(model, criterion, data).dense()
+    theirs = curvlinops_hessian(model, criterion, data) @ torch.eye(n, dtype=torch.float64)
+    rel = lambda M: ((M - reference).norm() / reference.norm()).item()  # noqa: E731
+    print(f"\n### LayerNorm: curvlinops 3.0.1's Hessian against autograd (TinyTransformer, n = {n}, float64)\n")
+    print("| Hessian | relative error (Frobenius) against autograd double backward |")
+    print("|---|---:|")
+    print(f"| hesskit HessianOperator | {rel(ours):.1e} |")
+    print(f"| curvlinops 3.0.1 HessianLinearOperator | {rel(theirs):.1e} |")
 
 
 # ------------------------------------------------------------------ sections
@@ -192,6 +406,10 @@ def estimator_table(label, model, criterion, data, exact_eigs, exact_trace, trac
         elif first_ok[0] != settings[0]:
             kwargs, seconds, count, err = first_ok
             rows.append(("top-5 eigenvalues", f"{name} (tuned to reach 1e-3: {kwargs})", seconds, count, None, err))
+    try:
+        rows.append(curvlinops_eigsh_row(model, criterion, data, exact_eigs))
+    except ImportError:
+        pass
     _, tr = median_run(lambda: hk.trace(hk.HessianOperator(model, criterion, data), num_matvecs=99, seed=0), repeat)
     rows.append(("trace", f"hesskit Hutch++ (99 products, stderr {tr.stderr:.3g})", tr.wall_time, tr.num_matvecs,
                  tr.overhead_time, abs(tr.value - exact_trace) / abs(exact_trace)))
@@ -266,6 +484,12 @@ def main() -> None:
              ("hessian-eigenthings Lanczos", eigenthings_run, eig_steps)]
     estimator_table("SmallCNN", small, criterion, data, spectrum.flip(0)[:5].tolist(), spectrum.sum().item(),
                     "(dense Hessian)", tuned, 1 if args.quick else 3)
+    with_curvlinops = curvlinops_available()
+    if with_curvlinops:
+        equal_products_table("SmallCNN", small, criterion, data, spectrum.sum().item(), dense.diagonal(),
+                             3 if args.quick else 10)
+        layernorm_check(args.quick)
+    choose_defaults(default_matrices(data, criterion, args.quick))
     if args.quick:
         eigen_products_across_training((4, 8), criterion, data, (20,), (0,), pyhessian_tols)
         return
@@ -277,6 +501,9 @@ def main() -> None:
     ref_trace = hk.trace(hk.HessianOperator(big, criterion, data), num_matvecs=3000, seed=1)
     estimator_table("SmallCNN (32, 64) + 384 hidden", big, criterion, data, reference.values.tolist(), ref_trace.value,
                     f"(Hutch++ reference, 3,000 products, stderr {ref_trace.stderr:.2g})", tuned, 3)
+    if with_curvlinops:
+        equal_products_table("SmallCNN (32, 64) + 384 hidden (trace only: no exact diagonal)", big, criterion, data,
+                             ref_trace.value, None, 5)
 
 
 if __name__ == "__main__":
