@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import importlib.util
 import json
@@ -84,6 +83,7 @@ from torch import nn  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import hesskit as hk  # noqa: E402
+from _rss import settle_kb, status_kb  # noqa: E402  (bench/ is the script's directory)
 
 
 def _load_curvature():
@@ -250,23 +250,6 @@ class EigenthingsRunner:
 
 
 # ------------------------------------------------------------------ memory, one child per configuration
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _settle() -> int:
-    """Resident set in kB after freeing what can be freed."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    return _status_kb("VmRSS")
-
-
 def _reset_peak() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -278,12 +261,12 @@ def _reset_peak() -> bool:
 @contextmanager
 def _peak(out: dict, key: str):
     """out[key] = peak resident-set growth (MB) over the block, above the resident set at its start."""
-    base = _settle()
+    base = settle_kb()
     exact = _reset_peak()
     before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     yield
     if exact:
-        out[key] = (_status_kb("VmHWM") - base) / 1024
+        out[key] = (status_kb("VmHWM") - base) / 1024
     else:  # ru_maxrss only rises: its growth bounds the block's peak from below
         out[key] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - max(before_max, base), 0) / 1024
     out["peak_measure"] = "VmHWM reset" if exact else "ru_maxrss growth"
@@ -293,7 +276,7 @@ def _run_config(case: Case, config: str, quick: bool) -> dict:
     n = sum(p.numel() for p in case.params)
     v = torch.randn(n, generator=torch.Generator().manual_seed(2))
     out: dict = {}
-    base = _settle()
+    base = settle_kb()
     if config == "gradient":
         with _peak(out, "first"):
             g = torch.autograd.grad(case.loss(), case.params)
@@ -305,30 +288,30 @@ def _run_config(case: Case, config: str, quick: bool) -> dict:
             r = op @ v
         del r
         if "reused" in config:
-            out["held"] = (_settle() - base) / 1024
+            out["held"] = (settle_kb() - base) / 1024
             with _peak(out, "later"):
                 r = op @ v
             del r
             op.clear_cache()
-            out["after_clear_cache"] = (_settle() - base) / 1024
+            out["after_clear_cache"] = (settle_kb() - base) / 1024
     elif config == "pyhessian_kept":
         with _peak(out, "first"):
             runner = PyHessianRunner(case, quick, kept=True, rebuilt=False)
             r = runner.product_kept(v)
         del r
-        out["held"] = (_settle() - base) / 1024
+        out["held"] = (settle_kb() - base) / 1024
         with _peak(out, "later"):
             r = runner.product_kept(v)
         del r, runner
     elif config == "pyhessian_rebuilt":
         runner = PyHessianRunner(case, quick, kept=False, rebuilt=True)
-        base = _settle()
+        base = settle_kb()
         with _peak(out, "first"):
             r = runner.product_rebuilt(v)
         del r, runner
     elif config == "eigenthings":
         runner = EigenthingsRunner(case, quick)
-        base = _settle()
+        base = settle_kb()
         with _peak(out, "first"):
             r = runner.product(v)
         del r, runner

@@ -61,7 +61,6 @@ touched, so it moves by a few MiB with the allocator's choices.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
@@ -80,6 +79,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hesskit as hk  # noqa: E402
+from _rss import settle_kb, status_kb  # noqa: E402  (bench/ is the script's directory)
 
 SLACK = 64 * 2**20  # bytes allowed above cached graphs + one graph + the estimators' vectors
 LEFT = 16 * 2**20  # bytes that may stay resident once an operator is freed (allocator arenas)
@@ -162,23 +162,6 @@ def load_setup(path: str, device: str = "cpu", dtype: torch.dtype = torch.float3
 
 
 # ------------------------------------------------------------------ memory
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _settle() -> int:
-    """Resident set in bytes after freeing what can be freed."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    return _status_kb("VmRSS") * 1024
-
-
 class Peak:
     """Peak memory growth of a block above a baseline (bytes): the resident set on CPU (VmHWM, reset
     through /proc/self/clear_refs; where that is refused, ru_maxrss, which only rises), or
@@ -193,7 +176,7 @@ class Peak:
             gc.collect()
             torch.cuda.synchronize()
             return torch.cuda.memory_allocated()
-        return _settle()
+        return settle_kb() * 1024
 
     def measure(self, fn, base: int):
         """(fn(), peak growth in bytes above `base`). Afterwards `self.left` is the growth that is still
@@ -206,14 +189,14 @@ class Peak:
             torch.cuda.synchronize()
             self.left = self.baseline() - base
             return out, torch.cuda.max_memory_allocated() - base
-        _settle()
+        settle_kb()
         try:
             Path("/proc/self/clear_refs").write_text("5")
             exact = True
         except OSError:
             exact, self.method = False, "ru_maxrss (not reset: an upper bound over the phases so far)"
         out = fn()
-        peak = _status_kb("VmHWM") * 1024 if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = status_kb("VmHWM") * 1024 if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.left = self.baseline() - base
         return out, peak - base
 
