@@ -520,6 +520,7 @@ def worker_b(rank: int, world: int, port: int, setup_path: str, outdir: str, pro
     finally:
         torch.save(result, Path(outdir) / f"rank{rank}.pt")
         if dist.is_initialized():
+            dist.barrier()  # tear down together: a process leaving mid-collective can abort the other
             dist.destroy_process_group()
 
 

@@ -140,4 +140,5 @@ def run(rank: int, world: int, port: int, outdir: str) -> None:
         results["crash"] = traceback.format_exc()
     finally:
         torch.save(results, Path(outdir) / f"rank{rank}.pt")
+        dist.barrier()  # tear down together: a process leaving mid-collective can abort the other
         dist.destroy_process_group()
