@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -18,16 +18,25 @@ __all__ = ["trace", "diagonal", "gauss_newton_bartlett"]
 _CHUNK = 32  # probe columns multiplied at once: bounds memory at n x 32
 
 
+def probe_products(A: Counted, num: int, distribution: str, gen: torch.Generator,
+                   basis: Tensor | None = None) -> Iterator[Tensor]:
+    """z * (A z) for `num` random probes z, as (n, c) chunks of at most _CHUNK probe columns (which
+    bounds memory at n x _CHUNK); with a basis Q the probes are first deflated, z <- (I - Q Q^T) z.
+    The one loop behind Hutchinson's trace, its per-block traces and its diagonal."""
+    for start in range(0, num, _CHUNK):
+        Z = probes(A.n, min(_CHUNK, num - start), distribution, gen, A)
+        if basis is not None:
+            Z = Z - basis @ (basis.T @ Z)
+        yield Z * (A @ Z)
+
+
 def _quadratic_forms(A: Counted, num: int, distribution: str, gen: torch.Generator, basis: Tensor | None = None,
                      offset: float = 0.0) -> Tensor:
     """z^T P A P z for `num` random probes z, with P = I - Q Q^T when a basis Q is given. The
     running trace estimate (offset + mean so far) goes next to the progress bar."""
     samples = []
-    for start in range(0, num, _CHUNK):
-        Z = probes(A.n, min(_CHUNK, num - start), distribution, gen, A)
-        if basis is not None:
-            Z = Z - basis @ (basis.T @ Z)
-        samples.append((Z * (A @ Z)).sum(dim=0))
+    for ZAZ in probe_products(A, num, distribution, gen, basis):
+        samples.append(ZAZ.sum(dim=0))
         A.show(f"trace ≈ {offset + torch.cat(samples).double().mean().item():.5g}")
     return torch.cat(samples).double()
 
@@ -174,9 +183,7 @@ def _block_samples(A: Counted, num_matvecs: int, method: str, distribution: str,
         D = (sketch.Q * sketch.Z).sum(dim=1, keepdim=True).double() if sketch.exact else sketch.diagonals()
         return {b: D[idx.to(D.device)].sum(dim=0) for b, idx in rows.items()}
     parts: dict[str, list[Tensor]] = {b: [] for b in rows}
-    for start in range(0, num_matvecs, _CHUNK):
-        Z = probes(A.n, min(_CHUNK, num_matvecs - start), distribution, gen, A)
-        ZAZ = Z * (A @ Z)
+    for ZAZ in probe_products(A, num_matvecs, distribution, gen):
         for b, idx in rows.items():
             parts[b].append(ZAZ[idx.to(ZAZ.device)].sum(dim=0).double())
     return {b: torch.cat(p) for b, p in parts.items()}
@@ -296,9 +303,8 @@ def diagonal(
         return DiagonalResult(value=value.to(A.dtype), stderr=stderr.to(A.dtype), distribution=distribution,
                               method=method, **A.cost(seed))
     count, mean, m2 = 0, torch.zeros(A.n, dtype=torch.float64, device=A.device), None
-    for start in range(0, num_matvecs, _CHUNK):
-        Z = probes(A.n, min(_CHUNK, num_matvecs - start), distribution, gen, A)
-        S = (Z * (A @ Z)).double()
+    for ZAZ in probe_products(A, num_matvecs, distribution, gen):
+        S = ZAZ.double()
         # merge this chunk's mean and squared deviations (Chan, Golub & LeVeque 1983): stable
         c, chunk_mean = S.shape[1], S.mean(dim=1)
         chunk_m2 = ((S - chunk_mean[:, None]) ** 2).sum(dim=1)

@@ -140,6 +140,16 @@ def random_symmetric(n: int, seed: int = 0, decay: float = 0.9, negative: bool =
     return (Q * eig) @ Q.T
 
 
+def record_progress(fn, *args, **kwargs):
+    """Run fn with a progress sink that records every `hk.widgets.progress` report, as an
+    explorer's render() does: (fn's result, [(done, total, what), ...])."""
+    from hesskit.widgets._base import progress_sink
+
+    reports = []
+    with progress_sink(lambda done, total, what: reports.append((done, total, what))):
+        return fn(*args, **kwargs), reports
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny models run fastest (and time most steadily) on one thread, above all on shared cores."""

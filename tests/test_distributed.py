@@ -114,6 +114,8 @@ def test_an_optimizer_without_process_group_warns_in_a_multi_process_job(ranks):
 
 def test_optimizers_without_distributed_support_refuse_a_group():
     model, _, _ = problem()
-    with pytest.raises(NotImplementedError, match="process_group: NewtonCG"):
-        opt = hk.optim.NewtonCG(model.parameters())
-        opt._use_group(object())
+    for make in (lambda: hk.optim.NewtonCG(model.parameters(), process_group=object()),
+                 lambda: hk.optim.KFAC(model, process_group=object()),
+                 lambda: hk.optim.MKOR(model, process_group=object())):
+        with pytest.raises(TypeError, match="process_group"):
+            make()

@@ -191,6 +191,34 @@ def test_estimators_on_sdpa_language_models(name):
     assert density.num_matvecs > 0
 
 
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_xtrace_xdiag_block_traces_and_smallest_eigenvalues_on_hf_models(name):
+    """Dict inputs, default SDPA attention, only the required arguments: with 2n products XTrace's
+    sketch spans everything, so trace, diagonal and every layer's trace are exact; the smallest
+    eigenvalues come from block Lanczos (the default there); the default cache budget holds both
+    batches and gives the same products as no cache."""
+    case = make_hf_case(name)
+    before = snapshot(case.model)
+    op = hk.HessianOperator(case.model, case.criterion, case.batches)
+    H = op.dense()
+    n, scale = H.shape[0], H.abs().max().item()
+    assert abs(hk.trace(op, 2 * n, method="xtrace", seed=0).value - H.trace().item()) < 1e-10 * scale * n
+    torch.testing.assert_close(hk.diagonal(op, 2 * n, method="xdiag", seed=0).value, H.diag(), rtol=0,
+                               atol=1e-10 * scale)
+    blocks = hk.trace(op, 2 * n, method="xtrace", blocks="module", seed=0)
+    start = 0
+    for block, size in blocks.sizes.items():
+        assert abs(blocks[block] - torch.trace(H[start : start + size, start : start + size]).item()) < 1e-10 * scale * n
+        start += size
+    smallest = hk.eigenvalues(op, k=2, which="smallest", tol=1e-8, seed=0)
+    assert smallest.method == "block lanczos (block size 2)" and smallest.converged.all()
+    torch.testing.assert_close(smallest.values, torch.linalg.eigvalsh(H)[:2], rtol=0, atol=1e-9 * scale)
+    assert op.cached_batches == [0, 1]
+    v = torch.randn(n, dtype=H.dtype)
+    assert torch.equal(hk.HessianOperator(case.model, case.criterion, case.batches, cache_memory=0) @ v, op @ v)
+    assert_unchanged(case.model, before)
+
+
 def test_tied_parameter_is_found_under_either_name():
     case = make_hf_case("gpt2")
     assert case.model.lm_head.weight is case.model.transformer.wte.weight

@@ -178,17 +178,11 @@ def test_scaling_check(trained):
 
 
 def test_long_computations_report_progress(trained):
-    from hesskit.widgets._base import _PROGRESS_SINK
+    from conftest import record_progress
 
     model, criterion, x, y = trained
-    reports = []
-    token = _PROGRESS_SINK.set(lambda done, total, what: reports.append((done, total, what)))
-    try:
-        minibatch_sharpness(model, criterion, x, y, [8, 240], num_batches=3, seed=0)
-        curve_reports, reports[:] = list(reports), []
-        scaling_check(x, y, [8, 120], 8, {"sgd": 0.1, "adam": 0.01}, epochs=1, seeds=[0])
-    finally:
-        _PROGRESS_SINK.reset(token)
+    _, curve_reports = record_progress(minibatch_sharpness, model, criterion, x, y, [8, 240], num_batches=3, seed=0)
+    _, reports = record_progress(scaling_check, x, y, [8, 120], 8, {"sgd": 0.1, "adam": 0.01}, epochs=1, seeds=[0])
     assert curve_reports == [(k, 6, "mini-batch Hessians") for k in range(1, 7)]
     assert [(d, t) for d, t, _ in reports] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert reports[0][2] == "scaling check (sgd, B = 8)" and reports[-1][2] == "scaling check (adam, B = 120)"

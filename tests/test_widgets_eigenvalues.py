@@ -179,18 +179,15 @@ def test_explorer_shows_progress_of_both_solvers(matrix):
 
 
 def test_recording_operator_reports_each_product():
-    from hesskit.widgets._base import _PROGRESS_SINK
+    from hesskit.widgets._base import progress_sink
     from hesskit.widgets.eigenvalues import RecordingOperator
 
     A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
     reports = []
-    token = _PROGRESS_SINK.set(lambda done, total, what: reports.append((done, total, what)))
-    try:
+    with progress_sink(lambda done, total, what: reports.append((done, total, what))):
         recorder = RecordingOperator(A, expected=3, what="steps")
         for _ in range(4):  # one more than expected: the bar stays full
             recorder @ torch.ones(5, dtype=torch.float64)
         RecordingOperator(A) @ torch.ones(5, dtype=torch.float64)  # no expected count: no reports
-    finally:
-        _PROGRESS_SINK.reset(token)
     assert reports == [(1, 3, "steps"), (2, 3, "steps"), (3, 3, "steps"), (3, 3, "steps")]
     assert recorder.num_matvecs == 4

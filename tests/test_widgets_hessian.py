@@ -9,18 +9,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import hesskit as hk  # noqa: E402
-from hesskit.widgets._base import _PROGRESS_SINK  # noqa: E402
+from conftest import record_progress  # noqa: E402
 from hesskit.widgets.hessian import HessianExplorer, block_shares, dense_matrix, mlp_hessian  # noqa: E402
-
-
-def record_progress(fn, *args, **kwargs):
-    """Run fn with a progress sink that records every report, as an explorer's render() does."""
-    reports = []
-    token = _PROGRESS_SINK.set(lambda done, total, what: reports.append((done, total, what)))
-    try:
-        return fn(*args, **kwargs), reports
-    finally:
-        _PROGRESS_SINK.reset(token)
 
 
 def test_dense_matrix_is_op_dense_and_reports_its_columns():

@@ -11,6 +11,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from conftest import record_progress  # noqa: E402
+
 import hesskit as hk  # noqa: E402
 from hesskit.widgets.sharpness import (  # noqa: E402
     SharpnessExplorer,
@@ -137,18 +139,6 @@ def test_sweep_marks_divergence_and_matches_train():
     gd = train(copy.deepcopy(model), criterion, data, 0.05, 32, steps=10, measure_every=1, measure_from=8)
     assert out["sharpness"][1, 0] == pytest.approx(gd.sharpness.mean(), rel=1e-12)
     assert out["loss"][1, 0] == pytest.approx(gd.loss[-1], rel=1e-12)
-
-
-def record_progress(fn, *args, **kwargs):
-    """Run fn with a progress sink that records every report, as an explorer's render() does."""
-    from hesskit.widgets._base import _PROGRESS_SINK
-
-    reports = []
-    token = _PROGRESS_SINK.set(lambda done, total, what: reports.append((done, total, what)))
-    try:
-        return fn(*args, **kwargs), reports
-    finally:
-        _PROGRESS_SINK.reset(token)
 
 
 def test_training_and_the_sweep_report_progress():

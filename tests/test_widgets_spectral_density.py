@@ -149,16 +149,12 @@ def test_helpers():
 
 
 def test_explorer_reports_slq_progress_and_keeps_the_answer():
-    from hesskit.widgets._base import _PROGRESS_SINK
+    from conftest import record_progress
 
     A, _ = spiked()
     explorer = DensityExplorer({"spiked": A}, num_runs=2, num_steps=10)
-    reports = []
-    token = _PROGRESS_SINK.set(lambda done, total, what: reports.append((done, total)))
-    try:
-        r = explorer.compute(num_runs=3, num_steps=12, sigma=0.01)
-    finally:
-        _PROGRESS_SINK.reset(token)
+    r, reports = record_progress(explorer.compute, num_runs=3, num_steps=12, sigma=0.01)
+    reports = [(done, total) for done, total, _ in reports]
     assert [done for done, _ in reports][:36] == list(range(1, 37)) and reports[-1] == (36, 36)
     assert {total for _, total in reports} == {36}
     # the reporting wrapper changes nothing: the same probes, products and quadrature as on the matrix

@@ -17,7 +17,7 @@ Data parallel (torch.distributed, DistributedDataParallel). The optimizer takes 
 `process_group=` averages the gradient over the processes itself (DDP's convention: the mean of
 the processes' mean losses), and averages its curvature estimate too. AdaHessian, Sophia (H and G)
 and M-FAC support it; K-FAC, MKOR and Newton-CG would need their factors or products all-reduced
-and refuse a process group. Without one, in a job of several processes, every process would step
+and take no process_group argument. Without one, in a job of several processes, every process would step
 on its own gradient and curvature and the replicas would drift apart: a warning says so.
 """
 
@@ -90,22 +90,17 @@ class ClosureOptimizer(torch.optim.Optimizer):
 
     needs_outputs = False  # Sophia-G / Newton-CG with GGN: closure returns (loss, outputs)
     settings: tuple[str, ...] = ()  # optimizer-wide attributes saved in state_dict under "hesskit"
-    supports_process_group = False  # whether the subclass averages its curvature over processes
-    process_group: Any = None
+    process_group: Any = None  # set by the optimizers that take one (AdaHessian, Sophia, MFAC)
     _collective: Collective | None = None
     _warned_group = False
 
     def _use_group(self, process_group: Any) -> None:
-        """Set the torch.distributed group gradients and curvature are averaged over (see the module docstring)."""
-        if process_group is None:
-            return
-        name = type(self).__name__
-        if not self.supports_process_group:
-            raise NotImplementedError(
-                f"process_group: {name} does not average its curvature over processes yet (its factors or products "
-                "would have to be all-reduced); use AdaHessian, Sophia or MFAC, or run one process")
-        self.process_group = process_group
-        self._collective = Collective(process_group, name)
+        """Set the torch.distributed group gradients and curvature are averaged over (see the module
+        docstring). Only the optimizers that average their curvature call it; the others take no
+        `process_group` argument."""
+        if process_group is not None:
+            self.process_group = process_group
+            self._collective = Collective(process_group, type(self).__name__)
 
     def _warn_without_group(self) -> None:
         import torch.distributed as dist

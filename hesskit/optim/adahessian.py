@@ -91,8 +91,6 @@ class AdaHessian(ClosureOptimizer):
         self.seed = check_seed(seed)
         self._use_group(process_group)
 
-    supports_process_group = True
-
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> Tensor:
         t = self._global_step() + 1

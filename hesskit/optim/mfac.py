@@ -94,8 +94,6 @@ class MFAC(ClosureOptimizer):
         state["window_count"] = 0
         self._use_group(process_group)
 
-    supports_process_group = True
-
     # ----------------------------------------------------------------- settings kept by the inverse
     @property
     def damping(self) -> float:

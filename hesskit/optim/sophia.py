@@ -92,8 +92,6 @@ class Sophia(ClosureOptimizer):
         self.win_rate = float("nan")
         self._use_group(process_group)
 
-    supports_process_group = True
-
     @property
     def needs_outputs(self) -> bool:  # Sophia-G's closure returns (loss, logits)
         return self.estimator == "gnb"

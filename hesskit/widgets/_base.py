@@ -17,13 +17,15 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["Explorer", "fast_mode", "budget", "claims_mode", "claim", "CLAIMS", "progress", "TrainingRecord", "batch_order", "best_run",
-           "CLOSURES", "make_closure", "run_plan", "loss_and_accuracy"]
+__all__ = ["Explorer", "fast_mode", "budget", "claims_mode", "claim", "CLAIMS", "progress", "progress_sink",
+           "TrainingRecord", "batch_order", "best_run", "CLOSURES", "make_closure", "run_plan", "loss_and_accuracy"]
 
 
 def fast_mode() -> bool:
@@ -89,6 +91,17 @@ def progress(done: int, total: int, what: str = "") -> None:
     sink = _PROGRESS_SINK.get()
     if sink is not None:
         sink(int(done), int(total), str(what))
+
+
+@contextmanager
+def progress_sink(sink: Callable[[int, int, str], None] | None) -> Iterator[None]:
+    """Send every `progress(done, total, what)` report inside the block to `sink` (None: nowhere).
+    An explorer's render() installs its status line this way; tests record reports with it."""
+    token = _PROGRESS_SINK.set(sink)
+    try:
+        yield
+    finally:
+        _PROGRESS_SINK.reset(token)
 
 
 def busy_html(done: int | None = None, total: int | None = None, what: str = "") -> str:
@@ -164,15 +177,14 @@ class Explorer(ABC):
                 last[0] = now
                 self.status.value = busy_html(done, total, what)
 
-        token = _PROGRESS_SINK.set(show_progress)
         try:
-            self.result = self.compute(**self.values())
-            self.figure = self.draw(self.result)
+            with progress_sink(show_progress):
+                self.result = self.compute(**self.values())
+                self.figure = self.draw(self.result)
         except Exception as exc:
             self.status.value = error_html(exc)
             raise
         finally:
-            _PROGRESS_SINK.reset(token)
             for name, control in self.controls.items():
                 control.disabled = disabled[name]
         self.status.value = ""
