@@ -61,7 +61,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hesskit as hk  # noqa: E402
-from hesskit.widgets._base import make_closure as closure_for  # noqa: E402
+from hesskit.optim import make_closure as closure_for  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LR_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
@@ -153,7 +153,7 @@ TASKS = ("digits", "char LM")
 
 # ------------------------------------------------------------------ one training run (in a worker)
 def make_closure(task: Task, entry: Entry, model: nn.Module, opt, xb, yb) -> Callable:
-    """The closure `entry`'s optimizer needs (one shared builder: `hesskit.widgets._base.make_closure`)."""
+    """The closure `entry`'s optimizer needs (one shared builder: `hesskit.widgets.explorer.make_closure`)."""
     return closure_for(entry.closure, opt, lambda: task.loss(model(xb), yb))
 
 

@@ -52,15 +52,6 @@ def default_cache_memory(device: torch.device) -> float:
     return float(free * (GPU_FRACTION if device.type == "cuda" else CPU_FRACTION))
 
 
-def check_cache_memory(value: Any) -> float | None:
-    """None (the default, decided at the first pass), or a budget in bytes >= 0 (inf: no limit)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise ValueError(f"cache_memory: expected None (default), a number of bytes >= 0 or float('inf'), got {value!r}")
-    return float(value)
-
-
 def _storage(t: Tensor) -> tuple[int, int] | None:
     """(address, bytes) of a tensor's storage, or None for tensors without one (functorch wrappers)."""
     try:

@@ -141,13 +141,26 @@ def random_symmetric(n: int, seed: int = 0, decay: float = 0.9, negative: bool =
 
 
 def record_progress(fn, *args, **kwargs):
-    """Run fn with a progress sink that records every `hk.widgets.progress` report, as an
+    """Run fn with a progress sink that records every `hesskit.progress.report`, as an
     explorer's render() does: (fn's result, [(done, total, what), ...])."""
-    from hesskit.widgets._base import progress_sink
+    from hesskit.progress import sink as progress_sink
 
     reports = []
     with progress_sink(lambda done, total, what: reports.append((done, total, what))):
         return fn(*args, **kwargs), reports
+
+
+@pytest.fixture
+def progress_to(request):
+    """`progress_to(fn)`: send every `hesskit.progress.report` of the rest of the test to fn(done, total, what)."""
+    from hesskit.progress import sink
+
+    def install(fn):
+        context = sink(fn)
+        context.__enter__()
+        request.addfinalizer(lambda: context.__exit__(None, None, None))
+
+    return install
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hesskit.widgets import claim, claims_mode
-from hesskit.widgets._base import CLAIMS
-from hesskit.widgets._base import CLAIMS
+from hesskit.experiments import CLAIMS, claim, claims_mode
 
 
 @pytest.fixture

@@ -296,7 +296,7 @@ def test_numpy_numbers_are_accepted_and_give_the_same_results():
     torch.save(opt.state_dict(), saved)  # plain Python numbers: loadable with weights_only=True
     saved.seek(0)
     assert torch.load(saved, weights_only=True)["param_groups"][0]["lr"] == pytest.approx(0.1)
-    assert hk.MFACInverse(3, num_grads=np.int64(2), damping=np.float32(1e-3)).num_grads == 2
+    assert hk.MFACInverseOperator(3, num_grads=np.int64(2), damping=np.float32(1e-3)).num_grads == 2
     for bad in (np.bool_(True), True, 2.0, np.float64(2.0)):
         with pytest.raises(ValueError, match="num_matvecs"):
             hk.trace(A, num_matvecs=bad)

@@ -1,4 +1,4 @@
-"""K-FAC and MKOR (hk.kfac_factors, hk.KroneckerFactor, hk.optim.KFAC, hk.optim.MKOR) on Hugging Face
+"""K-FAC and MKOR (hk.kfac_factors, hk.KroneckerOperator, hk.optim.KFAC, hk.optim.MKOR) on Hugging Face
 transformers built from small configs (random weights, nothing downloaded): GPT-2's Conv1D as the
 nn.Linear it is, tied weights, the factor-size guard, the true Fisher from ModelOutputs and
 sequence logits, which layers are preconditioned (embeddings, fused qkv, LayerNorm), training with
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hesskit as hk
-from hesskit.kfac import DEFAULT_MAX_FACTOR_SIZE
+from hesskit.curvature.kfac import DEFAULT_MAX_FACTOR_SIZE
 
 import transformers  # noqa: E402
 from hf_zoo import VOCAB, assert_unchanged, bert, gpt2, linear_twin, snapshot, token_batches  # noqa: E402
@@ -241,7 +241,7 @@ def test_mc_factors_of_sequence_logits_approach_the_ggn_block():
     sd = ((p[:, None, None] * outer**2).sum(0) - H**2).clamp(min=0).sqrt()
     assert ((f.G - H).abs() <= 5 * sd / math.sqrt(T) + 1e-12).all()
     ggn = hk.GGNOperator(model, criterion, (x, y)).dense()
-    torch.testing.assert_close(ggn, hk.KroneckerFactor(abar.T @ abar, H, (4, 3), True).dense(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(ggn, hk.KroneckerOperator(abar.T @ abar, H, (4, 3), True).dense(), rtol=0, atol=1e-10)
 
 
 # --------------------------------------------------------------------------- which layers

@@ -1,4 +1,4 @@
-"""hk.MFACInverse: F^{-1} x for F = damping*I + (1/m) sum g_i g_i^T over a ring buffer of m gradients,
+"""hk.MFACInverseOperator: F^{-1} x for F = damping*I + (1/m) sum g_i g_i^T over a ring buffer of m gradients,
 checked against torch.linalg.solve of the dense damped empirical Fisher."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def gradients() -> torch.Tensor:
 @pytest.mark.parametrize("inserted", [3, 6, 13], ids=["filling", "full", "wrapped"])
 def test_inverse_product_matches_dense_solve(gradients, inserted):
     m, damping = 6, 1e-3
-    inv = hk.MFACInverse(20, num_grads=m, damping=damping, dtype=torch.float64)
+    inv = hk.MFACInverseOperator(20, num_grads=m, damping=damping, dtype=torch.float64)
     for g in gradients[:inserted]:
         inv.update(g)
     window = gradients[max(0, inserted - m) : inserted]  # the ring buffer keeps the last m
@@ -46,7 +46,7 @@ def test_inverse_product_matches_dense_solve(gradients, inserted):
 
 
 def test_empty_window_is_damping_inverse_and_update_and_apply_reuses_the_row(gradients):
-    inv = hk.MFACInverse(20, num_grads=4, damping=0.5, dtype=torch.float64)
+    inv = hk.MFACInverseOperator(20, num_grads=4, damping=0.5, dtype=torch.float64)
     x = gradients[0]
     assert torch.allclose(inv @ x, x / 0.5)
     u = inv.update_and_apply(x)  # one gradient, m = 4: F = 0.5 I + g g^T / 4
@@ -58,7 +58,7 @@ def test_empty_window_is_damping_inverse_and_update_and_apply_reuses_the_row(gra
 
 def test_float32_sanity(gradients):
     m, damping = 6, 1e-2
-    inv = hk.MFACInverse(20, num_grads=m, damping=damping, dtype=torch.float32)
+    inv = hk.MFACInverseOperator(20, num_grads=m, damping=damping, dtype=torch.float32)
     for g in gradients:
         inv.update(g.float())
     x = torch.randn(20, generator=torch.Generator().manual_seed(2))
@@ -75,7 +75,7 @@ def test_update_and_apply_keeps_float32_accuracy_with_collinear_gradients():
     gen = torch.Generator().manual_seed(0)
     G = torch.randn(20, 300, generator=gen) + 3 * torch.randn(1, 300, generator=gen)
     m, damping = 8, 1e-5
-    inv = hk.MFACInverse(300, num_grads=m, damping=damping, dtype=torch.float32)
+    inv = hk.MFACInverseOperator(300, num_grads=m, damping=damping, dtype=torch.float32)
     for g in G[:-1]:
         inv.update(g)
     u = inv.update_and_apply(G[-1])
@@ -85,7 +85,7 @@ def test_update_and_apply_keeps_float32_accuracy_with_collinear_gradients():
 
 def test_valid_operator_for_estimators(gradients):
     m, damping = 6, 0.1
-    inv = hk.MFACInverse(20, num_grads=m, damping=damping, dtype=torch.float64)
+    inv = hk.MFACInverseOperator(20, num_grads=m, damping=damping, dtype=torch.float64)
     for g in gradients[:m]:
         inv.update(g)
     exact = torch.linalg.eigvalsh(torch.linalg.inv(dense_fisher(gradients[:m], m, damping)))
@@ -108,11 +108,11 @@ def test_valid_operator_for_estimators(gradients):
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        hk.MFACInverse(**kwargs)
+        hk.MFACInverseOperator(**kwargs)
 
 
 def test_bad_gradients_and_vectors_leave_the_window_unchanged():
-    inv = hk.MFACInverse(5, num_grads=3, damping=1e-3, dtype=torch.float64)
+    inv = hk.MFACInverseOperator(5, num_grads=3, damping=1e-3, dtype=torch.float64)
     inv.update(torch.ones(5, dtype=torch.float64))
     before = inv.grads.clone(), inv.gram.clone()
     with pytest.raises(ValueError, match="shape"):
@@ -129,7 +129,7 @@ def test_bad_gradients_and_vectors_leave_the_window_unchanged():
     with pytest.raises(ValueError, match="nan"):
         inv @ torch.full((5,), float("inf"))
     with pytest.raises(TypeError, match="dtype"):
-        hk.MFACInverse(5, dtype=torch.int64)
+        hk.MFACInverseOperator(5, dtype=torch.int64)
 
 
 def test_from_model_per_sample_is_the_damped_empirical_fisher():
@@ -137,7 +137,7 @@ def test_from_model_per_sample_is_the_damped_empirical_fisher():
     model, criterion, batches = case.model, case.criterion, case.batches
     before = [p.detach().clone() for p in model.parameters()]
     damping = 1e-3
-    inv = hk.MFACInverse.from_model(model, criterion, batches, damping=damping)
+    inv = hk.MFACInverseOperator.from_model(model, criterion, batches, damping=damping)
     assert inv.num_grads == 23 and inv.count == 23
     eye = torch.eye(case.num_params, dtype=torch.float64)
     F = hk.EmpiricalFisherOperator(model, criterion, batches).dense() + damping * eye
@@ -147,7 +147,7 @@ def test_from_model_per_sample_is_the_damped_empirical_fisher():
     assert all(p.grad is None for p in model.parameters()) and model.training
 
     # the first num_grads samples, in data order: sample 0's loss gradient comes first
-    few = hk.MFACInverse.from_model(model, criterion, batches, num_grads=12, damping=damping)
+    few = hk.MFACInverseOperator.from_model(model, criterion, batches, num_grads=12, damping=damping)
     x0, y0 = batches[0][0][:1], batches[0][1][:1]
     g0 = torch.autograd.grad(criterion(model(x0), y0), list(model.parameters()))
     assert torch.allclose(few.grads[0], torch.cat([g.reshape(-1) for g in g0]))
@@ -157,14 +157,14 @@ def test_from_model_per_sample_is_the_damped_empirical_fisher():
 def test_from_model_per_batch_and_errors():
     case = make_case("mlp")
     model, criterion, batches = case.model, case.criterion, case.batches
-    inv = hk.MFACInverse.from_model(model, criterion, batches, num_grads=2, per_sample=False)
+    inv = hk.MFACInverseOperator.from_model(model, criterion, batches, num_grads=2, per_sample=False)
     x, y = batches[1]
     g1 = torch.autograd.grad(criterion(model(x), y), list(model.parameters()))
     assert torch.allclose(inv.grads[1], torch.cat([g.reshape(-1) for g in g1]))
     with pytest.raises(ValueError, match="num_grads"):
-        hk.MFACInverse.from_model(model, criterion, batches, num_grads=24)
+        hk.MFACInverseOperator.from_model(model, criterion, batches, num_grads=24)
     with pytest.raises(ValueError, match="damping"):
-        hk.MFACInverse.from_model(model, criterion, batches, damping=0)
+        hk.MFACInverseOperator.from_model(model, criterion, batches, damping=0)
     dropout = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)).double()
     with pytest.raises(ValueError, match="mode"):
-        hk.MFACInverse.from_model(dropout, criterion, batches)
+        hk.MFACInverseOperator.from_model(dropout, criterion, batches)

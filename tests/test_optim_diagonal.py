@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import hesskit as hk
-from hesskit.optim._base import step_seed
+from hesskit.optim import step_seed
 
 H_DIAG = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
 
@@ -359,8 +359,8 @@ def test_loss_operators_match_the_model_operators():
     params = list(model.parameters())
     logits = model(x)
     loss = criterion(logits, y)
-    torch.testing.assert_close(hk.LossHessian(loss, params).dense(), hk.HessianOperator(model, criterion, (x, y)).dense())
-    torch.testing.assert_close(hk.LossGGN(loss, logits, params).dense(), hk.GGNOperator(model, criterion, (x, y)).dense())
+    torch.testing.assert_close(hk.LossHessianOperator(loss, params).dense(), hk.HessianOperator(model, criterion, (x, y)).dense())
+    torch.testing.assert_close(hk.LossGGNOperator(loss, logits, params).dense(), hk.GGNOperator(model, criterion, (x, y)).dense())
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -401,7 +401,7 @@ def test_a_nan_product_is_a_floating_point_error_for_training_loops():
     # a ValueError for the curvature API, and a FloatingPointError (divergence) for optimizers
     x = nn.Parameter(torch.tensor([1.0, 2.0]))
     loss = (torch.sqrt(x - 1.0) ** 3).sum()  # the second derivative 3 / (4 sqrt(x - 1)) is infinite at x = 1
-    op = hk.LossHessian(loss, [x])
+    op = hk.LossHessianOperator(loss, [x])
     for kind in (ValueError, FloatingPointError):
         with pytest.raises(kind, match="nan or inf"):
             op @ torch.ones(2)

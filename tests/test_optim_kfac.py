@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hesskit as hk
-from hesskit.kfac import KroneckerFactor
+from hesskit.curvature.kfac import KroneckerOperator
 from hesskit.optim.kfac import sherman_morrison_update
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*fallback step:UserWarning")
@@ -126,7 +126,7 @@ def test_mc_factors_sample_the_ggn_block_exactly_in_expectation():
         f = hk.kfac_factors(model, nn.CrossEntropyLoss(), (x, y), fisher="mc", seed=seed)["0"]
         assert torch.allclose(f.A, A, atol=1e-12)
         assert min((f.G - C).abs().max() for C in candidates) < 1e-12
-    expected = sum(p[c] * KroneckerFactor(A, candidates[c], (4, 3), True).dense() for c in range(4))
+    expected = sum(p[c] * KroneckerOperator(A, candidates[c], (4, 3), True).dense() for c in range(4))
     ggn = hk.GGNOperator(model, nn.CrossEntropyLoss(), (x, y)).dense()
     assert (expected - ggn).abs().max() < 1e-10
 
@@ -144,7 +144,7 @@ def test_mc_factors_approach_the_ggn_block_with_many_samples():
     tol = 5 * sd / math.sqrt(N) + 1e-12
     assert ((f.G - H).abs() <= tol).all()
     ggn = hk.GGNOperator(model, nn.CrossEntropyLoss(), (x, Y[:1])).dense()
-    bound = KroneckerFactor(f.A.abs(), tol, (4, 3), True).dense()
+    bound = KroneckerOperator(f.A.abs(), tol, (4, 3), True).dense()
     assert ((f.dense() - ggn).abs() <= bound + 1e-12).all()
 
 

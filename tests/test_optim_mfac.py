@@ -58,7 +58,7 @@ def test_first_two_steps_by_hand_two_groups_momentum_weight_decay():
         assert torch.allclose(torch.cat([a, c]).detach(), theta, rtol=1e-10, atol=1e-12)
         assert torch.allclose(opt.inverse @ g, u, rtol=1e-8)
         assert loss.item() == pytest.approx(loss_before.item(), rel=1e-12)
-    assert isinstance(opt.inverse, hk.MFACInverse) and opt.inverse.count == 2
+    assert isinstance(opt.inverse, hk.MFACInverseOperator) and opt.inverse.count == 2
 
 
 def test_first_step_float32_and_without_closure():

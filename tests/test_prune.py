@@ -77,7 +77,7 @@ def test_fisher_inverse_is_the_block_diagonal_inverse(m, block_size):
         block = slice(start, min(start + c, n))
         expected[block, block] = torch.linalg.inv(damped_fisher(G[:, block], damping))
         # hesskit's M-FAC operator on the same block, filled gradient by gradient
-        mfac = hk.MFACInverse(block.stop - block.start, num_grads=m, damping=damping, dtype=torch.float64)
+        mfac = hk.MFACInverseOperator(block.stop - block.start, num_grads=m, damping=damping, dtype=torch.float64)
         for g in G[:, block]:
             mfac.update(g)
         torch.testing.assert_close(inv.diagonal()[block], mfac.inverse_diagonal(), rtol=1e-9, atol=0)

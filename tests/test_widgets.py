@@ -16,9 +16,9 @@ import hesskit as hk  # noqa: E402
 
 def test_fast_mode_and_budget(monkeypatch):
     monkeypatch.setenv("HESSKIT_FAST", "1")
-    assert hk.widgets.fast_mode() and hk.widgets.budget(100, 3) == 3
+    assert hk.experiments.fast_mode() and hk.experiments.budget(100, 3) == 3
     monkeypatch.setenv("HESSKIT_FAST", "0")
-    assert not hk.widgets.fast_mode() and hk.widgets.budget(100, 3) == 100
+    assert not hk.experiments.fast_mode() and hk.experiments.budget(100, 3) == 100
 
 
 class _Probe(hk.widgets.Explorer):
@@ -66,19 +66,19 @@ class _Steps(_Probe):
 
     def compute(self, x, y):
         for done in range(1, 4):
-            hk.widgets.progress(done, 3, "steps")
+            hk.progress.report(done, 3, "steps")
             self.seen.append(self.status.value)
         return x
 
 
 def test_progress_shows_in_the_status_line_only_while_an_explorer_renders():
-    hk.widgets.progress(1, 3, "outside")  # no explorer rendering: nothing to show, no error
+    hk.progress.report(1, 3, "outside")  # no explorer rendering: nothing to show, no error
     explorer = _Steps()
     explorer.show()
     assert "1/3" in explorer.seen[0] and "<progress" in explorer.seen[0]  # the first report shows at once
     assert "steps 3/3" in explorer.seen[-1]  # the last always shows (redraws are throttled in between)
     assert explorer.status.value == ""  # cleared when done
-    hk.widgets.progress(2, 3, "after")  # the explorer's sink is gone again
+    hk.progress.report(2, 3, "after")  # the explorer's sink is gone again
     assert explorer.status.value == ""
 
 
@@ -86,10 +86,10 @@ def test_toggle_button_labels_fit():
     import ipywidgets as widgets
 
     buttons = widgets.ToggleButtons(options=["Sophia-H (Hutchinson)", "Sophia-G (GNB)"])
-    hk.widgets._base.fit_labels(buttons)
+    hk.widgets.explorer.fit_labels(buttons)
     assert buttons.style.button_width == "auto" and buttons.style.description_width == "initial"
     fixed = widgets.ToggleButtons(options=["a"], style={"button_width": "90px"})
-    hk.widgets._base.fit_labels(fixed)
+    hk.widgets.explorer.fit_labels(fixed)
     assert fixed.style.button_width == "90px"  # an explorer's own choice is kept
 
 
@@ -124,7 +124,7 @@ def test_render_puts_a_png_into_the_output_widget():
 
 
 def test_make_closure_gives_each_optimizer_kind_its_closure():
-    from hesskit.widgets._base import make_closure
+    from hesskit.optim import make_closure
 
     model = torch.nn.Linear(3, 2)
     x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])

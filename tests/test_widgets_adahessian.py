@@ -245,11 +245,11 @@ def test_explorer_shows_training_progress(tuning):
     assert explorer.status.value == ""
 
 
-def test_train_reports_every_step_outside_an_explorer_too(digits, monkeypatch):
+def test_train_reports_every_step_outside_an_explorer_too(digits, progress_to):
     import hesskit.widgets.adahessian as adahessian
 
     data, test = digits
     calls = []
-    monkeypatch.setattr(adahessian, "progress", lambda done, total, what="": calls.append((done, total, what)))
+    progress_to(lambda done, total, what="": calls.append((done, total, what)))
     train("sgd", 0.1, data, test, steps=3, batch_size=BATCH, eval_every=EVERY)
     assert calls == [(1, 3, "SGD step"), (2, 3, "SGD step"), (3, 3, "SGD step")]

@@ -179,7 +179,7 @@ def test_explorer_shows_progress_of_both_solvers(matrix):
 
 
 def test_recording_operator_reports_each_product():
-    from hesskit.widgets._base import progress_sink
+    from hesskit.progress import sink as progress_sink
     from hesskit.widgets.eigenvalues import RecordingOperator
 
     A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))

@@ -141,11 +141,11 @@ def test_seed_study_and_problem():
         digits_problem(calibration=10_000, steps=1)
 
 
-def test_sweeps_report_progress(problem, monkeypatch):
+def test_sweeps_report_progress(problem, progress_to):
     import hesskit.widgets.hawq as hawq
 
     calls = []
-    monkeypatch.setattr(hawq, "progress", lambda done, total, what="": calls.append((done, total, what)))
+    progress_to(lambda done, total, what="": calls.append((done, total, what)))
     all_sensitivities(problem, num_matvecs=4, metrics=("trace", "measured"))
     assert [c[:2] for c in calls] == [(1, 3), (2, 3), (3, 3)] and "pairs" in calls[-1][2]
     calls.clear()

@@ -219,7 +219,7 @@ def test_preconditioning_table_on_a_transformer():
 def cheap_png(monkeypatch):
     """Skip the PNG encoding in the tests that sweep the controls (render still computes and
     draws the figure, so errors in draw() fail; test_explorer_first_render checks the real PNG)."""
-    import hesskit.widgets._base as base
+    import hesskit.widgets.explorer as base
 
     monkeypatch.setattr(base, "figure_output", lambda figure: {"output_type": "display_data", "data": {},
                                                                 "metadata": {}})
@@ -342,11 +342,11 @@ def test_explorer_shows_training_progress(task):
     assert not any("<progress" in v for v in seen)
 
 
-def test_train_together_reports_the_steps_of_all_runs(task, monkeypatch):
+def test_train_together_reports_the_steps_of_all_runs(task, progress_to):
     import hesskit.widgets.kfac as kfac
 
     calls = []
-    monkeypatch.setattr(kfac, "progress", lambda done, total, what="": calls.append((done, total)))
+    progress_to(lambda done, total, what="": calls.append((done, total)))
     train_together(task, [dict(name="sgd", lr=0.1), dict(name="adamw", lr=1e-2, steps=4)], steps=8, batch_size=16,
                    eval_every=4)
     done = [d for d, _ in calls]

@@ -196,12 +196,12 @@ def test_explorer_shows_progress_of_a_new_obs_curve(setup):
     assert ex.status.value == ""
 
 
-def test_sweeps_report_one_unit_per_pruned_model(setup, monkeypatch):
+def test_sweeps_report_one_unit_per_pruned_model(setup, progress_to):
     import hesskit.widgets.pruning as pruning
 
     model, data, test = setup
     calls = []
-    monkeypatch.setattr(pruning, "progress", lambda done, total, what="": calls.append((done, total)))
+    progress_to(lambda done, total, what="": calls.append((done, total)))
     obs_sweep(model, CRITERION, data, test, 0.7, "damping", [1e-5, 1.0], num_grads=40)
     assert calls == [(1, 2), (2, 2)]
     calls.clear()

@@ -211,7 +211,7 @@ def test_explorer_drives_every_control(small_grid, monkeypatch):
     explorer = ShootoutExplorer(grid)
     explorer.show()
     assert explorer.output.outputs[0]["data"]["image/png"]  # one real render; the rest skip the PNG encoding
-    monkeypatch.setattr("hesskit.widgets._base.figure_output", lambda figure: {"output_type": "display_data",
+    monkeypatch.setattr("hesskit.widgets.explorer.figure_output", lambda figure: {"output_type": "display_data",
                                                                                "data": {}, "metadata": {}})
     c = explorer.controls
     r = explorer.result
@@ -288,7 +288,7 @@ def test_char_lm_task_runs_every_closure_kind():
 
 # --------------------------------------------------------------------------- progress
 def test_explorer_shows_progress_of_extra_runs(small_grid, monkeypatch):
-    monkeypatch.setattr("hesskit.widgets._base.figure_output", lambda figure: {"output_type": "display_data",
+    monkeypatch.setattr("hesskit.widgets.explorer.figure_output", lambda figure: {"output_type": "display_data",
                                                                                "data": {}, "metadata": {}})
     explorer = ShootoutExplorer(small_grid)
     seen = []

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import hesskit as hk  # noqa: E402
-from hesskit.optim._base import step_seed  # noqa: E402
+from hesskit.optim import step_seed  # noqa: E402
 from hesskit.widgets.sophia import (  # noqa: E402
     OfficialSophiaG,
     SignMomentum,
@@ -19,7 +19,7 @@ from hesskit.widgets.sophia import (  # noqa: E402
     char_lm_task,
     lr_sweep,
     make_optimizer,
-    sampled_label_loss,
+    seeded_label_loss,
     step_cost,
     step_cost_rounds,
     train_lm,
@@ -193,7 +193,7 @@ def test_sampled_labels_match_hesskit_gnb(task):
     model = task.model(0).double()
     params = list(model.parameters())
     logits = model(task.x[:4])
-    g = torch.autograd.grad(sampled_label_loss(logits, seed=11), params, retain_graph=True)
+    g = torch.autograd.grad(seeded_label_loss(logits, seed=11), params, retain_graph=True)
     ours = torch.cat([(logits[..., 0].numel() * t**2).reshape(-1) for t in g])
     theirs = hk.gauss_newton_bartlett(logits, params, seed=11).value
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
@@ -316,11 +316,11 @@ def test_explorer_shows_training_progress(task):
     assert not any("<progress" in v for v in seen)
 
 
-def test_train_lm_reports_every_step(task, monkeypatch):
+def test_train_lm_reports_every_step(task, progress_to):
     import hesskit.widgets.sophia as sophia
 
     calls = []
-    monkeypatch.setattr(sophia, "progress", lambda done, total, what="": calls.append((done, total, what)))
+    progress_to(lambda done, total, what="": calls.append((done, total, what)))
     train_lm(task, "sophia-h", 1e-2, steps=5, batch_size=8)
     assert calls == [(t, 5, "Sophia-H step") for t in range(1, 6)]
 

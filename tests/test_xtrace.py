@@ -11,7 +11,7 @@ import torch
 from conftest import KINDS, make_case, random_symmetric
 
 import hesskit as hk
-from hesskit._probe import Counted, make_generator, probes
+from hesskit.curvature.probes import Counted, make_generator, probes
 
 TRIALS = 400
 
@@ -127,7 +127,7 @@ def test_block_traces_share_their_probes_and_add_up():
     per_layer = hk.trace(op, 40, method="hutchinson", seed=2, blocks="module")
     assert per_layer.num_matvecs == 40 and per_layer.num_samples == 40  # one product per probe for all blocks
     assert abs(sum(per_layer.values.values()) - whole.value) < 1e-10 * abs(whole.value)  # the same probes
-    assert list(per_layer) == list(hk.operators.layer_groups(op.param_names)) and sum(per_layer.sizes.values()) == H.shape[0]
+    assert list(per_layer) == list(hk.layer_groups(op.param_names)) and sum(per_layer.sizes.values()) == H.shape[0]
     start = 0
     for block, size in per_layer.sizes.items():
         exact = torch.trace(H[start : start + size, start : start + size]).item()

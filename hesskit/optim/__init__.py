@@ -6,15 +6,16 @@
     opt.step(closure)
 
 Curvature comes from hesskit's own estimators (`hk.diagonal`, `hk.gauss_newton_bartlett`,
-`hk.LossHessian`, K-FAC factors, `hk.MFACInverse`); see each optimizer's docstring for its
+`hk.LossHessianOperator`, K-FAC factors, `hk.MFACInverseOperator`); see each optimizer's docstring for its
 update in equations, its defaults, its paper, and where public implementations disagree.
 """
 
-from ._base import ClosureOptimizer
+from ._base import ClosureOptimizer, step_seed
+from .closures import CLOSURES, make_closure
 from .adahessian import AdaHessian
 from .sophia import Sophia
 from .kfac import KFAC, MKOR
 from .mfac import MFAC
 from .newton_cg import NewtonCG
 
-__all__ = ["ClosureOptimizer", "KFAC", "MKOR", "AdaHessian", "Sophia", "MFAC", "NewtonCG"]
+__all__ = ["ClosureOptimizer", "step_seed", "make_closure", "CLOSURES", "KFAC", "MKOR", "AdaHessian", "Sophia", "MFAC", "NewtonCG"]

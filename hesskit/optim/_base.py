@@ -35,8 +35,8 @@ from torch import Tensor
 
 from .._distributed import Collective
 from .._model import differentiable_attention, explain_backward_error, model_output, warn_loss_dtype
-from .._probe import is_int, is_real
-from ..operators import NonFiniteError
+from .._checks import is_int, is_real
+from ..curvature.operators import NonFiniteError
 
 __all__ = ["ClosureOptimizer", "Evaluation"]
 

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..operators import LossHessian
-from ..trace import diagonal
-from .._probe import check_count
+from ..curvature.operators import LossHessianOperator
+from ..curvature.trace import diagonal
+from .._checks import check_count
 from ._base import ClosureOptimizer, check_betas, check_number, check_seed, split_like, step_seed
 
 __all__ = ["AdaHessian", "hutchinson_diagonal"]
@@ -26,7 +26,7 @@ def hutchinson_diagonal(loss: Tensor, params: list[Tensor], grads: list[Tensor],
                         distribution: str, seed: int) -> list[Tensor]:
     """Per-parameter Hutchinson estimate of diag(H), mean of z * (H z) over `num_probes` probes,
     on the loss's own graph (`grads` taken with create_graph=True) by `hk.diagonal`."""
-    estimate = diagonal(LossHessian(loss, params, grads), num_matvecs=num_probes, distribution=distribution, seed=seed)
+    estimate = diagonal(LossHessianOperator(loss, params, grads), num_matvecs=num_probes, distribution=distribution, seed=seed)
     return split_like(estimate.value, params)
 
 

@@ -1,6 +1,6 @@
 """K-FAC and MKOR: Kronecker-factored preconditioning of Linear, Conv1D and Conv2d layers.
 
-Both take the model (the factors come from hooks on its layers, `hesskit.kfac`) and share the
+Both take the model (the factors come from hooks on its layers, `hesskit.curvature.kfac`) and share the
 step below; they differ in how they keep and apply the factors.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._probe import check_choice, check_count
-from ..kfac import DEFAULT_MAX_FACTOR_SIZE, FISHERS, Layer, LayerCapture, find_layers, sampled_label_backward
+from .._checks import check_choice, check_count
+from ..curvature.kfac import DEFAULT_MAX_FACTOR_SIZE, FISHERS, Layer, LayerCapture, find_layers, sampled_label_backward
 from ._base import ClosureOptimizer, check_number, check_seed, step_seed
 
 __all__ = ["KFAC", "MKOR", "sherman_morrison_update"]
@@ -252,7 +252,7 @@ class KFAC(_KroneckerOptimizer):
         Both add it after preconditioning, as here.
       * KL clip: alecwangcq uses the lr of the first param group for every layer; here each layer's
         own group lr (identical with one group). KAISA's clip needs its own lr kept in sync by hand.
-      * Conv2d factor scaling: see `hesskit.kfac` (same product as alecwangcq). Sequence positions
+      * Conv2d factor scaling: see `hesskit.curvature.kfac` (same product as alecwangcq). Sequence positions
         of Linear layers are positions too (K-FAC-expand, Eschenhagen et al. 2023).
     """
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..mfac import MFACInverse
-from .._probe import check_count
+from ..curvature.mfac import MFACInverseOperator
+from .._checks import check_count
 from ._base import ClosureOptimizer, check_number
 
 __all__ = ["MFAC"]
@@ -21,7 +21,7 @@ class MFAC(ClosureOptimizer):
 
         g_t = grad L(theta_t) + weight_decay * theta_t              (coupled L2, as the official code)
         window <- last m of g_1..g_t;   F_t = damping * I + (1/m) sum_{i in window} g_i g_i^T
-        u_t = F_t^{-1} g_t                                           (exact, via Woodbury: `hk.MFACInverse`)
+        u_t = F_t^{-1} g_t                                           (exact, via Woodbury: `hk.MFACInverseOperator`)
         v_t = momentum * v_{t-1} + (1 - momentum) * u_t;  u_t <- v_t (only if momentum > 0)
         theta_{t+1} = theta_t - lr * u_t
 
@@ -29,7 +29,7 @@ class MFAC(ClosureOptimizer):
     couples every parameter with every other; `lr`, `momentum` and `weight_decay` are per group
     and apply to that group's slice. While the window fills, m stays fixed and the empty rows are
     zero (the official convention): the first step is u_1 = (damping*I + g_1 g_1^T / m)^{-1} g_1.
-    `opt.inverse` is the `hk.MFACInverse` itself: after a step `opt.inverse @ x` gives F_t^{-1} x.
+    `opt.inverse` is the `hk.MFACInverseOperator` itself: after a step `opt.inverse @ x` gives F_t^{-1} x.
 
     Defaults: lr 1e-3 and damping 1e-5 are the official code's (`optim.MFAC`, `main_optim.py`);
     momentum 0 and weight decay 0 too. The window is m = 32 instead of the official 1024: the
@@ -50,7 +50,7 @@ class MFAC(ClosureOptimizer):
       * Factorisation: the official code needs an unpivoted LU (`torch.lu(pivot=False)`), which
         PyTorch only has on CUDA, so it does not run on a CPU; here a float64 Cholesky of the
         m x m system runs anywhere, and F^{-1} g is formed as m G^T K^{-1} e_s, without the
-        Woodbury subtraction that loses float32 digits when damping is small (`hk.MFACInverse`).
+        Woodbury subtraction that loses float32 digits when damping is small (`hk.MFACInverseOperator`).
       * Momentum: the official code averages, v = mu v + (1 - mu) u (kept here); torch's SGD
         would use v = mu v + u (the same up to a factor 1/(1 - mu) on lr).
       * Weight decay: coupled L2 added to the gradient before it enters the window (official);
@@ -86,7 +86,7 @@ class MFAC(ClosureOptimizer):
             raise ValueError(f"params: one window holds all parameters, so they need one dtype and device; got {kinds}")
         self._param_ids = [id(p) for p in params]
         dim = sum(p.numel() for p in params)
-        self.inverse = MFACInverse(dim, num_grads, damping, dtype=params[0].dtype, device=params[0].device)
+        self.inverse = MFACInverseOperator(dim, num_grads, damping, dtype=params[0].dtype, device=params[0].device)
         state = self.state[params[0]]
         state["step"] = torch.zeros((), dtype=torch.float64)
         state["window_grads"] = self.inverse.grads

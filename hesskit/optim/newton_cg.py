@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..operators import LossGGN, LossHessian
-from .._probe import check_count
+from ..curvature.operators import LossGGNOperator, LossHessianOperator
+from .._checks import check_count
 from ._base import ClosureOptimizer, check_number, split_like
 
 __all__ = ["NewtonCG", "conjugate_gradient", "CGResult"]
@@ -100,8 +100,8 @@ class NewtonCG(ClosureOptimizer):
     damping grows), and the damping never falls below `min_damping`, so a long run of good
     steps cannot drive it to zero and let CG take an unregularised step.
 
-    Curvature products come from `hk.LossGGN(loss, outputs, params)` (closure returns
-    `(loss, outputs)`, the loss computed from those outputs) or `hk.LossHessian(loss, params,
+    Curvature products come from `hk.LossGGNOperator(loss, outputs, params)` (closure returns
+    `(loss, outputs)`, the loss computed from those outputs) or `hk.LossHessianOperator(loss, params,
     grads)` (closure returns the loss; the step's gradient is taken with `create_graph=True`).
     Each product is one pass backwards through the step's graph (the GGN's is three
     vector-Jacobian products), so no extra forward pass is needed for CG.
@@ -167,9 +167,9 @@ class NewtonCG(ClosureOptimizer):
 
     def _curvature_operator(self, ev, params: list[Tensor]):
         if self.curvature == "hessian":
-            return LossHessian(ev.loss, params, ev.grads)
+            return LossHessianOperator(ev.loss, params, ev.grads)
         try:
-            return LossGGN(ev.loss, ev.outputs, params)
+            return LossGGNOperator(ev.loss, ev.outputs, params)
         except RuntimeError as exc:  # autograd: the outputs were not used in the graph of the loss
             raise ValueError("closure: for curvature='ggn' return (loss, outputs) with the loss computed from "
                              f"those outputs ({exc})") from exc

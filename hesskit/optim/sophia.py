@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..trace import gauss_newton_bartlett, sampled_label_loss
-from .._probe import check_count
+from ..curvature.trace import gauss_newton_bartlett, sampled_label_loss
+from .._checks import check_count
 from ._base import ClosureOptimizer, check_betas, check_number, check_seed, split_like, step_seed
 from .adahessian import hutchinson_diagonal
 
@@ -33,7 +33,7 @@ class Sophia(ClosureOptimizer):
 
     Curvature estimators (`estimator`):
       * "hutchinson" (Sophia-H): h_hat = u * (H u) from `hk.diagonal` on the step's own graph
-        (`hk.LossHessian`); Gaussian u as the paper and levanter. It can be negative.
+        (`hk.LossHessianOperator`); Gaussian u as the paper and levanter. It can be negative.
       * "gnb" (Sophia-G): Gauss-Newton-Bartlett from `hk.gauss_newton_bartlett`: labels drawn
         from the model's own softmax, h_hat = B * g_hat * g_hat (B = number of predictions), an
         unbiased, non-negative estimate of the Gauss-Newton diagonal. The closure must return

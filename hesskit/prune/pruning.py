@@ -53,14 +53,15 @@ from torch import Tensor, nn
 from .._batches import Batches, move_batch
 from .._copy import model_copy
 from .._model import call_model, model_output, split_batch
-from .._probe import check_choice, check_count, is_int, is_real, progress_bar
+from .._checks import check_choice, check_count, is_int, is_real
+from ..progress import progress_bar
 from ..layers import is_conv1d, is_linear
-from ..mfac import check_damping as _check_damping
-from ..operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
+from .._checks import check_damping
+from ..curvature.operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 from ..quant.fake import (UncompressedWarning, eval_mode, layer_weight, owned_layers, report_compression,
                           requiring_grad)
 from ..quant.sensitivity import is_pair, mean_loss, num_samples, select_samples
-from ..trace import diagonal as _estimate_diagonal
+from ..curvature.trace import diagonal as _estimate_diagonal
 
 __all__ = [
     "magnitude",
@@ -324,7 +325,7 @@ def per_sample_gradients(model: nn.Module, criterion: Any, data: Any, *, layers:
     columns in the pruning order (see the module docstring).
 
     Computed in eval mode by `hk.EmpiricalFisherOperator.per_sample_gradients` (one vmapped pass per
-    batch, as in `hk.MFACInverse.from_model`, or a loop over samples for models vmap cannot run;
+    batch, as in `hk.MFACInverseOperator.from_model`, or a loop over samples for models vmap cannot run;
     biases and other parameters are held fixed), in the model's dtype. A sample is one entry along
     the batch's leading dimension: for a language model, one sequence, whose loss is the criterion
     on that sequence alone.
@@ -370,8 +371,8 @@ class FisherInverse:
 
     * c <= m ("dense"): the c x c matrix F_b by a batched Cholesky, O(c^2 m + c^3) per block;
     * c > m ("woodbury"): with K_b = m * damping * I + G_b G_b^T (m x m),
-      F_b^{-1} x = (x - G_b^T K_b^{-1} G_b x) / damping, exactly `hk.MFACInverse`'s product, and
-      diag(F_b^{-1}) = (1 - sum_ij G_iq (K_b^{-1})_ij G_jq) / damping (`MFACInverse.inverse_diagonal`).
+      F_b^{-1} x = (x - G_b^T K_b^{-1} G_b x) / damping, exactly `hk.MFACInverseOperator`'s product, and
+      diag(F_b^{-1}) = (1 - sum_ij G_iq (K_b^{-1})_ij G_jq) / damping (`MFACInverseOperator.inverse_diagonal`).
 
     The official code builds the same inverse by m Sherman-Morrison steps in the gradients' dtype
     (float32 on GPU); float64 here avoids the cancellation of x - G^T K^{-1} G x at damping 1e-5.
@@ -390,7 +391,7 @@ class FisherInverse:
             raise ValueError("grads: expected at least one gradient (m >= 1), got none")
         if not torch.isfinite(grads).all():
             raise ValueError("grads: contain nan or inf")
-        self.damping = _check_damping(damping)
+        self.damping = check_damping(damping)
         self.block_size = _check_count("block_size", block_size, allow_none=True)
         self.num_grads, self.dim = grads.shape
         m, n = grads.shape
@@ -565,7 +566,7 @@ def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_gra
     """
     sparsity = _check_sparsity(sparsity)
     check_choice("scope", scope, SCOPES)
-    _check_damping(damping)
+    check_damping(damping)
     _check_count("block_size", block_size, allow_none=True)
     check_choice("saliency", saliency, ("obs", "magnitude"))
     steps = _check_count("num_recomputations", num_recomputations)

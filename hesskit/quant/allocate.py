@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._probe import is_int, is_real
+from .._checks import is_int, is_real
 from .._model import call_model
 from ..layers import is_linear, linear_weight
 from .fake import check_bits, layer_weight, quantizable_layers, quantization_error, weight_users

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._copy import model_copy
-from .._probe import is_int
+from .._checks import is_int
 from ..layers import is_linear, linear_weight, parameter_owners, tied_names
 
 __all__ = [
@@ -295,7 +295,7 @@ def fake_quantize(w: Tensor, bits: int, symmetric: bool = True, granularity: str
     if w.numel() == 0:
         return w.detach().clone()
     if not torch.isfinite(w).all():
-        from ..operators import NonFiniteError
+        from ..curvature.operators import NonFiniteError
 
         raise NonFiniteError(f"w: expected finite weights, got {int((~torch.isfinite(w)).sum())} nan/inf entries")
     with torch.no_grad():

@@ -62,7 +62,8 @@ from torch.nn import functional as F
 from .._batches import first_tensor
 from .._copy import model_copy
 from .._model import call_model
-from .._probe import is_int, is_real, progress_bar
+from .._checks import is_int, is_real
+from ..progress import progress_bar
 from ..layers import is_linear, linear_weight
 from .fake import (check_bits, eval_mode, grid, layer_weight, quantizable_layers, quantize_model, report_compression,
                    round_to_grid, unknown_layer_error)

@@ -48,10 +48,11 @@ from torch import Tensor, nn
 
 from .._batches import Batches, first_tensor, is_batch, move_batch
 from .._model import call_model, model_output, split_batch
-from .._probe import check_count, is_int, progress_bar
-from ..eigen import eigenvalues
-from ..operators import HessianOperator, mode_sensitive_modules
-from ..trace import trace
+from .._checks import check_count, is_int
+from ..progress import progress_bar
+from ..curvature.eigen import eigenvalues
+from ..curvature.operators import HessianOperator, mode_sensitive_modules
+from ..curvature.trace import trace
 from .fake import (check_bits, eval_mode, fake_quantize, layer_weight, quantizable_layers, requiring_grad,
                    unknown_layer_error)
 

@@ -1,9 +1,9 @@
 """Interactive explorers for the notebooks: explicit ipywidgets wired to one `render()`.
 
-The computation behind each explorer lives here (tested by driving every control); the notebooks
-only compose and explain. `fast_mode()` / `budget(full, fast)` shrink budgets under the tests;
-`claim(condition, text)` prints (and, in `make claims`, enforces) a conclusion drawn from a number;
-`progress(done, total, what)` shows a long computation's progress in the explorer that runs it.
+Widgets are user interface only: controls, `render()` and drawing (`explorer.Explorer`, the
+pattern every explorer follows). What an explorer computes lives in `hesskit.experiments`, one
+module per notebook topic; a computation's `hesskit.progress.report(...)` calls show in the
+status line of the explorer that renders it.
 One module per notebook:
 
 - `hessian`: 00, the dense Hessian and its layer blocks
@@ -24,7 +24,7 @@ One module per notebook:
 - `your_model`: 15, the second-order picture of a Hugging Face transformer (a small BERT)
 """
 
-from ._base import Explorer, budget, claim, claims_mode, fast_mode, progress
+from .explorer import Explorer
 from .adahessian import AdaHessianExplorer
 from .batch_size import BatchSizeExplorer
 from .eigenvalues import EigenExplorer
@@ -44,11 +44,6 @@ from .your_model import YourModelExplorer
 
 __all__ = [
     "Explorer",
-    "budget",
-    "fast_mode",
-    "claim",
-    "claims_mode",
-    "progress",
     "HessianExplorer",
     "mlp_hessian",
     "TraceExplorer",

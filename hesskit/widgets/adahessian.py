@@ -25,9 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from ..models import SmallCNN
-from ..operators import HessianOperator
+from ..curvature.operators import HessianOperator
 from ..optim import AdaHessian
-from ._base import Explorer, TrainingRecord, best_run, loss_and_accuracy, make_closure, progress, run_plan
+from .explorer import Explorer
+from ..experiments.training import TrainingRecord, best_run, loss_and_accuracy, run_plan
+from ..optim.closures import make_closure
+from .. import progress
 
 __all__ = [
     "AdaHessianExplorer",
@@ -240,7 +243,7 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
             if not losses[c - 1] < divergence:
                 diverged = True
                 break
-        progress(t, steps, f"{LABELS.get(optimizer, optimizer)} step")  # shown while an explorer renders
+        progress.report(t, steps, f"{LABELS.get(optimizer, optimizer)} step")  # shown while an explorer renders
     return Run(optimizer, float(lr), dict(settings), np.array(checkpoints), losses, accuracies,
                np.array(step_times), thetas, num_hvps, diverged)
 

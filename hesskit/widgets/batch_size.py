@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..eigen import eigenvalues
+from ..curvature.eigen import eigenvalues
 from ..models import MLP
-from ..operators import HessianOperator
-from ._base import Explorer, progress
+from ..curvature.operators import HessianOperator
+from .explorer import Explorer
+from .. import progress
 
 __all__ = [
     "BatchSizeExplorer",
@@ -134,7 +135,7 @@ def minibatch_sharpness(model: nn.Module, criterion: nn.Module, x: Tensor, y: Te
     matvecs = 0
     for s, b in enumerate(sizes):
         for j in range(num_batches):
-            progress(s * num_batches + j + 1, len(sizes) * num_batches, "mini-batch Hessians")  # while an explorer renders
+            progress.report(s * num_batches + j + 1, len(sizes) * num_batches, "mini-batch Hessians")  # while an explorer renders
             if b == n:
                 values[s, j], overlaps[s, j] = full, 1.0
                 continue
@@ -274,7 +275,7 @@ def scaling_check(x: Tensor, y: Tensor, batch_sizes: Sequence[int], base_batch: 
             lrs = [scaled_lr(base_lr, base_batch, b, rule) for rule in rules for _ in seeds]
             out = train_population(opt, lrs, seeds * len(rules), x, y, b, epochs, hidden)
             table[i] = out.reshape(len(rules), len(seeds))
-            progress(k * len(batch_sizes) + i + 1, units, f"scaling check ({opt}, B = {b})")
+            progress.report(k * len(batch_sizes) + i + 1, units, f"scaling check ({opt}, B = {b})")
         losses[opt] = {rule: table[:, r] for r, rule in enumerate(rules)}
     threshold = 2 * math.log(int(y.max()) + 1)
     return ScalingCheck(np.array(batch_sizes), base_batch, dict(base_lrs), epochs, seeds, losses, threshold)

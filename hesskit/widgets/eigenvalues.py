@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..eigen import eigenvalues, power_iteration
-from ..results import EigenResult
-from ._base import Explorer, progress
+from ..curvature.eigen import eigenvalues, power_iteration
+from ..curvature.results import EigenResult
+from .explorer import Explorer
+from .. import progress
 
 __all__ = [
     "EigenExplorer",
@@ -62,7 +63,7 @@ class RecordingOperator:
             self.inputs.append(v.detach().clone())
             self.rayleigh.append(float(torch.dot(v, w) / torch.dot(v, v)))
             if self.expected:
-                progress(min(len(self.inputs), self.expected), self.expected, self.what)
+                progress.report(min(len(self.inputs), self.expected), self.expected, self.what)
         return w
 
     @property
@@ -155,7 +156,7 @@ def lanczos_history(
         for j, b in enumerate(budgets[:-1]):
             values = eigenvalues(op, k=k, which=which, tol=tol, max_matvecs=int(b), seed=seed).values
             rows.append(values.double().cpu().numpy())
-            progress(j + 1, len(budgets) - 1, "Lanczos: runs stopped early")
+            progress.report(j + 1, len(budgets) - 1, "Lanczos: runs stopped early")
     rows.append(final.values.double().cpu().numpy())
     return History(products=budgets, estimates=np.stack(rows), result=final)
 

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from ..data import digits
 from ..models import MLP
 from ..quant.gptq import gptq, gptq_layers, layer_inputs, round_to_nearest
-from ._base import Explorer, progress
+from .explorer import Explorer
+from .. import progress
 
 __all__ = [
     "GPTQExplorer",
@@ -175,7 +176,7 @@ def gptq_vs_rtn(model: nn.Module, calib: Any, test: tuple[Tensor, Tensor], bits_
                                    (out.gptq_accuracy, out.gptq_loss, out.gptq_errors, quant)):
             a, l = evaluate(q, test)
             acc.append(a), loss.append(l), errs.append(layer_errors(model, q, test[0], rtn_keys.get("layers")))
-        progress(k, len(bits_list), "bit width")  # shown while an explorer renders
+        progress.report(k, len(bits_list), "bit width")  # shown while an explorer renders
     return out
 
 
@@ -206,7 +207,7 @@ def gptq_sweep(model: nn.Module, calib: Tensor, test: tuple[Tensor, Tensor], bit
         raise ValueError(f"option: expected one of {keywords}, got {option!r}")
     sweep = Sweep(option, list(values), [], [])
     for i, v in enumerate(values):
-        progress(i, len(values), option)  # shown while an explorer renders: one unit per value
+        progress.report(i, len(values), option)  # shown while an explorer renders: one unit per value
         if option == "calibration_samples":
             if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= len(calib):
                 raise ValueError(f"values: calibration sizes must be integers in 1..{len(calib)}, got {v!r}")
@@ -222,7 +223,7 @@ def gptq_sweep(model: nn.Module, calib: Tensor, test: tuple[Tensor, Tensor], bit
         acc, loss = evaluate(quant, test)
         sweep.accuracy.append(acc), sweep.loss.append(loss)
         sweep.errors.append(layer_errors(model, quant, test[0], kwargs.get("layers")))
-    progress(len(values), len(values), option)
+    progress.report(len(values), len(values), option)
     return sweep
 
 

@@ -41,7 +41,8 @@ from ..models import MLP
 from ..quant.allocate import CostTable, Enumeration, _frontier, cost_table, exhaustive, knapsack
 from ..quant.fake import fake_quantize, quantizable_layers
 from ..quant.sensitivity import PairInteractions, Sensitivities, pair_interactions, rank_correlation, sensitivities
-from ._base import Explorer, progress
+from .explorer import Explorer
+from .. import progress
 
 __all__ = [
     "HAWQExplorer",
@@ -148,11 +149,11 @@ def all_sensitivities(problem: HAWQProblem, choices: Sequence[int] = CHOICES, nu
     out = {}
     for k, key in enumerate(metrics, start=1):
         out[key] = make[key]()
-        progress(k, units, f"sensitivities ({key})")
+        progress.report(k, units, f"sensitivities ({key})")
     interactions = pair_interactions(m, c, problem.calibration, choices, granularity=problem.granularity) \
         if pairs else None
     if pairs:
-        progress(units, units, "sensitivities (adjacent pairs)")
+        progress.report(units, units, "sensitivities (adjacent pairs)")
     return out, interactions
 
 
@@ -332,7 +333,7 @@ def seed_study(seeds: Sequence[int], avg_bits: Sequence[float] = (2.5, 3.0),
     rows: dict[str, list] = {}
     seeds = list(seeds)
     for j, seed in enumerate(seeds):
-        progress(j, len(seeds), "seed")  # shown while an explorer renders
+        progress.report(j, len(seeds), "seed")  # shown while an explorer renders
         problem = digits_problem(seed=seed, **problem_kwargs)
         needed = [k for k in ("trace", "eigenvalue", "qbert") if k in proxies]
         needed += ["measured"] if {"measured", "pairs"} & set(proxies) else []
@@ -354,7 +355,7 @@ def seed_study(seeds: Sequence[int], avg_bits: Sequence[float] = (2.5, 3.0),
                 per_budget.setdefault(p, []).append(c.chosen[p][1])
         for k, v in per_budget.items():
             rows.setdefault(k, []).append(v)
-    progress(len(seeds), len(seeds), "seed")
+    progress.report(len(seeds), len(seeds), "seed")
     out = {k: np.array(v) for k, v in rows.items()}
     out["seeds"] = np.array(seeds)
     return out

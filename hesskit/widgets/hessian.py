@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ..models import MLP
-from ..operators import HessianOperator, layer_groups
-from ._base import Explorer, progress
+from ..curvature.operators import HessianOperator, layer_groups
+from .explorer import Explorer
+from .. import progress
 
 __all__ = ["HessianExplorer", "HessianBlocks", "mlp_hessian", "dense_matrix", "block_shares"]
 
@@ -75,7 +76,7 @@ def block_shares(widths, seeds, num_samples: int = 256, activation: str = "tanh"
         for j, seed in enumerate(seeds):
             H = mlp_hessian(width, num_samples, activation=activation, seed=seed, report=False)
             energy[i, j] = H.energy_share()
-            progress(i * len(seeds) + j + 1, len(widths) * len(seeds), "Hessians")
+            progress.report(i * len(seeds) + j + 1, len(widths) * len(seeds), "Hessians")
         area[i] = H.area_share()
     return energy, area
 
@@ -89,7 +90,7 @@ def dense_matrix(op: HessianOperator, chunk: int = 128, report: bool = True) -> 
     for start in range(0, n, chunk):
         columns.append(op @ eye[:, start : start + chunk])
         if report:
-            progress(min(start + chunk, n), n, "Hessian columns")
+            progress.report(min(start + chunk, n), n, "Hessian columns")
     matrix = torch.cat(columns, dim=1)
     return ((matrix + matrix.T) / 2).cpu().numpy()
 

@@ -34,11 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import digits
-from ..kfac import KroneckerFactor, find_layers, kfac_factors
+from ..curvature.kfac import KroneckerOperator, find_layers, kfac_factors
 from ..models import MLP, SmallCNN
-from ..operators import EmpiricalFisherOperator, GGNOperator
+from ..curvature.operators import EmpiricalFisherOperator, GGNOperator
 from ..optim import KFAC, MKOR
-from ._base import Explorer, batch_order, best_run, make_closure, progress
+from .explorer import Explorer
+from ..experiments.training import batch_order, best_run
+from ..optim.closures import make_closure
+from .. import progress
 
 __all__ = [
     "KFACExplorer",
@@ -66,7 +69,7 @@ KINDS = ("plain", "factors", "inverse")
 
 
 # --------------------------------------------------------------------------- the exact block and its approximation
-def true_fisher_factors(model: nn.Module, x: Tensor) -> dict[str, KroneckerFactor]:
+def true_fisher_factors(model: nn.Module, x: Tensor) -> dict[str, KroneckerOperator]:
     """K-FAC factors of the *true* Fisher of a softmax classifier, with the expectation over the
     labels computed exactly instead of sampled (Martens & Grosse 2015, section 5).
 
@@ -100,7 +103,7 @@ class FisherBlock:
     num_samples: int
     exact: Tensor
     kronecker: Tensor
-    factor: KroneckerFactor
+    factor: KroneckerOperator
 
     @property
     def relative_error(self) -> float:
@@ -385,7 +388,7 @@ def train_together(task: DigitsTask, configs: Sequence[dict], **common) -> list[
     taken = [0] * len(runs)
     what = "training " + ", ".join(dict.fromkeys(LABELS.get(s["name"], s["name"]) for s in settings)) + ": step"
     if runs:
-        progress(0, sum(budgets), what)
+        progress.report(0, sum(budgets), what)
     active = list(range(len(runs)))
     while active:
         for i in list(active):
@@ -395,7 +398,7 @@ def train_together(task: DigitsTask, configs: Sequence[dict], **common) -> list[
                 results[i] = stop.value
                 taken[i] = budgets[i]  # done (a diverged run stops early)
                 active.remove(i)
-            progress(sum(taken), sum(budgets), what)
+            progress.report(sum(taken), sum(budgets), what)
     return results  # type: ignore[return-value]
 
 

@@ -6,7 +6,7 @@ Information", NeurIPS 2021) uses the damped empirical Fisher of the last m gradi
 
     F = damping * I + (1/m) sum_i g_i g_i^T,
 
-and applies its inverse exactly by the Woodbury identity in O(dm + m^2) (`hk.MFACInverse`).
+and applies its inverse exactly by the Woodbury identity in O(dm + m^2) (`hk.MFACInverseOperator`).
 This module holds what the notebook measures: the accuracy of such inverse-Hessian-vector
 products (IHVPs) against the dense inverse of a tiny model's full empirical Fisher, their cost
 against d and m, the float32 cancellation of the Woodbury subtraction, and a training loop shared
@@ -33,10 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from ..data import digits
-from ..mfac import MFACInverse
+from ..curvature.mfac import MFACInverseOperator
 from ..models import MLP
 from ..optim import MFAC, NewtonCG
-from ._base import Explorer, TrainingRecord, best_run, loss_and_accuracy, make_closure, progress, run_plan
+from .explorer import Explorer
+from ..experiments.training import TrainingRecord, best_run, loss_and_accuracy, run_plan
+from ..optim.closures import make_closure
+from .. import progress
 
 __all__ = [
     "MFACExplorer",
@@ -113,7 +116,7 @@ def tiny_fisher_problem(hidden: tuple[int, ...] = (8,), num_samples: int = 512, 
     """Per-sample gradients of a `digits_mlp(hidden)` in float64 (610 parameters for (8,)), after
     `train_steps` full-batch AdamW steps (lr 0.01) on the first `num_samples` training digits, so
     that the gradients are those of a model in mid-training rather than at initialisation.
-    The gradients come from `hk.MFACInverse.from_model` (one vmapped pass)."""
+    The gradients come from `hk.MFACInverseOperator.from_model` (one vmapped pass)."""
     if num_samples < 2:
         raise ValueError(f"num_samples: expected at least 2, got {num_samples}")
     (x, y), _ = digits(flatten=True, seed=seed)
@@ -126,15 +129,15 @@ def tiny_fisher_problem(hidden: tuple[int, ...] = (8,), num_samples: int = 512, 
         criterion(model(x), y).backward()
         opt.step()
     model.zero_grad(set_to_none=True)
-    inv = MFACInverse.from_model(model, criterion, (x, y), damping=1.0)
+    inv = MFACInverseOperator.from_model(model, criterion, (x, y), damping=1.0)
     G = inv.grads.clone()
     return FisherProblem(G, G.mean(dim=0))
 
 
-def fill_window(grads: Tensor, num_grads: int, damping: float, dtype: torch.dtype = torch.float64) -> MFACInverse:
-    """An `hk.MFACInverse` with a window of `num_grads` rows, fed the rows of `grads` one by one
+def fill_window(grads: Tensor, num_grads: int, damping: float, dtype: torch.dtype = torch.float64) -> MFACInverseOperator:
+    """An `hk.MFACInverseOperator` with a window of `num_grads` rows, fed the rows of `grads` one by one
     through `update` (the ring buffer keeps the last `num_grads` of them)."""
-    inv = MFACInverse(grads.shape[1], num_grads=num_grads, damping=damping, dtype=dtype)
+    inv = MFACInverseOperator(grads.shape[1], num_grads=num_grads, damping=damping, dtype=dtype)
     for g in grads:
         inv.update(g.to(dtype))
     return inv
@@ -176,7 +179,7 @@ def ihvp_errors(problem: FisherProblem, windows: Sequence[int], damping: float) 
         window.append(_rel(u64, exact))
         single.append(_rel(u32, exact))
         rounding.append(_rel(u32, u64))
-        progress(k, len(windows), "IHVP error: window")
+        progress.report(k, len(windows), "IHVP error: window")
     return IHVPErrors(windows, float(damping), np.array(window), np.array(single), np.array(rounding),
                       problem.num_samples, problem.dim)
 
@@ -225,7 +228,7 @@ def ihvp_timing(dims: Sequence[int], windows: Sequence[int], repeats: int = 5, d
     seconds = np.zeros((len(windows), len(dims)))
     for i, m in enumerate(windows):
         for j, d in enumerate(dims):
-            inv = MFACInverse(int(d), num_grads=int(m), damping=damping)
+            inv = MFACInverseOperator(int(d), num_grads=int(m), damping=damping)
             inv.grads.copy_(torch.randn(int(m), int(d), generator=gen))
             inv.gram.copy_(inv.grads @ inv.grads.T)
             inv.count = int(m)
@@ -434,7 +437,7 @@ def train(optimizer: str, lr: float, data: tuple[Tensor, Tensor], test: tuple[Te
             if not losses[c - 1] < divergence:
                 diverged = True
                 break
-        progress(t, steps, f"{LABELS.get(optimizer, optimizer)} step")  # shown while an explorer renders
+        progress.report(t, steps, f"{LABELS.get(optimizer, optimizer)} step")  # shown while an explorer renders
     return Run(optimizer, float(lr), settings, np.array(checkpoints), losses, accuracies, np.array(step_times),
                diverged=diverged, batch_size=batch_size, **per_step)
 

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from .. import prune
 from ..data import digits
 from ..models import MLP
-from ._base import Explorer, progress
+from .explorer import Explorer
+from .. import progress
 
 __all__ = [
     "PruningExplorer",
@@ -131,7 +132,7 @@ def one_shot_curve(model: nn.Module, criterion: Any, data: Any, test: tuple[Tens
     `hk.prune.obs_with_inverse` (= `hk.prune.obs(..., num_recomputations=1, seed=seed)`)."""
     curve = Curve(dense=evaluate(model, criterion, test))
     for k, method in enumerate(methods):
-        progress(k, len(methods), f"one-shot curve ({method})")  # shown while an explorer renders
+        progress.report(k, len(methods), f"one-shot curve ({method})")  # shown while an explorer renders
         start = time.perf_counter()
         if method == "magnitude":
             models = [prune.magnitude(model, s) for s in sparsities]
@@ -145,7 +146,7 @@ def one_shot_curve(model: nn.Module, criterion: Any, data: Any, test: tuple[Tens
         else:
             raise ValueError(f"methods: expected 'magnitude', 'obd' or 'obs', got {method!r}")
         curve.add(method, sparsities, models, criterion, test, time.perf_counter() - start)
-    progress(len(methods), len(methods), "one-shot curve")
+    progress.report(len(methods), len(methods), "one-shot curve")
     return curve
 
 
@@ -175,7 +176,7 @@ def obs_path(model: nn.Module, criterion: Any, data: Any, test: tuple[Tensor, Te
         current = prune.obs(current, criterion, data, float(target), num_grads=num_grads, damping=damping,
                             block_size=block_size, seed=seed + j, saliency=saliency, update=update)
         models.append(current)
-        progress(j + 1, len(targets), "OBS recomputation")  # shown while an explorer renders
+        progress.report(j + 1, len(targets), "OBS recomputation")  # shown while an explorer renders
     curve.add(label, targets, models, criterion, test, time.perf_counter() - start)
     return curve
 
@@ -199,7 +200,7 @@ def compensation_ablation(model: nn.Module, criterion: Any, data: Any, test: tup
                                    update=update)
                 accuracies.append(evaluate(pruned, criterion, test)[1])
                 done += 1
-                progress(done, units, "pruned model")
+                progress.report(done, units, "pruned model")
             out[(saliency, update)] = np.array(accuracies)
     return out
 
@@ -217,7 +218,7 @@ def obs_sweep(model: nn.Module, criterion: Any, data: Any, test: tuple[Tensor, T
         settings[name] = value
         pruned = prune.obs(model, criterion, data, sparsity, num_recomputations=steps, seed=seed, **settings)
         accuracies.append(evaluate(pruned, criterion, test)[1])
-        progress(k, len(values), f"OBS, {name}")  # shown while an explorer renders
+        progress.report(k, len(values), f"OBS, {name}")  # shown while an explorer renders
     return np.array(accuracies)
 
 
@@ -316,13 +317,13 @@ class PruningExplorer(Explorer):
             curve = Curve()
             start = time.perf_counter()
             units = len(self.grid) + 1  # progress: the inverse, then one unit per sparsity of the curve
-            progress(0, units, "OBS: block inverse")
+            progress.report(0, units, "OBS: block inverse")
             inverse = self.inverse(num_grads, damping, block_size)
             models = []
             for k, s in enumerate(self.grid, start=1):
-                progress(k, units, "OBS curve: sparsity")  # the inverse is done: unit 1
+                progress.report(k, units, "OBS curve: sparsity")  # the inverse is done: unit 1
                 models.append(prune.obs_with_inverse(self.model, inverse, s))
-            progress(units, units, "OBS curve: sparsity")
+            progress.report(units, units, "OBS curve: sparsity")
             curve.add("obs", self.grid, models, self.criterion, self.test, time.perf_counter() - start)
             self._obs_curves[key] = curve
         obs_curve = self._obs_curves[key]

@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from ..data import sequences
 from ..models import TinyTransformer
 from ..quant import freeze, model_size, quantization_aware, quantize_model
-from ._base import Explorer, progress
+from .explorer import Explorer
+from .. import progress
 
 __all__ = [
     "ENCODER",
@@ -132,7 +133,7 @@ def train_tiny_transformer(seed: int = 0, vocab: int = 8, length: int = 16, dim:
         opt.step()
         schedule.step()
         losses[step] = loss.item()
-        progress(step + 1, steps, "training step")  # shown while an explorer renders
+        progress.report(step + 1, steps, "training step")  # shown while an explorer renders
     seconds = time.perf_counter() - start
     model.eval()
     for p in model.parameters():
@@ -301,7 +302,7 @@ def group_sweep(model: TinyTransformer, data: Pair, bits_list: Sequence[int], gr
         for j, g in enumerate(group_sizes):
             acc[i, j] = accuracy(quantize_transformer(model, b, g, outer_bits, symmetric), data)
             row.append(transformer_size(model, b, g, outer_bits, symmetric))
-            progress(i * len(group_sizes) + j + 1, len(bits_list) * len(group_sizes), "rounding: grouping")
+            progress.report(i * len(group_sizes) + j + 1, len(bits_list) * len(group_sizes), "rounding: grouping")
         sizes.append(row)
     qkv = np.array([1 if g is None else qkv_rows // g for g in group_sizes])
     return GroupSweep(bits_list, group_sizes, list(labels), qkv, acc, sizes, accuracy(model, data))
@@ -349,7 +350,7 @@ def mixed_precision(model: TinyTransformer, data: Pair, low: int = 2, high: int 
         acc.append(accuracy(quantize_transformer(model, config, group_size, outer_bits), data))
         bpw.append(size.encoder_bits_per_weight)
         kb.append(size.kilobytes)
-        progress(k, 2 ** len(names), "configuration")  # shown while an explorer renders
+        progress.report(k, 2 ** len(names), "configuration")  # shown while an explorer renders
     return MixedPrecision(names, low, high, group_size, configs, np.array(acc), np.array(bpw), np.array(kb))
 
 
@@ -413,7 +414,7 @@ def qat_finetune(model: TinyTransformer, train: Pair, test: Pair, bits: int | Ma
         losses[step - 1] = loss.item()
         if step % eval_every == 0 or step == steps:
             evaluate(step)
-        progress(step, steps, "QAT step")  # shown while an explorer renders: a run of 500 steps takes seconds
+        progress.report(step, steps, "QAT step")  # shown while an explorer renders: a run of 500 steps takes seconds
     seconds = time.perf_counter() - start
     final = freeze(qat).eval()
     for p in final.parameters():

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..eigen import eigenvalues
-from ..operators import HessianOperator
-from ..trace import trace
-from ._base import Explorer, progress
+from ..curvature.eigen import eigenvalues
+from ..curvature.operators import HessianOperator
+from ..curvature.trace import trace
+from .explorer import Explorer
+from .. import progress
 
 __all__ = [
     "SharpnessExplorer",
@@ -259,7 +260,7 @@ def train(model: nn.Module, criterion, data, lr: float, batch_size: int | None =
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.sub_(g, alpha=lr)
-        progress(offset + t + 1, total, label)  # shown while an explorer renders
+        progress.report(offset + t + 1, total, label)  # shown while an explorer renders
     return TrainingRecord(
         lr=float(lr), batch_size=batch_size, loss=np.array(losses), steps=np.array(sharp_steps, dtype=int),
         sharpness=np.array(sharp), trace_steps=np.array(trace_steps, dtype=int), trace=np.array(traces),
@@ -292,7 +293,7 @@ def sweep(model: nn.Module, criterion, data, lrs, batch_sizes, steps: int = 500,
             run = train(copy.deepcopy(model), criterion, data, lr, b, steps=steps, measure_every=spacing,
                         measure_from=steps - (last - 1) * spacing, trace_every=None, trace_matvecs=trace_matvecs,
                         seed=seed, progress_of=(f"sweep (B = {b}, η = {lr:.3g}): step", done, total))
-            progress(done + steps, total, f"sweep (B = {b}, η = {lr:.3g}): step")  # a diverged run stopped early
+            progress.report(done + steps, total, f"sweep (B = {b}, η = {lr:.3g}): step")  # a diverged run stopped early
             if run.diverged:
                 continue
             tail = run.sharpness[-last:]

@@ -42,7 +42,9 @@ from torch import Tensor, nn
 from ..data import char_windows, digits, text
 from ..models import CharTransformerLM, SmallCNN
 from ..optim import KFAC, MFAC, MKOR, AdaHessian, NewtonCG, Sophia
-from ._base import CLOSURES, Explorer, make_closure, progress
+from ..optim.closures import CLOSURES, make_closure
+from .explorer import Explorer
+from .. import progress
 
 __all__ = [
     "BEST",
@@ -332,10 +334,10 @@ class Grid:
         """The runs of `name` at `lr` for every seed: from the grid, else from `extra` (trained now if missing)."""
         missing = [s for s in self.seeds if (name, lr, s) not in self.runs and (name, lr, s) not in self.extra]
         for k, seed in enumerate(missing):
-            progress(k, len(missing), f"{name}, lr {lr:.3g}: extra run")  # shown while an explorer renders
+            progress.report(k, len(missing), f"{name}, lr {lr:.3g}: extra run")  # shown while an explorer renders
             self.extra[(name, lr, seed)] = self.train(name, lr, seed)
         if missing:
-            progress(len(missing), len(missing), f"{name}, lr {lr:.3g}: extra run")
+            progress.report(len(missing), len(missing), f"{name}, lr {lr:.3g}: extra run")
         return [self.runs.get((name, lr, s)) or self.extra[(name, lr, s)] for s in self.seeds]
 
     def on_grid(self, name: str, lr: float) -> bool:

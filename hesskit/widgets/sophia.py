@@ -28,10 +28,13 @@ from torch import Tensor
 from ..data import char_windows, text
 from ..models import CharTransformerLM
 from ..optim import Sophia
-from ..optim._base import step_seed
-from .. import trace
+from ..optim import step_seed
+from ..curvature.trace import sampled_label_loss
 from ..optim.sophia import DEFAULT_GAMMA
-from ._base import Explorer, batch_order, best_run, make_closure, progress
+from .explorer import Explorer
+from ..experiments.training import batch_order, best_run
+from ..optim.closures import make_closure
+from .. import progress
 
 __all__ = [
     "SophiaExplorer",
@@ -42,7 +45,7 @@ __all__ = [
     "char_lm_task",
     "make_optimizer",
     "train_lm",
-    "sampled_label_loss",
+    "seeded_label_loss",
     "batch_order",
     "lr_sweep",
     "step_cost",
@@ -265,11 +268,11 @@ class TrainingRun:
         return float(np.median(self.step_seconds)) if len(self.step_seconds) else math.nan
 
 
-def sampled_label_loss(logits: Tensor, seed: int) -> Tensor:
+def seeded_label_loss(logits: Tensor, seed: int) -> Tensor:
     """Mean cross-entropy of `logits` on labels drawn from the model's own softmax (seeded): the
     loss whose gradient g_hat gives the Gauss-Newton-Bartlett estimate B * g_hat^2
-    (`hesskit.trace.sampled_label_loss` with a generator seeded by `seed`)."""
-    return trace.sampled_label_loss(logits, torch.Generator().manual_seed(seed))
+    (`hesskit.curvature.trace.sampled_label_loss` with a generator seeded by `seed`)."""
+    return sampled_label_loss(logits, torch.Generator().manual_seed(seed))
 
 
 def train_lm(task: CharLMTask, optimizer: str, lr: float, steps: int = 300, batch_size: int = 32,
@@ -320,7 +323,7 @@ def train_lm(task: CharLMTask, optimizer: str, lr: float, steps: int = 300, batc
             if official and t % update_every == 0:  # train_sophiag.py: iter_num % k == k - 1, iter_num from 0
                 opt.zero_grad()
                 xn = task.x[batches[t]]
-                sampled_label_loss(model(xn), step_seed(seed, t)).backward()
+                seeded_label_loss(model(xn), step_seed(seed, t)).backward()
                 opt.update_hessian()
                 opt.zero_grad()
                 refreshes += 1
@@ -335,7 +338,7 @@ def train_lm(task: CharLMTask, optimizer: str, lr: float, steps: int = 300, batc
             break
         if t in eval_steps:
             test_loss[np.searchsorted(eval_steps, t)] = task.test_loss(model)
-        progress(t, steps, f"{LABELS.get(optimizer, optimizer)} step")  # shown while an explorer renders
+        progress.report(t, steps, f"{LABELS.get(optimizer, optimizer)} step")  # shown while an explorer renders
     if not diverged and not np.isfinite(test_loss).all():
         diverged = True
     extra: dict = {}

@@ -13,10 +13,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ..density import smoothed_density, spectral_density
-from ._base import Explorer, progress
+from ..curvature.density import spectral_density
+from ..curvature.results import smoothed_density
+from .explorer import Explorer
+from .. import progress
 
-__all__ = ["DensityExplorer", "smoothed_density", "exact_density", "density_grid", "count_outliers", "integrate"]
+__all__ = ["DensityExplorer", "exact_density", "density_grid", "count_outliers", "integrate"]
 
 
 def exact_density(eigenvalues: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
@@ -48,7 +50,7 @@ class _ReportingMatrix:
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         out = self.H @ v
         self.done += 1 if v.dim() == 1 else v.shape[1]
-        progress(min(self.done, self.total), self.total, self.what)
+        progress.report(min(self.done, self.total), self.total, self.what)
         return out
 
 
@@ -123,7 +125,7 @@ class DensityExplorer(Explorer):
             total = num_runs * min(num_steps, n)
             products = _ReportingMatrix(H, total, "SLQ: Hessian-vector products")  # shown in the status line
             slq = spectral_density(products, num_runs=num_runs, num_steps=min(num_steps, n), seed=self.seed)
-            progress(total, total, "SLQ: Hessian-vector products")  # a run that stopped early used fewer
+            progress.report(total, total, "SLQ: Hessian-vector products")  # a run that stopped early used fewer
             self._slq_cache = {key: (slq, time.perf_counter() - start)}
         slq, seconds = self._slq_cache[key]
         grid = density_grid(float(eigs[0]), float(eigs[-1]), width)

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..trace import trace
-from ._base import Explorer, progress
+from ..curvature.trace import trace
+from .explorer import Explorer
+from .. import progress
 
 __all__ = ["TraceExplorer", "TraceTrials", "trace_trials", "hutchinson_variance", "deflated_tail_norm",
            "geometric_counts"]
@@ -103,7 +104,7 @@ def trace_trials(A: Tensor, num_matvecs: int, method: str = "hutchinson", distri
     results = []
     for i in range(num_trials):
         results.append(trace(A, num_matvecs, method=method, distribution=distribution, seed=seed + i))
-        progress(i + 1, num_trials, f"{method} runs")
+        progress.report(i + 1, num_trials, f"{method} runs")
     exact = float(torch.as_tensor(A).diagonal().sum()) if exact is None else exact
     return TraceTrials(np.array([r.value for r in results]), np.array([r.stderr for r in results]), exact,
                        num_matvecs, method, distribution)

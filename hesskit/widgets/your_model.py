@@ -40,14 +40,17 @@ import torch
 from torch import Tensor, nn
 
 from ..data import sequences
-from ..density import spectral_density
-from ..eigen import eigenvalues
-from ..operators import GGNOperator, HessianOperator
+from ..curvature.density import spectral_density
+from ..curvature.eigen import eigenvalues
+from ..curvature.operators import GGNOperator, HessianOperator
 from ..optim import Sophia
 from ..quant import (allocate_bits, gptq, model_size, quantizable_layers, quantize_model, round_to_nearest,
                      sensitivities)
-from ..trace import diagonal, trace
-from ._base import Explorer, batch_order, make_closure, progress
+from ..curvature.trace import diagonal, trace
+from .explorer import Explorer
+from ..experiments.training import batch_order
+from ..optim.closures import make_closure
+from .. import progress
 
 __all__ = [
     "PAD",
@@ -246,7 +249,7 @@ def train_bert(seed: int = 0, steps: int = 500, batch_size: int = 64, lr: float 
             if step % eval_every == 0 or step == steps:
                 checkpoints.append(step)
                 accuracy.append(evaluate(model, test)[1])
-            progress(step, steps, "fine-tuning step")  # shown while an explorer renders
+            progress.report(step, steps, "fine-tuning step")  # shown while an explorer renders
     seconds = time.perf_counter() - start
     model.eval().zero_grad(set_to_none=True)
     config = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
@@ -346,7 +349,7 @@ def block_curvature(op: HessianOperator, num_matvecs: int = 30, method: str = "h
         top.append(float(e.values[0]))
         res.append(float(e.residuals[0]))
         used += t.num_matvecs + e.num_matvecs
-        progress(k, len(blocks), "block")  # shown while an explorer renders
+        progress.report(k, len(blocks), "block")  # shown while an explorer renders
     return BlockCurvature(names, [block_group(x) for x in names], [block_layer(x) for x in names], np.array(n),
                           np.array(tr), np.array(se), np.array(top), np.array(res), used,
                           time.perf_counter() - start)
@@ -356,13 +359,13 @@ def whole_spectrum(op: HessianOperator, num_runs: int = 4, num_steps: int = 40, 
     """The whole Hessian's spectral density (`hk.spectral_density`, SLQ) and, as a check on its
     right edge, its top-k eigenvalues and most negative one by Lanczos (`hk.eigenvalues`)."""
     density = spectral_density(op, num_runs=num_runs, num_steps=num_steps, seed=seed)
-    progress(1, 3, "spectral density, then Lanczos")  # shown while an explorer renders
+    progress.report(1, 3, "spectral density, then Lanczos")  # shown while an explorer renders
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         top = eigenvalues(op, k=k, which="largest", seed=seed)
-        progress(2, 3, "spectral density, then Lanczos")
+        progress.report(2, 3, "spectral density, then Lanczos")
         bottom = eigenvalues(op, k=1, which="smallest", seed=seed)
-        progress(3, 3, "spectral density, then Lanczos")
+        progress.report(3, 3, "spectral density, then Lanczos")
     return {"density": density, "top": top, "bottom": bottom}
 
 
@@ -455,7 +458,7 @@ def mixed_precision(model: nn.Module, data: Any, test: Pair, head_dim: int, avg_
     rows = []
     for k, (method, bits) in enumerate(plans, start=1):
         rows.append(row(method, bits))
-        progress(k, len(plans), "quantized model")  # shown while an explorer renders
+        progress.report(k, len(plans), "quantized model")  # shown while an explorer renders
     return MixedPrecisionResult(sens, allocation, rows, float(avg_bits))
 
 
@@ -490,7 +493,7 @@ def gptq_vs_rtn(model: nn.Module, calibration: Mapping[str, Tensor], test: Pair,
             loss, acc = evaluate(q, test)
             losses.append(loss)
             accs.append(acc)
-        progress(done, len(bits_list), "bit width")  # shown while an explorer renders
+        progress.report(done, len(bits_list), "bit width")  # shown while an explorer renders
     return out
 
 
@@ -583,7 +586,7 @@ def continue_finetuning(task: BertTask, optimizer: str, lr: float, steps: int = 
                 loss_t, acc_t = evaluate(model, task.test)
                 test_loss.append(loss_t)
                 test_acc.append(acc_t)
-            progress(step, steps, f"{OPTIMIZERS[optimizer]} step")  # shown while an explorer renders
+            progress.report(step, steps, f"{OPTIMIZERS[optimizer]} step")  # shown while an explorer renders
     if diverged:
         checkpoints.append(steps)
         monitor_loss.append(math.nan)
@@ -687,7 +690,7 @@ class YourModelExplorer(Explorer):
                 per[name] = estimate_block(self.model, self.data, self.modules[name], estimator, int(products),
                                            self.seed, self.criterion)
                 done += int(products)
-                progress(done, total, "products (budget)")
+                progress.report(done, total, "products (budget)")
             sizes = {n: sum(self.params[p].numel() for p in self.modules[n]) for n in names}
             largest = max(names, key=lambda n: abs(per[n]["value"]) / (1 if estimator.startswith("top") else sizes[n]))
             path = []
@@ -695,7 +698,7 @@ class YourModelExplorer(Explorer):
                 path.append(estimate_block(self.model, self.data, self.modules[largest], estimator, b, self.seed,
                                            self.criterion))
                 done += b
-                progress(done, total, "products (budget)")
+                progress.report(done, total, "products (budget)")
             path.append(per[largest])
             self._cache[key] = {"per": per, "largest": largest, "budgets": budgets + [int(products)], "path": path}
         return self._cache[key]

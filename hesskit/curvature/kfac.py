@@ -11,7 +11,7 @@ gradients independent:
 
 With the weight flattened row by row (hesskit's parameter order) and the bias appended as a
 last column, vec(g a_bar^T) = kron(g, a_bar), so the block is kron(G, A) in that layout;
-`KroneckerFactor.dense()` then moves the bias entries after the weight entries, the order of
+`KroneckerOperator.dense()` then moves the bias entries after the weight entries, the order of
 [weight, bias] in `hk.EmpiricalFisherOperator(...).restrict([...weight, ...bias])`.
 
 Layers (`supported`):
@@ -90,12 +90,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import trace
-from ._batches import Batches, move_batch
-from ._model import call_model, model_output, split_batch
-from ._probe import check_choice, make_generator
-from .layers import is_conv1d, is_linear, linear_weight, parameter_owners
+from .operators import MatrixFreeOperator
+from .._batches import Batches, move_batch
+from .._model import call_model, model_output, split_batch
+from .._checks import check_choice
+from .probes import make_generator
+from ..layers import is_conv1d, is_linear, linear_weight, parameter_owners
 
-__all__ = ["DEFAULT_MAX_FACTOR_SIZE", "KroneckerFactor", "kfac_factors"]
+__all__ = ["DEFAULT_MAX_FACTOR_SIZE", "KroneckerOperator", "kfac_factors"]
 
 FISHERS = ("empirical", "mc")
 
@@ -386,7 +388,7 @@ class LayerCapture:
 
 # --------------------------------------------------------------------- true Fisher labels
 def sampled_label_backward(capture: LayerCapture, outputs: Any, gen: torch.Generator) -> None:
-    """fisher="mc": one backward pass of `hesskit.trace.sampled_label_loss` (labels drawn from the
+    """fisher="mc": one backward pass of `hesskit.curvature.trace.sampled_label_loss` (labels drawn from the
     model's softmax by `gen`), recorded by `capture`. Its gradient is a sample of the true
     Fisher's "g" (Martens & Grosse 2015, section 5), so E[A (x) G] of one prediction is its GGN
     block. `outputs`: the logits (classes last: (N, C), or (N, T, V) for a language model) with
@@ -401,28 +403,46 @@ def sampled_label_backward(capture: LayerCapture, outputs: Any, gen: torch.Gener
 
 
 # --------------------------------------------------------------------- public API
-@dataclass
-class KroneckerFactor:
-    """A layer's Kronecker factors: its curvature block is approximated by A (x) G.
+class KroneckerOperator(MatrixFreeOperator):
+    """A layer's Kronecker-factored curvature block A (x) G, as an operator (products without
+    forming the block: (A (x) G) vec(M) = vec(G M A) for the [W | b] matrix M).
 
-    A: (fan_in + has_bias) square, G: (fan_out) square; `dense()` is the approximation as a
-    matrix in hesskit's parameter order [weight (row-major), bias]. For a Conv1D or an Embedding,
-    whose stored weight is (in, out), `weight_shape` and the row-major order are those of the
-    (out, in) view. An Embedding's A is diagonal and kept as the vector of its diagonal (the
-    token frequencies): a vocabulary-square matrix would not fit.
+    A: (fan_in + has_bias) square, G: (fan_out) square; products and `dense()` use hesskit's
+    parameter order [weight (row-major), bias]. For a Conv1D or an Embedding, whose stored weight
+    is (in, out), `weight_shape` and the row-major order are those of the (out, in) view. An
+    Embedding's A is diagonal and kept as the vector of its diagonal (the token frequencies): a
+    vocabulary-square matrix would not fit.
     """
 
-    A: Tensor
-    G: Tensor
-    weight_shape: tuple[int, ...]
-    has_bias: bool
+    kind = "kfac"
+
+    def __init__(self, A: Tensor, G: Tensor, weight_shape: tuple[int, ...], has_bias: bool):
+        self.A, self.G = A, G
+        self.weight_shape, self.has_bias = tuple(weight_shape), bool(has_bias)
+        super().__init__(A.shape[0] * G.shape[0], G.dtype, G.device)
+
+    def __repr__(self) -> str:
+        return (f"KroneckerOperator(A={tuple(self.A.shape)}, G={tuple(self.G.shape)}, weight_shape={self.weight_shape}, "
+                f"has_bias={self.has_bias})")
 
     @property
     def num_params(self) -> int:
-        return self.A.shape[0] * self.G.shape[0]
+        return self.shape[0]
 
-    def dense(self) -> Tensor:
-        """kron(G, A) reordered from the [W | b] row-major layout to [weight, bias]."""
+    def _matmat(self, V: Tensor) -> Tensor:
+        out, cols, k = self.G.shape[0], self.A.shape[0], V.shape[1]
+        inputs = cols - self.has_bias
+        M = V[: out * inputs].T.reshape(k, out, inputs)
+        if self.has_bias:
+            M = torch.cat([M, V[out * inputs :].T.reshape(k, out, 1)], dim=2)
+        GM = self.G @ M
+        R = GM * self.A if self.A.dim() == 1 else GM @ self.A
+        flat = [R[:, :, :inputs].reshape(k, -1)] + ([R[:, :, inputs]] if self.has_bias else [])
+        return torch.cat(flat, dim=1).T
+
+    def dense(self, progress: bool = False) -> Tensor:
+        """kron(G, A) reordered from the [W | b] row-major layout to [weight, bias] (formed
+        directly, no products; `progress` is accepted for the operator interface)."""
         out, cols = self.G.shape[0], self.A.shape[0]
         K = torch.kron(self.G, torch.diag(self.A) if self.A.dim() == 1 else self.A)
         if not self.has_bias:
@@ -434,7 +454,7 @@ class KroneckerFactor:
 
 def kfac_factors(model: nn.Module, criterion: Callable[[Any, Any], Tensor], data: Any, fisher: str = "empirical",
                  seed: int | None = None, *, output_fn: Callable[[Any], Tensor] | None = None,
-                 max_factor_size: int | None = DEFAULT_MAX_FACTOR_SIZE) -> dict[str, KroneckerFactor]:
+                 max_factor_size: int | None = DEFAULT_MAX_FACTOR_SIZE) -> dict[str, KroneckerOperator]:
     """K-FAC factors of every Linear, Conv1D, Conv2d and Embedding layer of `model` on `data`.
 
     Args:
@@ -452,7 +472,7 @@ def kfac_factors(model: nn.Module, criterion: Callable[[Any, Any], Tensor], data
             warning with the size); None: no limit. Default `DEFAULT_MAX_FACTOR_SIZE`.
 
     Returns:
-        {layer name: KroneckerFactor}, with the conventions of this module's docstring. Linear-like
+        {layer name: KroneckerOperator}, with the conventions of this module's docstring. Linear-like
         layers that get none (tied weights, too large, ...) are named in a warning.
     """
     if not isinstance(model, nn.Module):
@@ -491,5 +511,5 @@ def kfac_factors(model: nn.Module, criterion: Callable[[Any, Any], Tensor], data
                 else:
                     sums[i] = [count * A, count * G]
         total += count
-    return {layers[i].name: KroneckerFactor(A / total, G / total, layers[i].weight_shape, layers[i].has_bias)
+    return {layers[i].name: KroneckerOperator(A / total, G / total, layers[i].weight_shape, layers[i].has_bias)
             for i, (A, G) in sums.items()}

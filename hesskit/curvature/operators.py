@@ -31,17 +31,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._batches import Batches, move_batch
-from ._distributed import Collective, resolve_model
-from ._memory import SavedBytes, check_cache_memory, default_cache_memory
-from ._model import (as_one_sample, call_model, differentiable_attention, explain_backward_error, model_output,
+from .._batches import Batches, move_batch
+from .._distributed import Collective, resolve_model
+from .._checks import check_cache_memory, check_graph_params
+from .._memory import SavedBytes, default_cache_memory
+from .._model import (as_one_sample, call_model, differentiable_attention, explain_backward_error, model_output,
                      per_sample_grads, split_batch, LowPrecisionSpy)
-from .layers import tied_names
+from ..layers import tied_names
 
 __all__ = [
     "NonFiniteError",
     "MatrixFreeOperator", "CurvatureOperator", "HessianOperator", "GGNOperator", "EmpiricalFisherOperator",
-    "LossHessian", "LossGGN", "layer_groups", "mode_sensitive_modules",
+    "LossHessianOperator", "LossGGNOperator", "layer_groups", "mode_sensitive_modules",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -212,7 +213,7 @@ class MatrixFreeOperator(ABC):
     def dense(self, progress: bool = False) -> Tensor:
         """The exact n x n matrix (n products, 256 at a time), for small models. `progress=True`
         shows a progress bar of the products."""
-        from ._probe import progress_bar
+        from ..progress import progress_bar
 
         n = self.shape[0]
         if n > _DENSE_LIMIT:
@@ -798,19 +799,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
 
 # --------------------------------------------------------------------- on one computed loss
-def _graph_params(params: Any) -> list[Tensor]:
-    params = [params] if isinstance(params, Tensor) else list(params)
-    if not params:
-        raise ValueError("params: expected at least one tensor, got none")
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"params[{i}]: expected a tensor, got {type(p).__name__}")
-        if not p.requires_grad:
-            raise ValueError(f"params[{i}]: does not require grad")
-    return params
-
-
-class LossHessian(MatrixFreeOperator):
+class LossHessianOperator(MatrixFreeOperator):
     """The Hessian of one already computed scalar `loss` with respect to `params`.
 
     The products run on the loss's own graph (Pearlmutter's double backward), so an optimizer
@@ -822,7 +811,7 @@ class LossHessian(MatrixFreeOperator):
     kind = "hessian"
 
     def __init__(self, loss: Tensor, params: Any, grads: list[Tensor] | None = None):
-        self.params = _graph_params(params)
+        self.params = check_graph_params(params)
         loss = _check_loss(loss, "loss")
         if grads is None:
             if not loss.requires_grad:
@@ -837,7 +826,7 @@ class LossHessian(MatrixFreeOperator):
         return _vjp(self._gradient, self.params, V.T).T
 
 
-class LossGGN(MatrixFreeOperator):
+class LossGGNOperator(MatrixFreeOperator):
     """The generalised Gauss-Newton matrix J^T (d^2 loss / d outputs^2) J of one computed loss.
 
     `outputs` are the model outputs the `loss` was computed from, with their graph to `params`
@@ -847,7 +836,7 @@ class LossGGN(MatrixFreeOperator):
     kind = "ggn"
 
     def __init__(self, loss: Tensor, outputs: Tensor, params: Any):
-        self.params = _graph_params(params)
+        self.params = check_graph_params(params)
         loss = _check_loss(loss, "loss")
         if not isinstance(outputs, Tensor) or not outputs.requires_grad:
             raise ValueError("outputs: expected the model outputs the loss was computed from, with their graph")

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._probe import DISTRIBUTIONS, Counted, check_choice, check_count, make_generator, probes
+from .probes import DISTRIBUTIONS, Counted, make_generator, probes
+from .._checks import check_choice, check_count
 from .results import BlockTraceResult, DiagonalResult, TraceResult
 
 __all__ = ["trace", "diagonal", "gauss_newton_bartlett"]
@@ -352,10 +353,10 @@ def gauss_newton_bartlett(
     exactly the GGN: the estimate is unbiased and never negative. Each sample costs one
     backward pass (counted in `num_matvecs`); the graph of `logits` is kept for the caller.
     """
-    from .operators import _graph_params
+    from .._checks import check_graph_params
 
     start = time.perf_counter()
-    params = _graph_params(params)
+    params = check_graph_params(params)
     check_count("num_samples", num_samples)
     if not isinstance(logits, Tensor) or logits.dim() < 2 or not logits.requires_grad:
         raise ValueError("logits: expected model outputs of shape (..., classes) with their graph to params")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TraceResult", "BlockTraceResult", "DiagonalResult", "EigenResult", "SpectralDensityResult"]
+__all__ = ["TraceResult", "BlockTraceResult", "DiagonalResult", "EigenResult", "SpectralDensityResult", "smoothed_density"]
 
 
 def _t_quantile(level: float, num_samples: int) -> float:
@@ -133,8 +133,6 @@ class SpectralDensityResult(_Cost):
 
     def density(self, grid: np.ndarray, sigma: float | None = None) -> np.ndarray:
         """The spectral density smoothed by a Gaussian of width `sigma`, on `grid` (integrates to 1)."""
-        from .density import smoothed_density
-
         sigma = self.default_sigma() if sigma is None else float(sigma)
         return smoothed_density(self.nodes, self.weights / self.nodes.shape[0], grid, sigma)
 
@@ -156,3 +154,22 @@ class SpectralDensityResult(_Cost):
         ax.set_ylabel("density")
         ax.set_title(f"spectral density (SLQ, {self.nodes.shape[0]} runs x {self.nodes.shape[1]} steps, sigma={sigma:.3g})")
         return ax
+
+
+def smoothed_density(points: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
+    """sum_i weights_i N(grid; points_i, sigma^2): point masses smoothed by a Gaussian of width sigma.
+
+    With SLQ nodes and weights (averaged over runs) this is the smoothed density estimate of
+    Lin, Saad & Yang (2016) and Ghorbani et al. (2019); with the eigenvalues and weights 1/n it is
+    the exact spectral density smoothed the same way.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma: expected a positive width, got {sigma}")
+    points = np.asarray(points, dtype=float).reshape(-1)
+    weights = np.asarray(weights, dtype=float).reshape(-1)
+    grid = np.asarray(grid, dtype=float)
+    out = np.zeros_like(grid)
+    for start in range(0, len(points), 2048):  # chunks keep the (grid x points) table small
+        z = (grid[:, None] - points[None, start : start + 2048]) / sigma
+        out += (np.exp(-0.5 * z**2) * weights[None, start : start + 2048]).sum(axis=1)
+    return out / (sigma * math.sqrt(2 * math.pi))

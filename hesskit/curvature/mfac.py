@@ -21,21 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._probe import check_count, is_real
+from .._checks import check_count, check_damping, is_real
 from .operators import MatrixFreeOperator
 
-__all__ = ["MFACInverse"]
+__all__ = ["MFACInverseOperator"]
 
 
-def check_damping(value: Any) -> float:
-    """The damping of F = damping * I + Fisher: a finite number > 0 (also used by `hk.prune`)."""
-    if not is_real(value) or not 0 < value < float("inf"):
-        raise ValueError(f"damping: expected a finite number > 0 (so that F = damping * I + Fisher is invertible), "
-                         f"got {value!r}")
-    return float(value)
-
-
-class MFACInverse(MatrixFreeOperator):
+class MFACInverseOperator(MatrixFreeOperator):
     r"""The inverse of a damped empirical Fisher over a sliding window of m gradients, as an operator.
 
         F = damping * I + (1/m) sum_{i=1}^m g_i g_i^T,        `inv @ x` = F^{-1} x
@@ -215,7 +207,7 @@ class MFACInverse(MatrixFreeOperator):
     @classmethod
     def from_model(cls, model: torch.nn.Module, criterion: Any, data: Any, num_grads: int | None = None,
                    damping: float = 1e-4, *, params: Any = None, mode: str | None = None,
-                   per_sample: bool = True, output_fn: Any = None) -> MFACInverse:
+                   per_sample: bool = True, output_fn: Any = None) -> MFACInverseOperator:
         """The inverse of the damped empirical Fisher of a model, filled from `data`.
 
         With `per_sample=True` (default) the window holds the first `num_grads` per-sample
@@ -258,5 +250,5 @@ class MFACInverse(MatrixFreeOperator):
         return inv
 
     def __repr__(self) -> str:
-        return (f"MFACInverse(dim={self.shape[0]}, num_grads={self.num_grads}, filled={self.num_filled}, "
+        return (f"MFACInverseOperator(dim={self.shape[0]}, num_grads={self.num_grads}, filled={self.num_filled}, "
                 f"damping={self.damping:g}, dtype={self.dtype}, device={self.device})")

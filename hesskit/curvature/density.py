@@ -8,30 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._probe import DISTRIBUTIONS, Counted, check_choice, check_count, make_generator, probes
+from .probes import DISTRIBUTIONS, Counted, make_generator, probes
+from .._checks import check_choice, check_count
 from .eigen import lanczos_step
 from .results import SpectralDensityResult
 
-__all__ = ["spectral_density", "smoothed_density"]
-
-
-def smoothed_density(points: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
-    """sum_i weights_i N(grid; points_i, sigma^2): point masses smoothed by a Gaussian of width sigma.
-
-    With SLQ nodes and weights (averaged over runs) this is the smoothed density estimate of
-    Lin, Saad & Yang (2016) and Ghorbani et al. (2019); with the eigenvalues and weights 1/n it is
-    the exact spectral density smoothed the same way.
-    """
-    if sigma <= 0:
-        raise ValueError(f"sigma: expected a positive width, got {sigma}")
-    points = np.asarray(points, dtype=float).reshape(-1)
-    weights = np.asarray(weights, dtype=float).reshape(-1)
-    grid = np.asarray(grid, dtype=float)
-    out = np.zeros_like(grid)
-    for start in range(0, len(points), 2048):  # chunks keep the (grid x points) table small
-        z = (grid[:, None] - points[None, start : start + 2048]) / sigma
-        out += (np.exp(-0.5 * z**2) * weights[None, start : start + 2048]).sum(axis=1)
-    return out / (sigma * math.sqrt(2 * math.pi))
+__all__ = ["spectral_density"]
 
 
 def lanczos_quadrature(A: Counted, v: torch.Tensor, num_steps: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,8 @@
-"""Helpers shared across hesskit: counted products, seeds, random probe vectors and argument checks."""
+"""What randomized estimators share: counted products (`Counted`), seeds (`make_generator`) and random
+probe vectors (`probes`, `DISTRIBUTIONS`). Public, for readers writing their own estimators."""
 
 from __future__ import annotations
 
-import numbers
 import os
 import time
 from contextlib import nullcontext
@@ -11,43 +11,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import is_int
+from ..progress import progress_bar
+from .operators import NonFiniteError
+
+__all__ = ["DISTRIBUTIONS", "Counted", "make_generator", "probes"]
+
 DISTRIBUTIONS = ("rademacher", "gaussian")
-
-
-class _NoBar:
-    """What `progress_bar` returns when progress is off: every call does nothing."""
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def progress_bar(enabled: Any, total: int | None, desc: str, unit: str = "product", group: Any = None) -> Any:
-    """A tqdm bar (tqdm.auto: a widget in notebooks, text in a terminal) when `enabled`, else a
-    no-op with the same methods. With a process group only process 0 shows it."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"progress: expected True or False, got {enabled!r}")
-    if not enabled:
-        return _NoBar()
-    if group is not None:
-        import torch.distributed as dist
-
-        if dist.get_rank(group) != 0:
-            return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
 
 
 class Counted:
@@ -82,8 +52,6 @@ class Counted:
         self.num_matvecs += k
         self.bar.update(k)
         if isinstance(self.op, Tensor) and not torch.isfinite(out).all():
-            from .operators import NonFiniteError
-
             raise NonFiniteError("op: a product came out nan or inf")
         return out.detach()
 
@@ -100,33 +68,11 @@ class Counted:
         )
 
 
-def is_int(value: Any) -> bool:
-    """A Python or numpy integer (`np.arange` gives numpy ones), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value: Any) -> bool:
-    """A Python or numpy real number, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_count(name: str, value: Any, minimum: int = 1) -> int:
-    if not is_int(value) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-    return value
-
-
 def make_generator(seed: int | None, group: Any = None) -> tuple[int, torch.Generator]:
     """A private CPU generator (the global RNG is untouched); a fresh seed is drawn and reported if
     None. With a process group, a fresh seed is process 0's, so every process draws the same probes."""
     if seed is None:
-        from ._distributed import shared_seed
+        from .._distributed import shared_seed
 
         seed = shared_seed(int.from_bytes(os.urandom(7), "little"), group)
     if not is_int(seed) or seed < 0:

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._probe import Counted, check_choice, check_count, make_generator, progress_bar
+from .probes import Counted, make_generator
+from .._checks import check_choice, check_count
+from ..progress import progress_bar
 from .results import EigenResult
 
 __all__ = ["eigenvalues", "power_iteration"]
