@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: lab test claims install bench clean
 
-# curvlinops (bench/curvature.py's comparison, tests/test_curvlinops.py) is installed on its own, with
+# curvlinops (bench/curvature.py's comparison, tests/curvature/test_curvlinops.py) is installed on its own, with
 # --no-deps and its four pure-Python dependencies pinned: its backpack-for-pytorch dependency pulls
 # torchvision, which has no CPU build for torch 2.13, so it is not in pyproject.toml's dependencies.
 # Its operators and estimators do not need backpack. The stamp depends on this Makefile so that a

@@ -4,7 +4,7 @@
     python bench/compression.py --quick   # tiny budgets: checks that the script runs (< 60 s); numbers mean nothing
 
 Protocol (weight-only post-training compression, no fine-tuning, so each table isolates one effect). Everything
-reuses the tested experiment functions of the notebooks (`hesskit.widgets.hawq`, `.qbert`, `.gptq`, `.pruning`).
+reuses the tested experiment functions of the notebooks (`hesskit.experiments.hawq`, `.qbert`, `.gptq`, `.pruning`).
 * Tasks, trained here from seeded code (nothing downloads), seeds 0, 1, 2 (initialisation and batch order):
   - "digits MLP": 64 -> five 64x64 ReLU layers -> 10 (six equal-width layers, 25k weights; quantization.md's pilot
     E4), Adam on 80% of scikit-learn's digits (`hawq.digits_problem`); test accuracy on the other 20%.
@@ -50,9 +50,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hesskit as hk  # noqa: E402
+from hesskit.quant.gptq import round_to_nearest  # noqa: E402
 from hesskit.quant import pair_interactions, sensitivities  # noqa: E402
-from hesskit.widgets import hawq, pruning, qbert  # noqa: E402
-from hesskit.widgets.hawq import HAWQProblem  # noqa: E402
+from hesskit.experiments import hawq, pruning, qbert  # noqa: E402
+from hesskit.experiments.hawq import HAWQProblem  # noqa: E402
 
 CRITERION = nn.CrossEntropyLoss()
 PROXIES = ("trace", "eigenvalue", "qbert", "weights", "measured", "pairs")
@@ -143,7 +144,7 @@ def group_rows(problem: HAWQProblem, bits: int) -> dict[str, tuple[float, float]
 # ------------------------------------------------------------------ GPTQ and pruning
 def gptq_rows(problem: HAWQProblem, bits: int) -> dict[str, tuple[float, float]]:
     model, calib = problem.model, problem.calibration[0]
-    rtn, rtn_seconds = timed(lambda: hk.quant.round_to_nearest(model, bits))
+    rtn, rtn_seconds = timed(lambda: round_to_nearest(model, bits))
     q, gptq_seconds = timed(lambda: hk.quant.gptq(model, calib, bits))
     return {"round to nearest": (accuracy(problem, rtn), rtn_seconds), "GPTQ": (accuracy(problem, q), gptq_seconds)}
 

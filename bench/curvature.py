@@ -36,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hesskit as hk  # noqa: E402
+from hesskit.experiments.tasks import fit_classifier  # noqa: E402
 
 ROWS: list[list[str]] = []
 
@@ -65,15 +66,11 @@ def median_run(fn: Callable, repeat: int):
 
 
 def trained_model(model: nn.Module, x, y, steps: int, seed: int = 0) -> nn.Module:
-    """A few Adam steps so the spectrum looks like a real network's (outliers above a bulk)."""
+    """A few full-batch Adam steps (lr 3e-3, `fit_classifier`) so the spectrum looks like a real
+    network's (outliers above a bulk), in eval mode. The global generator is reseeded with `seed`
+    first: the tables after it draw from it."""
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model.eval()
+    return fit_classifier(model, (x, y), steps, 3e-3).eval()
 
 
 # ------------------------------------------------------------------ estimator defaults

@@ -4,7 +4,8 @@
     python bench/optimizers.py --quick    # tiny models and budgets: checks that the script runs (< 60 s)
     python bench/optimizers.py --from-results bench/results/optimizers_runs.json  # report saved runs again
 
-Protocol, identical for every optimizer in REGISTRY (entries whose class does not import are skipped):
+Protocol, identical for every optimizer of BENCH_REGISTRY: notebook 10's registry, tasks, training run and summary
+(`hesskit.experiments.shootout`), on bigger models and budgets:
 * Tasks: `SmallCNN` (6,090 parameters) on the scikit-learn digits, minibatches of 128, 300 steps; and
   `CharTransformerLM` (2 causal blocks, 28,186 parameters) on `hk.data.text` (100k characters, windows of 32),
   minibatches of 32 windows, 400 steps. Seed s fixes the model's initialisation and the minibatch order.
@@ -39,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
-import inspect
 import json
 import math
 import multiprocessing
@@ -51,170 +50,89 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hesskit as hk  # noqa: E402
-from hesskit.optim import make_closure as closure_for  # noqa: E402
+from hesskit.experiments.shootout import (  # noqa: E402
+    BENCH_REGISTRY,
+    LR_FACTORS,
+    Grid,
+    Row,
+    Summary,
+    run_from_record,
+    run_to_record,
+    summarise,
+    target_loss,
+    target_step,
+    train_run,
+)
+from hesskit.experiments.tasks import Task, char_lm_task, digits_task  # noqa: E402
+from hesskit.experiments.training import TrainingRun, random_batches  # noqa: E402
+from hesskit.optim import make_closure  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-LR_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
-TARGET_FRACTION = 0.6  # target = AdamW's training loss at 60% of the budget
-
-
-# ------------------------------------------------------------------ the registry
-@dataclass(frozen=True)
-class Entry:
-    """One optimizer: its class (resolved lazily), fixed keyword arguments, closure kind and lr grid centre."""
-
-    cls: str  # "torch.optim.AdamW" or "hesskit.optim.Sophia"
-    kwargs: dict = field(default_factory=dict)
-    closure: str = "loss"  # "backward" (torch optimizers), "loss" (hesskit contract), "loss_outputs" ((loss, logits))
-    takes_model: bool = False  # K-FAC and MKOR take the model, the others its parameters
-    lr: float | None = None  # centre of the lr grid; None: the constructor's default
-    max_step_ratio: float | None = None  # per-step time target relative to AdamW (amortised)
-
-    def resolve(self) -> type | None:
-        module, _, name = self.cls.rpartition(".")
-        return getattr(importlib.import_module(module), name, None)
-
-    def lrs(self) -> list[float]:
-        centre = self.lr if self.lr is not None else inspect.signature(self.resolve()).parameters["lr"].default
-        if not isinstance(centre, float):
-            raise ValueError(f"{self.cls} has no default lr: give the registry entry an lr")
-        return [centre * f for f in LR_FACTORS]
-
-    def make(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        return self.resolve()(model if self.takes_model else model.parameters(), lr=lr, **self.kwargs)
-
-
-REGISTRY: dict[str, Entry] = {
-    "SGD (momentum 0.9)": Entry("torch.optim.SGD", {"momentum": 0.9}, "backward", lr=0.1),
-    "AdamW": Entry("torch.optim.AdamW", closure="backward"),
-    "AdaHessian": Entry("hesskit.optim.AdaHessian", max_step_ratio=3.0),
-    "AdaHessian (D every 2 steps)": Entry("hesskit.optim.AdaHessian", {"update_every": 2}, max_step_ratio=3.0),
-    "Sophia-H (Hutchinson, k=10)": Entry("hesskit.optim.Sophia", {"estimator": "hutchinson"}, max_step_ratio=1.3),
-    "Sophia-G (GNB, k=10)": Entry("hesskit.optim.Sophia", {"estimator": "gnb"}, "loss_outputs", max_step_ratio=1.3),
-    "K-FAC (f=10, i=100)": Entry("hesskit.optim.KFAC", takes_model=True, max_step_ratio=2.0),
-    "MKOR": Entry("hesskit.optim.MKOR", takes_model=True, max_step_ratio=2.0),
-    "M-FAC (m=32)": Entry("hesskit.optim.MFAC", {"num_grads": 32}, max_step_ratio=2.0),
-    "Newton-CG (GGN, 10 CG iters)": Entry("hesskit.optim.NewtonCG", {"curvature": "ggn", "max_cg_iters": 10},
-                                          "loss_outputs"),
-}
-
-# Entries measured here only: notebook 10's shootout (hesskit.widgets.shootout.REGISTRY) offers the others,
-# with the same settings; notebook 06 covers AdaHessian's delayed refresh.
-BENCH_ONLY = ("AdaHessian (D every 2 steps)",)
-
-
-# ------------------------------------------------------------------ the tasks
-@dataclass
-class Task:
-    name: str
-    steps: int
-    batch: int
-    make_model: Callable[[], nn.Module]
-    train: tuple  # (x, y) sampled for minibatches
-    train_eval: tuple  # fixed subset of train: the "training loss"
-    test: tuple
-    metric: str  # "accuracy" or "bits/char"
-    record_every: int = 10  # training loss evaluated every this many steps
-
-    def loss(self, outputs, y):
-        """Mean cross-entropy and the flattened logits it was computed from (Sophia-G / Newton-CG use them)."""
-        logits = outputs.flatten(0, -2)
-        return F.cross_entropy(logits, y.flatten()), logits
-
-
-@functools.lru_cache(maxsize=None)
-def make_task(name: str, quick: bool) -> Task:
-    on = lambda *ts: tuple(t.to(DEVICE) for t in ts)  # noqa: E731
-    if name == "digits":
-        (x, y), (xt, yt) = hk.data.digits(seed=0)
-        channels = (4, 8) if quick else (16, 32)
-        return Task("digits", 12 if quick else 300, 64 if quick else 128, lambda: hk.models.SmallCNN(channels),
-                    on(x, y), on(x, y), on(xt, yt), "accuracy", 2 if quick else 10)
-    length = 16 if quick else 32
-    (x, y), (xt, yt), vocab = hk.data.char_windows(hk.data.text(8_000 if quick else 100_000, seed=0), length)
-    size = dict(dim=16, blocks=1, heads=2, mlp_ratio=2) if quick else dict(dim=32, blocks=2, heads=4, mlp_ratio=4)
-    return Task("char LM", 12 if quick else 400, 8 if quick else 32,
-                lambda: hk.models.CharTransformerLM(len(vocab), max_length=length, **size),
-                on(x, y), on(x[:128], y[:128]), on(xt, yt), "bits/char", 2 if quick else 10)
-
-
 TASKS = ("digits", "char LM")
 
 
-# ------------------------------------------------------------------ one training run (in a worker)
-def make_closure(task: Task, entry: Entry, model: nn.Module, opt, xb, yb) -> Callable:
-    """The closure `entry`'s optimizer needs (one shared builder: `hesskit.widgets.explorer.make_closure`)."""
-    return closure_for(entry.closure, opt, lambda: task.loss(model(xb), yb))
+# ------------------------------------------------------------------ the tasks and their budgets
+@dataclass(frozen=True)
+class Setup:
+    """One task of the benchmark and its budget: `steps` steps of `batch_size` examples, the training loss recorded
+    every `record_every` steps."""
+
+    name: str  # "digits" or "char LM"
+    task: Task
+    steps: int
+    batch_size: int
+    record_every: int
+
+    def run(self, name: str, lr: float, seed: int, steps: int | None = None, record: bool = True) -> TrainingRun:
+        """One training run of BENCH_REGISTRY[name] (`record=False`: no evaluation at all, for memory and warnings)."""
+        return train_run(self.task, name, lr, seed, self.steps if steps is None else steps, self.batch_size,
+                         self.record_every if record else None, BENCH_REGISTRY)
 
 
-@torch.no_grad()
-def evaluate(task: Task, model: nn.Module, data) -> tuple[float, float]:
-    """(mean cross-entropy, metric): accuracy in % for digits, bits per character for the LM."""
-    x, y = data
-    loss, logits = task.loss(model(x), y)
-    if task.metric == "accuracy":
-        return loss.item(), 100.0 * (logits.argmax(-1) == y.flatten()).float().mean().item()
-    return loss.item(), loss.item() / math.log(2)
+@functools.lru_cache(maxsize=None)
+def make_setup(name: str, quick: bool) -> Setup:
+    """The digits SmallCNN (training loss on every training image; accuracy counted in float32, as this benchmark
+    always has) or the character LM (training loss on the first 128 windows), on DEVICE."""
+    every = 2 if quick else 10
+    if name == "digits":
+        cnn = digits_task("cnn", channels=(4, 8) if quick else (16, 32))
+        task = replace(cnn.to(DEVICE), accuracy_dtype=torch.float32)
+        return Setup(name, task, 12 if quick else 300, 64 if quick else 128, every)
+    size = dict(num_chars=8_000, length=16, dim=16, blocks=1, heads=2, mlp_ratio=2) if quick else \
+        dict(num_chars=100_000, length=32, dim=32, blocks=2, heads=4, mlp_ratio=4)
+    return Setup(name, char_lm_task(**size, eval_windows=128).to(DEVICE), 12 if quick else 400, 8 if quick else 32,
+                 every)
 
 
+def make_grid(setup: Setup, names: list[str], seeds: list[int], runs: dict[tuple[str, float, int], TrainingRun]
+              ) -> Grid:
+    """The runs of one task as a `Grid` (every lr of every optimizer's grid, every seed), ready for `summarise`."""
+    ordered = {(n, lr, s): runs[(n, lr, s)] for n in names for lr in BENCH_REGISTRY[n].grid() for s in seeds}
+    return Grid(setup.task, list(names), list(seeds), list(LR_FACTORS), setup.steps, setup.batch_size,
+                setup.record_every, BENCH_REGISTRY, {n: BENCH_REGISTRY[n].centre for n in names}, ordered)
+
+
+# ------------------------------------------------------------------ training runs and memory (in workers)
 def sync():
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
 
 
-def train(task: Task, entry: Entry, lr: float, seed: int, steps: int, record: bool = True) -> dict:
-    """Train from seed `seed`; record (step, training loss, seconds spent in opt.step) every task.record_every steps."""
-    record_every = task.record_every if record else None
-    torch.manual_seed(seed)
-    model = task.make_model().to(DEVICE)
-    opt = entry.make(model, lr)
-    order = torch.Generator().manual_seed(seed)
-    curve = [(0, evaluate(task, model, task.train_eval)[0], 0.0)] if record_every else []
-    elapsed = 0.0
-    for step in range(1, steps + 1):
-        idx = torch.randint(len(task.train[0]), (task.batch,), generator=order).to(DEVICE)
-        closure = make_closure(task, entry, model, opt, task.train[0][idx], task.train[1][idx])
-        start = time.perf_counter()
-        try:
-            loss = opt.step(closure)
-        except FloatingPointError as err:
-            return {"status": "diverged", "message": str(err), "curve": curve}
-        sync()
-        elapsed += time.perf_counter() - start
-        if loss is not None and not math.isfinite(float(loss.detach())):
-            return {"status": "diverged", "message": f"loss {float(loss.detach())} at step {step}", "curve": curve}
-        if record_every and (step % record_every == 0 or step == steps):
-            curve.append((step, evaluate(task, model, task.train_eval)[0], elapsed))
-    if curve and not curve[-1][1] <= curve[0][1]:  # nan, or above the initial loss: blown up
-        return {"status": "diverged", "message": f"final training loss {curve[-1][1]:.4g}", "curve": curve}
-    test_loss, metric = evaluate(task, model, task.test) if record_every else (math.nan, math.nan)
-    return {"status": "ok", "curve": curve, "test_loss": test_loss, "metric": metric}
-
-
 def init_worker():
     torch.set_num_threads(1)
-    warnings.simplefilter("ignore")  # K-FAC/MKOR fallback warnings are collected separately (see `collect_warnings`)
+    warnings.simplefilter("ignore")  # runs collect their warnings (K-FAC/MKOR fallbacks), reported once per optimizer
 
 
 def run_job(job: tuple) -> tuple:
-    """Worker: one (task, optimizer, lr, seed) run; exceptions other than divergence are reported, not raised."""
+    """Worker: one (task, optimizer, lr, seed) run; exceptions other than divergence end it with status "error"."""
     task_name, quick, name, lr, seed = job
-    task = make_task(task_name, quick)
-    try:
-        result = train(task, REGISTRY[name], lr, seed, task.steps)
-    except Exception as err:  # noqa: BLE001 (an optimizer bug must not stop the benchmark)
-        result = {"status": "error", "message": f"{type(err).__name__}: {err}", "curve": []}
-    return job, result
+    return job, make_setup(task_name, quick).run(name, lr, seed)
 
 
 def reset_peak_memory() -> int:
@@ -243,44 +161,32 @@ def memory_job(job: tuple) -> tuple:
     it uses (torch.optim alone imports tens of MB on its first step), so that they do not count."""
     task_name, quick, name, lr, steps = job
     init_worker()
-    task, entry = make_task(task_name, quick), REGISTRY[name]
+    setup = make_setup(task_name, quick)
     try:
-        train(task, entry, lr, 1, 2, record=False)
+        setup.run(name, lr, 1, steps=2, record=False)
         base = reset_peak_memory()
-        result = train(task, entry, lr, 0, steps, record=False)
+        ok = setup.run(name, lr, 0, steps=steps, record=False).ok
     except Exception:  # noqa: BLE001 (the training runs report errors)
-        result = {"status": "error"}
-    return job, (peak_memory() - base) / 2**20 if result["status"] == "ok" else math.nan
-
-
-def collect_warnings(task: Task, entry: Entry, lr: float) -> list[str]:
-    """The warnings an optimizer gives when built and stepped once (e.g. layers K-FAC cannot precondition)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            train(task, entry, lr, 0, 1, record=False)
-        except Exception:  # noqa: BLE001, S110 (errors are reported by the runs themselves)
-            pass
-    return sorted({str(w.message).splitlines()[0] for w in caught})
+        ok = False
+    return job, (peak_memory() - base) / 2**20 if ok else math.nan
 
 
 # ------------------------------------------------------------------ interleaved step timing (main process)
-def step_times(task: Task, best_lrs: dict[str, float], warmup: int, repeat: int) -> dict[str, tuple[float, float]]:
+def step_times(setup: Setup, best_lrs: dict[str, float], warmup: int, repeat: int) -> dict[str, tuple[float, float]]:
     """(median, mean) seconds per step for each optimizer, all taking turns on the same minibatches."""
     torch.set_num_threads(1)
+    task = setup.task
     runners = {name: None for name in best_lrs}
     times: dict[str, list[float]] = {name: [] for name in best_lrs}
-    gen = torch.Generator().manual_seed(0)
 
     def fresh(name):
-        torch.manual_seed(0)
-        model = task.make_model().to(DEVICE)
-        return model, REGISTRY[name].make(model, best_lrs[name])
+        model = task.model(0)
+        return model, BENCH_REGISTRY[name].make(model, best_lrs[name])
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for step in range(warmup + repeat):
-            idx = torch.randint(len(task.train[0]), (task.batch,), generator=gen).to(DEVICE)
+        for step, idx in enumerate(random_batches(len(task.train[0]), warmup + repeat, setup.batch_size, 0)):
+            idx = idx.to(DEVICE)
             xb, yb = task.train[0][idx], task.train[1][idx]
             names = list(runners)
             names = names[step % len(names):] + names[: step % len(names)]  # rotate who goes first
@@ -288,7 +194,7 @@ def step_times(task: Task, best_lrs: dict[str, float], warmup: int, repeat: int)
                 if runners[name] is None:
                     runners[name] = fresh(name)
                 model, opt = runners[name]
-                closure = make_closure(task, REGISTRY[name], model, opt, xb, yb)
+                closure = make_closure(BENCH_REGISTRY[name].closure, opt, lambda model=model: task.loss(model(xb), yb))
                 start = time.perf_counter()
                 try:
                     opt.step(closure)
@@ -300,27 +206,7 @@ def step_times(task: Task, best_lrs: dict[str, float], warmup: int, repeat: int)
     return {name: (statistics.median(t), statistics.fmean(t)) for name, t in times.items()}
 
 
-# ------------------------------------------------------------------ aggregation and reporting
-def median(values):
-    return statistics.median(values) if values else math.inf
-
-
-def final_loss(result: dict) -> float:
-    return result["curve"][-1][1] if result["status"] == "ok" else math.inf
-
-
-def loss_at(result: dict, step: int) -> float:
-    """The training loss at the first recorded step >= `step` (inf for a diverged or failed run)."""
-    if result["status"] != "ok":
-        return math.inf
-    return next((loss for s, loss, _ in result["curve"] if s >= step), math.inf)
-
-
-def reach(result: dict, target: float) -> float:
-    """The first recorded step with training loss <= target, else inf."""
-    return next((s for s, loss, _ in result["curve"] if loss <= target), math.inf)
-
-
+# ------------------------------------------------------------------ reporting
 def ratio(a: float, b: float) -> float:
     return a / b if b > 0 and math.isfinite(b) else math.nan
 
@@ -335,67 +221,47 @@ def fmt(value: float, spec: str, budget: int | None = None) -> str:
     return "n/a" if math.isnan(value) else format(value, spec)
 
 
-def summarise(task: Task, runs: dict, seeds: list[int]) -> dict:
-    """Per optimizer: best lr, its seeds' runs, divergence count over the grid, and the target loss."""
-    summary = {}
-    for name in [n for n in REGISTRY if any(k[0] == n for k in runs)]:
-        grid = sorted({k[1] for k in runs if k[0] == name})
-        by_lr = {lr: [runs[(name, lr, s)] for s in seeds] for lr in grid}
-        scores = {lr: median([final_loss(r) for r in rs]) for lr, rs in by_lr.items()}
-        best = min(grid, key=lambda lr: (scores[lr], lr))
-        all_runs = [r for rs in by_lr.values() for r in rs]
-        summary[name] = dict(grid=grid, best=best, runs=by_lr[best], score=scores[best], by_lr=by_lr,
-                             diverged=sum(r["status"] == "diverged" for r in all_runs), total=len(all_runs),
-                             errors=[f"lr {lr:.3g}, seed {seed}: {r['message']}" for lr, rs in by_lr.items()
-                                     for seed, r in zip(seeds, rs) if r["status"] == "error"])
-    adamw = summary.get("AdamW")
-    step = round(TARGET_FRACTION * task.steps)
-    target = median([loss_at(r, step) for r in adamw["runs"]]) if adamw else math.nan
-    return {"optimizers": summary, "target": target, "target_step": step}
-
-
-def print_table(task: Task, summary: dict, timing: dict, memory: dict, seeds: list[int]) -> None:
-    target, rows = summary["target"], summary["optimizers"]
+def print_table(setup: Setup, summary: Summary, timing: dict, memory: dict, seeds: list[int]) -> None:
     ref_time = timing.get("AdamW", (math.nan, math.nan))
     ref_mem = memory.get("AdamW", math.nan)
-    metric = "test accuracy %" if task.metric == "accuracy" else "test bits/char"
-    print(f"\n### {task.name}: {task.steps} steps, batch {task.batch}, seeds {seeds}\n")
-    print(f"Target training loss {target:.4f} (AdamW's median at step {summary['target_step']}). "
+    metric = "test accuracy %" if summary.metric == "accuracy" else "test bits/char"
+    print(f"\n### {setup.name}: {setup.steps} steps, batch {setup.batch_size}, seeds {seeds}\n")
+    print(f"Target training loss {summary.target:.4f} (AdamW's median at step {target_step(setup.steps)}). "
           f"AdamW step: {ref_time[0] * 1e3:.1f} ms median, {ref_time[1] * 1e3:.1f} ms mean; "
           f"AdamW memory growth {ref_mem:.1f} MB.\n")
     print(f"| optimizer | lr grid | best lr | diverged | final train loss | steps to target | s to target | {metric} "
           "| step time x AdamW (median / mean) | memory x AdamW |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, s in rows.items():
-        if s["errors"] and all(r["status"] == "error" for r in s["runs"]):
-            print(f"| {name} | error: {s['errors'][0][:80]} | | | | | | | | |")
-            continue
-        ok = [r for r in s["runs"] if r["status"] == "ok"]
-        errors = sum(r["status"] == "error" for rs in s["by_lr"].values() for r in rs)
-        reached = [reach(r, target) if r["status"] == "ok" else math.inf for r in s["runs"]]
-        steps, hits = median(reached), sum(math.isfinite(a) for a in reached)
-        t, mem = timing.get(name, (math.nan, math.nan)), memory.get(name, math.nan)
-        secs = steps * t[1]
-        values = [r["metric"] for r in ok]
-        spread = f"{statistics.fmean(values):.2f} +- {statistics.stdev(values) if len(values) > 1 else 0:.2f}" \
-            if values else "n/a"
-        spread += f" ({len(values)}/{len(s['runs'])} seeds)" if len(values) < len(s["runs"]) else ""
-        edge = "*" if s["best"] in (s["grid"][0], s["grid"][-1]) else ""
-        print(f"| {name} | {', '.join(f'{lr:.3g}' for lr in s['grid'])} | {s['best']:.3g}{edge} "
-              f"| {s['diverged']}/{s['total']}{f' (+{errors} errors)' if errors else ''} | {fmt(s['score'], '.4f')} "
-              f"| {fmt(steps, '.0f', task.steps)} "
-              f"({hits}/{len(reached)}) | {fmt(secs, '.1f')} | {spread} | {ratio(t[0], ref_time[0]):.2f} / "
-              f"{ratio(t[1], ref_time[1]):.2f} | {memory_cell(mem, ref_mem)} |")
+    for name, row in summary.rows.items():
+        print(table_row(setup, row, timing.get(name, (math.nan, math.nan)), ref_time, memory.get(name, math.nan),
+                        ref_mem))
     print("\n`*` best lr at the edge of the grid. Steps to target: median over seeds (seeds that reached it), "
-          f"the training loss being recorded every {task.record_every} steps. Seconds to target: those steps times "
+          f"the training loss being recorded every {setup.record_every} steps. Seconds to target: those steps times "
           "the mean (amortised) step time from the interleaved timing; the seconds measured inside the training "
           "runs, which shared the machine, are in the JSON file.")
-    for name, s in rows.items():
-        for message in s["errors"]:
+    for name, row in summary.rows.items():
+        for message in row.errors:
             print(f"- {name}: error at {message[:300]}")
 
 
-def plot(task: Task, summary: dict, timing: dict, out: Path) -> Path:
+def table_row(setup: Setup, row: Row, t: tuple[float, float], ref_time: tuple[float, float], mem: float,
+              ref_mem: float) -> str:
+    """One optimizer's line of the table (`row`: its `summarise` row at the best lr of its grid)."""
+    if row.errors and all(r.log.status == "error" for r in row.runs):
+        return f"| {row.name} | error: {row.errors[0][:80]} | | | | | | | | |"
+    errors = len(row.errors)
+    secs = row.steps_to_target * t[1]
+    spread = f"{row.metric_mean:.2f} +- {row.metric_std:.2f}" if row.finished else "n/a"
+    spread += f" ({row.finished}/{len(row.runs)} seeds)" if row.finished < len(row.runs) else ""
+    edge = "*" if row.best_at_edge else ""
+    return (f"| {row.name} | {', '.join(f'{lr:.3g}' for lr in row.scores)} | {row.best_lr:.3g}{edge} "
+            f"| {row.diverged_grid - errors}/{row.total_grid}{f' (+{errors} errors)' if errors else ''} "
+            f"| {fmt(row.final_loss, '.4f')} | {fmt(row.steps_to_target, '.0f', setup.steps)} "
+            f"({row.hits}/{len(row.runs)}) | {fmt(secs, '.1f')} | {spread} | {ratio(t[0], ref_time[0]):.2f} / "
+            f"{ratio(t[1], ref_time[1]):.2f} | {memory_cell(mem, ref_mem)} |")
+
+
+def plot(setup: Setup, summary: Summary, timing: dict, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,59 +269,60 @@ def plot(task: Task, summary: dict, timing: dict, out: Path) -> Path:
     import matplotlib.ticker
 
     fig, (ax_steps, ax_secs) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, s in summary["optimizers"].items():
-        ok = [r["curve"] for r in s["runs"] if r["status"] == "ok" and len(r["curve"]) > 1]
+    for name, row in summary.rows.items():
+        ok = [r for r in row.runs if r.ok and len(r.eval_steps) > 1]
         if not ok:
             continue
-        n = min(len(c) for c in ok)
-        steps = [ok[0][i][0] for i in range(n)]
-        loss = [statistics.median(c[i][1] for c in ok) for i in range(n)]
-        label = f"{name} (lr {s['best']:.3g})"
+        n = min(len(r.eval_steps) for r in ok)
+        steps = [int(s) for s in ok[0].eval_steps[:n]]
+        loss = [statistics.median(float(r.evals["train_loss"][i]) for r in ok) for i in range(n)]
+        label = f"{name} (lr {row.best_lr:.3g})"
         ax_steps.plot(steps, loss, label=label)
         step_seconds = timing.get(name, (math.nan, math.nan))[1]
         ax_secs.plot([k * step_seconds for k in steps[1:]], loss[1:], label=label)
     ax_secs.set_xscale("log")
     for ax, xlabel in ((ax_steps, "step"), (ax_secs, "seconds (step x mean step time, 1 thread; log scale)")):
-        ax.axhline(summary["target"], color="grey", linestyle="--", linewidth=0.8)
+        ax.axhline(summary.target, color="grey", linestyle="--", linewidth=0.8)
         ax.set(xlabel=xlabel, ylabel="training loss (cross-entropy, log scale)", yscale="log")
         low, high = ax.get_ylim()
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g") if high < 10 * low
                                      else matplotlib.ticker.NullFormatter())  # label 2, 3, ... only within a decade
-    ax_steps.set_title(f"{task.name}: median over seeds, best lr each (dashed: target)", fontsize=9)
+    ax_steps.set_title(f"{setup.name}: median over seeds, best lr each (dashed: target)", fontsize=9)
     ax_secs.legend(fontsize=7)
     fig.tight_layout()
-    path = out / f"optimizers_{task.name.replace(' ', '_')}.png"
+    path = out / f"optimizers_{setup.name.replace(' ', '_')}.png"
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
 
-def save_runs(path: Path, quick: bool, seeds: list[int], summaries: dict, timings: dict, memory: dict) -> None:
-    """Every run's curve and result, the step times and memory, as JSON (for plots or checks of your own)."""
-    runs = [{"task": t, "optimizer": name, "lr": lr, "seed": seed, **result}
-            for t, summary in summaries.items() for name, s in summary["optimizers"].items()
-            for lr, rs in s["by_lr"].items() for seed, result in enumerate(rs)]
+def save_runs(path: Path, quick: bool, seeds: list[int], grids: dict[str, Grid], timings: dict, memory: dict) -> None:
+    """Every run's record (`run_to_record`: curve and result), the step times and memory, as JSON."""
+    runs = [{"task": t, **run_to_record(run)} for t, grid in grids.items() for run in grid.runs.values()]
     path.write_text(json.dumps({"quick": quick, "seeds": seeds, "runs": runs, "step_seconds_median_mean": timings,
-                                "memory_mb": memory, "targets": {t: summary["target"] for t, summary in
-                                                                 summaries.items()}}, indent=0))
+                                "memory_mb": memory, "targets": {t: target_loss(grid) for t, grid in grids.items()}},
+                               indent=0))
 
 
 def load_runs(path: Path) -> tuple:
-    """What `save_runs` wrote: (quick, seeds, summaries, timings, memory)."""
+    """What `save_runs` wrote: (quick, seeds, grids, timings, memory)."""
     saved = json.loads(path.read_text())
     quick, seeds = saved["quick"], saved["seeds"]
-    summaries = {t: summarise(make_task(t, quick), {(r["optimizer"], r["lr"], r["seed"]): r for r in saved["runs"]
-                                                    if r["task"] == t}, seeds) for t in TASKS}
+    grids = {}
+    for t in TASKS:
+        runs = {(r["optimizer"], r["lr"], r["seed"]): run_from_record(r) for r in saved["runs"] if r["task"] == t}
+        grids[t] = make_grid(make_setup(t, quick), [n for n in BENCH_REGISTRY if any(k[0] == n for k in runs)], seeds,
+                             runs)
     timings = {t: {n: tuple(v) for n, v in saved["step_seconds_median_mean"][t].items()} for t in TASKS}
-    return quick, seeds, summaries, timings, saved["memory_mb"]
+    return quick, seeds, grids, timings, saved["memory_mb"]
 
 
 def print_targets(timings: dict) -> None:
     print("\n### Per-step time targets (mean step, amortised, relative to AdamW)\n")
     print("| optimizer | target | " + " | ".join(timings) + " | met |")
     print("|---|---:|" + "---:|" * len(timings) + "---|")
-    for name, entry in REGISTRY.items():
+    for name, entry in BENCH_REGISTRY.items():
         if entry.max_step_ratio is None or not all(name in t for t in timings.values()):
             continue
         ratios = [ratio(t[name][1], t["AdamW"][1]) for t in timings.values()]
@@ -464,23 +331,9 @@ def print_targets(timings: dict) -> None:
 
 
 # ------------------------------------------------------------------ main
-def available_entries() -> list[str]:
-    names = []
-    for name, entry in REGISTRY.items():
-        try:
-            found = entry.resolve() is not None
-        except ImportError:
-            found = False
-        if found:
-            names.append(name)
-        else:
-            print(f"- skipped {name}: {entry.cls} is not importable yet")
-    return names
-
-
-def run_grid(names: list[str], seeds: list[int], quick: bool, workers: int) -> dict[str, dict]:
-    """Every (task, optimizer, lr, seed) run, in a pool; returns the per-task summaries."""
-    jobs = [(t, quick, n, lr, s) for t in reversed(TASKS) for n in reversed(names) for lr in REGISTRY[n].lrs()
+def train_grids(names: list[str], seeds: list[int], quick: bool, workers: int) -> dict[str, Grid]:
+    """Every (task, optimizer, lr, seed) run, in a pool; returns each task's `Grid`."""
+    jobs = [(t, quick, n, lr, s) for t in reversed(TASKS) for n in reversed(names) for lr in BENCH_REGISTRY[n].grid()
             for s in seeds]  # the slow ones (the LM, Newton-CG) first, for load balance
     results, start = {}, time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker) as pool:
@@ -488,8 +341,8 @@ def run_grid(names: list[str], seeds: list[int], quick: bool, workers: int) -> d
             results[job] = result
             if len(results) % 20 == 0:
                 print(f"  {len(results)}/{len(jobs)} runs, {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return {t: summarise(make_task(t, quick), {(n, lr, s): r for (task, _, n, lr, s), r in results.items() if task == t},
-                         seeds) for t in TASKS}
+    return {t: make_grid(make_setup(t, quick), names, seeds,
+                         {(n, lr, s): r for (task, _, n, lr, s), r in results.items() if task == t}) for t in TASKS}
 
 
 def measure_memory(best: dict[str, dict[str, float]], quick: bool, workers: int) -> dict[str, dict[str, float]]:
@@ -508,35 +361,37 @@ def measure_memory(best: dict[str, dict[str, float]], quick: bool, workers: int)
 
 
 def measure(seeds: list[int], quick: bool, workers: int) -> tuple:
-    """The training grid, the memory runs and the interleaved timing: (summaries, timings, memory)."""
+    """The training grids, the memory runs and the interleaved timing: (grids, timings, memory)."""
     start = time.perf_counter()
-    summaries = run_grid(available_entries(), seeds, quick, workers)
+    grids = train_grids(list(BENCH_REGISTRY), seeds, quick, workers)
     print(f"\nTraining runs: {time.perf_counter() - start:.0f} s")
-    best = best_lrs(summaries)
+    best = best_lrs({t: summarise(grid) for t, grid in grids.items()})
     lap = time.perf_counter()
     memory = measure_memory(best, quick, workers)
     print(f"Memory runs: {time.perf_counter() - lap:.0f} s")
     lap = time.perf_counter()
-    timings = {t: step_times(make_task(t, quick), best[t], warmup=2 if quick else 10, repeat=6 if quick else 200)
+    timings = {t: step_times(make_setup(t, quick), best[t], warmup=2 if quick else 10, repeat=6 if quick else 200)
                for t in TASKS}
     print(f"Interleaved step timing: {time.perf_counter() - lap:.0f} s")
-    return summaries, timings, memory
+    return grids, timings, memory
 
 
-def best_lrs(summaries: dict) -> dict[str, dict[str, float]]:
-    return {t: {n: s["best"] for n, s in summaries[t]["optimizers"].items() if math.isfinite(s["score"])}
+def best_lrs(summaries: dict[str, Summary]) -> dict[str, dict[str, float]]:
+    """Each optimizer's best lr per task, for those whose median seed did not diverge there."""
+    return {t: {n: row.best_lr for n, row in summaries[t].rows.items() if math.isfinite(row.final_loss)}
             for t in TASKS}
 
 
-def report(quick: bool, seeds: list[int], summaries: dict, timings: dict, memory: dict, out: Path) -> None:
+def report(quick: bool, seeds: list[int], grids: dict[str, Grid], timings: dict, memory: dict, out: Path) -> None:
+    summaries = {t: summarise(grids[t]) for t in TASKS}
     best = best_lrs(summaries)
     for t in TASKS:
-        task = make_task(t, quick)
-        print_table(task, summaries[t], timings[t], memory[t], seeds)
+        setup = make_setup(t, quick)
+        print_table(setup, summaries[t], timings[t], memory[t], seeds)
         for n in best[t]:
-            for message in collect_warnings(task, REGISTRY[n], best[t][n]):
+            for message in setup.run(n, best[t][n], 0, steps=1, record=False).extra["warnings"]:
                 print(f"- {n} warns: {message}")
-        print(f"\nPlot: {plot(task, summaries[t], timings[t], out)}")
+        print(f"\nPlot: {plot(setup, summaries[t], timings[t], out)}")
     print_targets(timings)
 
 
@@ -552,12 +407,12 @@ def main() -> None:
     print(f"hesskit optimizer benchmark: torch {torch.__version__}, {DEVICE}, float32, {args.workers} workers x 1 thread")
     start = time.perf_counter()
     if args.from_results:
-        quick, seeds, summaries, timings, memory = load_runs(args.from_results)
+        quick, seeds, grids, timings, memory = load_runs(args.from_results)
     else:
         quick, seeds = args.quick, [0] if args.quick else [0, 1, 2]
-        summaries, timings, memory = measure(seeds, quick, args.workers)
-        save_runs(out / "optimizers_runs.json", quick, seeds, summaries, timings, memory)
-    report(quick, seeds, summaries, timings, memory, out)
+        grids, timings, memory = measure(seeds, quick, args.workers)
+        save_runs(out / "optimizers_runs.json", quick, seeds, grids, timings, memory)
+    report(quick, seeds, grids, timings, memory, out)
     print(f"\nTotal {time.perf_counter() - start:.0f} s")
     if args.quick and args.out is None:
         shutil.rmtree(out)  # quick mode leaves nothing behind

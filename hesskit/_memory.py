@@ -8,7 +8,6 @@ what autograd saved while the state was built.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["default_cache_memory", "available_memory", "check_cache_memory", "SavedBytes", "tensor_bytes"]
+__all__ = ["default_cache_memory", "available_memory", "SavedBytes", "tensor_bytes"]
 
 CPU_FRACTION = 0.25  # of the RAM available when the operator first builds a graph
 GPU_FRACTION = 0.5  # of the device memory free at that moment

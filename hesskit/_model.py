@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -204,3 +204,30 @@ def per_sample_grads(fn: Callable[..., Tensor], weights: dict[str, Tensor], batc
             value = fn(leaves, *sample)
         rows.append(torch.autograd.grad(value, list(leaves.values()), allow_unused=True, materialize_grads=True))
     return {name: torch.stack([row[j] for row in rows]) for j, name in enumerate(leaves)}
+
+
+@contextmanager
+def eval_mode(model: nn.Module, active: bool = True) -> Iterator[nn.Module]:
+    """Run `model` in eval mode for a while (when `active`); every module's own mode is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        if active:
+            model.eval()
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
+def requiring_grad(params: Iterable[Tensor]) -> Iterator[None]:
+    """Let frozen weights be differentiated for a while (their requires_grad flags are restored)."""
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)

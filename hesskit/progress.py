@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["progress_bar", "report", "sink"]
+__all__ = ["progress_bar", "report", "sink", "active"]
 
 
 class _NoBar:
@@ -87,3 +87,9 @@ def sink(sink: Callable[[int, int, str], None] | None) -> Iterator[None]:
         yield
     finally:
         _PROGRESS_SINK.reset(token)
+
+
+def active() -> bool:
+    """True inside a `sink` (an explorer rendering, a test recording): `progress=active()` shows an
+    estimator's products there and no tqdm bar anywhere else."""
+    return _PROGRESS_SINK.get() is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import hesskit as hk  # noqa: E402
+from hesskit.experiments.tasks import fit_classifier  # noqa: E402
 
 
 @dataclass
@@ -120,14 +122,9 @@ def case(request) -> Case:
 
 
 def fit(model: nn.Module, x, y, steps: int = 30, lr: float = 0.05) -> nn.Module:
-    """A few full-batch Adam steps on cross-entropy (a model near, not at, a minimum); grads cleared."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model
+    """A few full-batch Adam steps on cross-entropy (a model near, not at, a minimum); grads cleared:
+    `hesskit.experiments.tasks.fit_classifier` with the tests' defaults."""
+    return fit_classifier(model, (x, y), steps, lr)
 
 
 def random_symmetric(n: int, seed: int = 0, decay: float = 0.9, negative: bool = True) -> torch.Tensor:
@@ -140,14 +137,20 @@ def random_symmetric(n: int, seed: int = 0, decay: float = 0.9, negative: bool =
     return (Q * eig) @ Q.T
 
 
-def record_progress(fn, *args, **kwargs):
-    """Run fn with a progress sink that records every `hesskit.progress.report`, as an
-    explorer's render() does: (fn's result, [(done, total, what), ...])."""
-    from hesskit.progress import sink as progress_sink
+def live_tensors() -> int:
+    """How many tensors and parameters are alive now: what a graph or cache kept past its use would grow.
+    No collection here: callers collect (or disable the collector) as their check needs."""
+    return sum(type(o) in (torch.Tensor, nn.Parameter) for o in gc.get_objects())
 
-    reports = []
-    with progress_sink(lambda done, total, what: reports.append((done, total, what))):
-        return fn(*args, **kwargs), reports
+
+def tensors_around(step, repeats: int) -> tuple[int, int]:
+    """(before, after): the live tensors, each counted after a collection, around `repeats` calls of `step()`."""
+    gc.collect()
+    before = live_tensors()
+    for _ in range(repeats):
+        step()
+    gc.collect()
+    return before, live_tensors()
 
 
 @pytest.fixture

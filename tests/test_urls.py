@@ -1,4 +1,4 @@
-"""The repository URL lives in hesskit/_urls.py; README badges and notebook install cells must agree, the ref
+"""The repository URL lives in hesskit/urls.py; README badges and notebook install cells must agree, the ref
 they name must exist in this repository, and every badge must open a notebook that exists."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from urllib.parse import unquote
 
-from hesskit import _urls
+from hesskit import urls
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -19,23 +19,23 @@ def _github_refs(text: str) -> set[str]:
     """(owner/name, ref) of every link that opens or installs hesskit's repository at a ref (Colab's
     .../blob/REF/..., a pip spec's ...@REF); links to other projects' files and issues are theirs."""
     found = re.findall(r"github(?:\.com)?/([\w.-]+/[\w.-]+)(?:/blob/|/tree/|@)([\w.-]+)", text)
-    return {(repo, ref) for repo, ref in found if repo == _urls.REPOSITORY}
+    return {(repo, ref) for repo, ref in found if repo == urls.REPOSITORY}
 
 
 def test_every_notebook_installs_from_and_links_to_the_constant():
     for path in NOTEBOOKS:
         cells = json.loads(path.read_text())["cells"]
         text = "\n".join("".join(c["source"]) for c in cells)
-        assert _urls.colab_install_spec() in text, path.name
-        assert _urls.colab_url(path.name) in text and _urls.binder_url(path.name) in text, path.name
-        assert _github_refs(text) <= {(_urls.REPOSITORY, _urls.REF)}, path.name
+        assert urls.colab_install_spec() in text, path.name
+        assert urls.colab_url(path.name) in text and urls.binder_url(path.name) in text, path.name
+        assert _github_refs(text) <= {(urls.REPOSITORY, urls.REF)}, path.name
 
 
 def test_readme_badges_match_the_constant_and_cover_every_notebook():
     readme = (ROOT / "README.md").read_text()
-    assert _github_refs(readme) <= {(_urls.REPOSITORY, _urls.REF)}
+    assert _github_refs(readme) <= {(urls.REPOSITORY, urls.REF)}
     for path in NOTEBOOKS:
-        assert _urls.colab_url(path.name) in readme and _urls.binder_url(path.name) in readme, path.name
+        assert urls.colab_url(path.name) in readme and urls.binder_url(path.name) in readme, path.name
 
 
 def _git_ref_exists(ref: str) -> bool:
@@ -51,8 +51,8 @@ def _git_ref_exists(ref: str) -> bool:
 
 def test_the_ref_that_badges_and_install_cells_name_exists():
     assert (ROOT / ".git").exists(), "run the tests in a git checkout of the repository"
-    assert _git_ref_exists(_urls.REF), (
-        f"hesskit/_urls.py names ref {_urls.REF!r}, which is neither a branch nor a tag of this repository "
+    assert _git_ref_exists(urls.REF), (
+        f"hesskit/urls.py names ref {urls.REF!r}, which is neither a branch nor a tag of this repository "
         "(git branch -a; git tag -l): Colab, Binder and pip would fail to open it")
     assert not _git_ref_exists("no-such-ref-" + "x" * 12)
 
@@ -67,7 +67,7 @@ def _badge_targets(text: str) -> set[tuple[str, str]]:
 def test_every_badge_opens_an_existing_notebook_at_an_existing_ref():
     texts = {"README.md": (ROOT / "README.md").read_text()}
     texts.update({p.name: "\n".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"]) for p in NOTEBOOKS})
-    assert _badge_targets(texts["README.md"]) >= {(_urls.REF, f"notebooks/{p.name}") for p in NOTEBOOKS}
+    assert _badge_targets(texts["README.md"]) >= {(urls.REF, f"notebooks/{p.name}") for p in NOTEBOOKS}
     refs = set()
     for name, text in texts.items():
         targets = _badge_targets(text)

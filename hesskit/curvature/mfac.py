@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_count, check_damping, is_real
+from .._checks import check_count, check_damping
 from .operators import MatrixFreeOperator
 
 __all__ = ["MFACInverseOperator"]
@@ -139,6 +139,19 @@ class MFACInverseOperator(MatrixFreeOperator):
         unit = torch.zeros(self.num_grads, 1, dtype=torch.float64, device=self.device)
         unit[slot] = self.num_grads
         return self.grads.T @ self._solve_small(unit)[:, 0].to(self.dtype)
+
+    def set_window(self, grads: Tensor, gram: Tensor, count: int) -> None:
+        """Take `grads` (m, dim) and its Gram matrix `gram` (m, m) as the window, with `count`
+        gradients inserted so far (a restored optimizer state, or a window filled at once). The
+        tensors are kept, not copied; the factorization is recomputed at the next product."""
+        m = self.num_grads
+        if not isinstance(grads, Tensor) or tuple(grads.shape) != (m, self.shape[0]):
+            raise ValueError(f"grads: expected a tensor of shape ({m}, {self.shape[0]}), got "
+                             f"{getattr(grads, 'shape', type(grads).__name__)}")
+        if not isinstance(gram, Tensor) or tuple(gram.shape) != (m, m):
+            raise ValueError(f"gram: expected a tensor of shape ({m}, {m}), got {getattr(gram, 'shape', type(gram).__name__)}")
+        self.grads, self.gram, self.count = grads, gram, check_count("count", count, minimum=0)
+        self._factor = None
 
     def reset(self) -> None:
         """Empty the window (F = damping * I)."""

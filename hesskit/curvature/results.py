@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ["TraceResult", "BlockTraceResult", "DiagonalResult", "EigenResult", "SpectralDensityResult", "smoothed_density"]

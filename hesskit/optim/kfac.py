@@ -67,6 +67,7 @@ class _KroneckerOptimizer(ClosureOptimizer, metaclass=ABCMeta):
             raise ValueError("params: every parameter must belong to `model` (its layers are hooked for the factors)")
         self.model = model
         self.max_factor_size = None if max_factor_size is None else check_count("max_factor_size", max_factor_size)
+        self._trained_ids = [id(p) for p in self._trainable()]
         self._layers, fallback = find_layers(model, self._trainable(), self.max_factor_size, self.embeddings)
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         for layer in self._layers:
@@ -111,6 +112,10 @@ class _KroneckerOptimizer(ClosureOptimizer, metaclass=ABCMeta):
                 "captured by hooks during the optimizer's own forward and backward pass, so step() after your own "
                 "loss.backward() is not supported"
             )
+        if [id(p) for p in self._trainable()] != self._trained_ids:
+            raise ValueError(f"params: the trainable parameters changed since {type(self).__name__} was built "
+                             "(requires_grad toggled?); its layers and factors are laid out for the original ones: "
+                             "build a new optimizer after freezing or unfreezing parameters")
         t = self._global_step()
         refresh = self._refresh_due(t)
         with torch.enable_grad():
@@ -183,7 +188,7 @@ class KFAC(_KroneckerOptimizer):
 
     For each nn.Linear, Conv1D (GPT-2's projections, through their (out, in) view), nn.Conv2d and
     nn.Embedding layer with gradient matrix D = [dW | db] (fan_out x fan_in+1) and Kronecker
-    factors A (inputs) and G (output gradients), `hk.kfac` conventions:
+    factors A (inputs) and G (output gradients), `hesskit.curvature.kfac` conventions:
 
         every factor_every steps:  A <- decay A + (1 - decay) A_batch,  G likewise
                                    (the first capture initialises A and G)
@@ -198,7 +203,7 @@ class KFAC(_KroneckerOptimizer):
     frequencies, kept as a vector, so Q_A = I), as in tensorflow/kfac and gpauloski/kfac-pytorch.
     A fused projection (GPT-2's `c_attn`, one Conv1D producing q, k and v) is one matrix with one
     pair of factors. Every other trainable layer (LayerNorm, BatchNorm, Conv1d, grouped Conv2d,
-    bare parameters...) and every layer `hk.kfac.find_layers` leaves out (a weight tied to another
+    bare parameters...) and every layer `hesskit.curvature.kfac.find_layers` leaves out (a weight tied to another
     module's, such as GPT-2's `lm_head` and `transformer.wte`; a factor of more than
     `max_factor_size` rows, such as a language-model head's vocabulary-square G) is named in one
     warning at construction, with the reason, and takes the fallback step: SGD with the same lr,
@@ -217,7 +222,7 @@ class KFAC(_KroneckerOptimizer):
             most of their layers are entirely in that regime (largest d_G d_A per layer below
             1e-3 in 14 of 17 layers of a small BERT classifier, down to 1e-12; 4 of 11 of a small
             GPT-2; none of the 3 layers of the digits CNN). Measured with 1e-3 -> 1e-2, 25 steps
-            on one batch of 8 sequences, 6 seeds (tests/test_hf_kfac.py's models): a BERT
+            on one batch of 8 sequences, 6 seeds (tests/curvature/test_hf_kfac.py's models): a BERT
             classifier's loss ratio 1.3-3.5 (diverging) -> 0.00-0.22, a GPT-2 LM's 0.41-0.66 ->
             0.14-0.22; bench/optimizers.py's protocol (3 seeds, final training loss): char LM
             0.89 -> 0.71 at lr 0.1 (best over its lr grid 0.83 -> 0.70), digits CNN 4e-4 -> 2e-3
@@ -231,7 +236,7 @@ class KFAC(_KroneckerOptimizer):
         seed: seeds the label sampling of fisher="mc" (step_seed(seed, step): restorable).
         params: None, or parameters / param groups of `model` (a layer's weight and bias in one group).
         max_factor_size: a layer with a factor of more rows than this takes the fallback step
-            (`hk.kfac.DEFAULT_MAX_FACTOR_SIZE` = 8192, where that comes from; None: no limit).
+            (`hesskit.curvature.kfac.DEFAULT_MAX_FACTOR_SIZE` = 8192, where that comes from; None: no limit).
 
     Step contract: `opt.step(closure)`, closure() zeroes the gradients and returns the loss from a
     fresh forward pass (fisher="mc": `(loss, outputs)`), without backward; dict inputs are the

@@ -126,12 +126,10 @@ class MFAC(ClosureOptimizer):
         if grads.shape != self.inverse.grads.shape or gram.shape != self.inverse.gram.shape:
             raise ValueError(f"state_dict: the window has shape {tuple(grads.shape)}, "
                              f"expected {tuple(self.inverse.grads.shape)}")
-        state["window_grads"] = self.inverse.grads = grads.clone()
-        state["window_gram"] = self.inverse.gram = gram.clone()
+        state["window_grads"], state["window_gram"] = grads.clone(), gram.clone()
+        self.inverse.set_window(state["window_grads"], state["window_gram"], int(state["window_count"]))
         if "momentum_buffer" in state:
             state["momentum_buffer"] = state["momentum_buffer"].clone()
-        self.inverse.count = int(state["window_count"])
-        self.inverse._factor = None
 
     # ----------------------------------------------------------------- the step
     def _gradients(self, closure: Callable | None) -> tuple[Tensor | None, list[Tensor]]:

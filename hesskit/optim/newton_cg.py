@@ -203,6 +203,7 @@ class NewtonCG(ClosureOptimizer):
         num_products, loss = C.num_matvecs, ev.loss.detach()
         del C, ev  # release the step's graph before the next forward pass
         with torch.no_grad():
+            before = [p.detach().clone() for p in params] if self.adapt_damping else None  # to undo a rejected step
             for p, piece in zip(params, split_like(step, params)):
                 p.add_(piece)
         state["step"] += 1
@@ -215,10 +216,10 @@ class NewtonCG(ClosureOptimizer):
                 p.grad = grad
             rho = self._adapt_damping(float(loss), new_loss, float(predicted))
             rejected = rho < 0
-            if rejected:  # the step made things worse: undo it and forget it as a warm start
+            if rejected:  # the step made things worse: undo it exactly and forget it as a warm start
                 with torch.no_grad():
-                    for p, piece in zip(params, split_like(step, params)):
-                        p.sub_(piece)
+                    for p, old in zip(params, before):
+                        p.copy_(old)
                 del state["cg_solution"]
         residual = torch.linalg.vector_norm(result.residual) / torch.linalg.vector_norm(g).clamp_min(torch.finfo(g.dtype).tiny)
         self.last_step_info = dict(

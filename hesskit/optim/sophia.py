@@ -140,7 +140,7 @@ class Sophia(ClosureOptimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float64)
-                    state["refreshes"] = torch.zeros((), dtype=torch.float64)
+                    state["refreshes"] = 0  # a count: an int keeps its type through load_state_dict
                     state["exp_avg"] = torch.zeros_like(p)
                     state["hessian"] = torch.zeros_like(p)
                 if refresh:

@@ -8,7 +8,32 @@ the exact sequential OBS with a dense matrix, and gradual pruning with masked fi
 
 Hugging Face models work as they are: GPT-2's Conv1D layers prune as the nn.Linear they are, inputs
 may be dicts, and `output_fn=` (default: a ModelOutput's logits) picks what the criterion sees.
+
+`hk.prune` holds what a user calls: the pruning methods, the curvature they reuse across
+sparsities (`obd_diagonal` for `obd`, `FisherInverse` and the `per_sample_gradients` it is built
+from for `obs_with_inverse`), the layers and the sparsity report. The helpers stay in
+`hesskit.prune.pruning`: `pruning_order` (the operators' order of the weights to the pruning
+order, for Conv1D models), `sparsity_schedule` and `is_prunable`.
 """
 
-from .pruning import *  # noqa: F403 (the package exports exactly pruning.__all__)
-from .pruning import __all__
+from .pruning import (FisherInverse, GradualHistory, Sparsity, gradual, magnitude, obd, obd_diagonal, obs, obs_dense,
+                      obs_with_inverse, per_sample_gradients, prunable_layers, sparsity)
+
+__all__ = [
+    # prune a copy
+    "magnitude",
+    "obd",
+    "obs",
+    "obs_dense",
+    "gradual",
+    # reuse one curvature for many sparsities
+    "obd_diagonal",
+    "per_sample_gradients",
+    "FisherInverse",
+    "obs_with_inverse",
+    # what is pruned, and how much
+    "prunable_layers",
+    "sparsity",
+    "Sparsity",
+    "GradualHistory",
+]

@@ -16,12 +16,12 @@ the weights in a set Q to zero, w -> w + dw with dw_q = -w_q (q in Q), changes t
 
 What is pruned: the `weight` of every Linear, Conv1D (Hugging Face's GPT-2 projections) and Conv
 layer (not biases, not norms, not embeddings), unless `layers` names the modules whose `weight` to
-prune. A tied weight belongs to its first module (`hk.quant.owned_layers`): GPT-2's `lm_head` *is*
+prune. A tied weight belongs to its first module (`hesskit.quant.fake.owned_layers`): GPT-2's `lm_head` *is*
 the Embedding `transformer.wte`, so it is not pruned by default (`layers=["lm_head"]` prunes the
 shared tensor, embedding included).
 
 The n coordinates (the pruning order): the layers in `prunable_layers` order, each weight flattened
-as its output-channels-first matrix (`hk.quant.layer_weight`: (out, in) for Linear and Conv1D, the
+as its output-channels-first matrix (`hesskit.quant.fake.layer_weight`: (out, in) for Linear and Conv1D, the
 stored weight for Conv). For Linear and Conv that is `m.weight.reshape(-1)`, the order of hesskit's
 operators; a Conv1D stores its weight transposed, and is read as the nn.Linear it is, so it prunes
 exactly as that Linear would (OBS's blocks of consecutive weights lie inside one output row for
@@ -50,18 +50,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._batches import Batches, move_batch
+from .._batches import Batches, is_pair, mean_loss, move_batch, num_samples, select_samples
 from .._copy import model_copy
 from .._model import call_model, model_output, split_batch
 from .._checks import check_choice, check_count, is_int, is_real
 from ..progress import progress_bar
 from ..layers import is_conv1d, is_linear
 from .._checks import check_damping
-from ..curvature.operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
-from ..quant.fake import (UncompressedWarning, eval_mode, layer_weight, owned_layers, report_compression,
+from ..curvature.mfac import MFACInverseOperator
+from ..curvature.operators import EmpiricalFisherOperator, GGNOperator, HessianOperator, MatrixFreeOperator
+from .._model import eval_mode
+from ..quant.fake import (UncompressedWarning, layer_weight, owned_layers, report_compression,
                           requiring_grad)
-from ..quant.sensitivity import is_pair, mean_loss, num_samples, select_samples
-from ..curvature.trace import diagonal as _estimate_diagonal
+from ..curvature.trace import diagonal
 
 __all__ = [
     "magnitude",
@@ -73,7 +74,9 @@ __all__ = [
     "gradual",
     "sparsity",
     "prunable_layers",
+    "is_prunable",
     "pruning_order",
+    "sparsity_schedule",
     "per_sample_gradients",
     "FisherInverse",
     "Sparsity",
@@ -123,7 +126,7 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The Linear, Conv1D and Conv (1d/2d/3d, transposed too) modules of `model`, by name, in model
     order: the layers whose `weight` is pruned by default. Biases, normalisation layers and
     embeddings are never included; a tied weight is listed under its first module only, if that is
-    prunable (`hk.quant.owned_layers`: GPT-2's `lm_head` is not, its weight is the Embedding's)."""
+    prunable (`hesskit.quant.fake.owned_layers`: GPT-2's `lm_head` is not, its weight is the Embedding's)."""
     _check_model(model)
     return owned_layers(model, is_prunable)
 
@@ -225,7 +228,7 @@ def _groups(layers: Mapping[str, nn.Module], scope: str) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
 
 
-def _schedule(zeros: int, size: int, target: float, steps: int) -> list[int]:
+def sparsity_schedule(zeros: int, size: int, target: float, steps: int) -> list[int]:
     """Zero counts after each of `steps` pruning steps from `zeros` of `size` to round(target * size).
 
     As M-FAC's `nrecomps`: the density shrinks geometrically, (1 - s_j) = (1 - s_0) * fac^j with
@@ -256,7 +259,7 @@ def _select(scores: Tensor, alive: Tensor, groups: Sequence[slice], counts: Sequ
 
 def _targets(w: Tensor, groups: Sequence[slice], sparsity: float, steps: int) -> list[list[int]]:
     """targets[j][g]: zeros wanted in group g after step j."""
-    per_group = [_schedule(int((w[g] == 0).sum()), g.stop - g.start, sparsity, steps) for g in groups]
+    per_group = [sparsity_schedule(int((w[g] == 0).sum()), g.stop - g.start, sparsity, steps) for g in groups]
     return [[counts[j] for counts in per_group] for j in range(steps)]
 
 
@@ -357,22 +360,34 @@ def per_sample_gradients(model: nn.Module, criterion: Any, data: Any, *, layers:
 
 
 # --------------------------------------------------------------------------- the inverse Fisher
-class FisherInverse:
-    r"""The block-diagonal inverse of the damped empirical Fisher of m gradients (WoodFisher, M-FAC).
+def _mfac_block(grads: Tensor, damping: float) -> MFACInverseOperator:
+    """`hk.MFACInverseOperator` of one block's gradient columns (m, c): its window holds all m
+    gradients at once (float64), its Gram matrix G_b G_b^T."""
+    m, c = grads.shape
+    block = MFACInverseOperator(c, num_grads=m, damping=damping, dtype=torch.float64, device=grads.device)
+    block.set_window(grads.to(torch.float64, copy=True).contiguous(), (grads @ grads.T).to(torch.float64), m)
+    return block
+
+
+class FisherInverse(MatrixFreeOperator):
+    r"""The block-diagonal inverse of the damped empirical Fisher of m gradients (WoodFisher, M-FAC),
+    as an operator (`hk.MatrixFreeOperator`: `inv @ x`, `inv.dense()`, `hk.trace(inv)`, ...).
 
     The n coordinates are cut into blocks of `block_size` consecutive entries (the last block may
     be shorter; `block_size=None`: one block, the full matrix). For block b with gradient columns G_b
     (m x c),
 
-        F_b = damping * I + (1/m) G_b^T G_b,           this operator = blockdiag(F_b^{-1}).
+        F_b = damping * I + (1/m) G_b^T G_b,           this operator = blockdiag(F_b^{-1}),
 
-    This is M-FAC's `HInvFastBatch` (all blocks at once) and WoodFisher's "fittable params" chunking.
-    Each block is inverted exactly, in float64, by whichever is cheaper:
+    each F_b^{-1} the M-FAC inverse of that block's m gradients. This is M-FAC's `HInvFastBatch`
+    (all blocks at once) and WoodFisher's "fittable params" chunking. Each block is inverted
+    exactly, in float64, by whichever is cheaper:
 
-    * c <= m ("dense"): the c x c matrix F_b by a batched Cholesky, O(c^2 m + c^3) per block;
-    * c > m ("woodbury"): with K_b = m * damping * I + G_b G_b^T (m x m),
-      F_b^{-1} x = (x - G_b^T K_b^{-1} G_b x) / damping, exactly `hk.MFACInverseOperator`'s product, and
-      diag(F_b^{-1}) = (1 - sum_ij G_iq (K_b^{-1})_ij G_jq) / damping (`MFACInverseOperator.inverse_diagonal`).
+    * c > m ("woodbury"): block b is `hk.MFACInverseOperator` over G_b (`blocks[b]`), whose product
+      is Woodbury's F_b^{-1} x = (x - G_b^T K_b^{-1} G_b x) / damping with the m x m matrix
+      K_b = m * damping * I + G_b G_b^T, and whose `inverse_diagonal` gives diag(F_b^{-1});
+    * c <= m ("dense"): the c x c matrix F_b itself is smaller than K_b, so every block is inverted
+      at once by a batched Cholesky, O(c^2 m + c^3) per block (`blocks` is empty).
 
     The official code builds the same inverse by m Sherman-Morrison steps in the gradients' dtype
     (float32 on GPU); float64 here avoids the cancellation of x - G^T K^{-1} G x at damping 1e-5.
@@ -382,6 +397,8 @@ class FisherInverse:
         damping: lambda > 0 (default 1e-5, WoodFisher's `--fisher-damp` and M-FAC's `--prundamp`).
         block_size: c >= 1, or None for one block (default 128, M-FAC's `--blocksize`).
     """
+
+    kind = "fisher_inverse"
 
     def __init__(self, grads: Tensor, damping: float = 1e-5, block_size: int | None = 128):
         if not isinstance(grads, Tensor) or grads.dim() != 2:
@@ -393,53 +410,38 @@ class FisherInverse:
             raise ValueError("grads: contain nan or inf")
         self.damping = check_damping(damping)
         self.block_size = _check_count("block_size", block_size, allow_none=True)
-        self.num_grads, self.dim = grads.shape
         m, n = grads.shape
+        super().__init__(n, torch.float64, grads.device)
+        self.num_grads, self.dim = m, n
         c = max(1, n if self.block_size is None else min(self.block_size, n))
         self.num_blocks = math.ceil(n / c)
         self._c = c
         self.method = "dense" if c <= m else "woodbury"
-        # zero columns pad the last block: F is damping * I there, decoupled from the real coordinates
-        G = torch.nn.functional.pad(grads.detach().double(), (0, self.num_blocks * c - n))
-        Gb = G.reshape(m, self.num_blocks, c).transpose(0, 1)  # (blocks, m, c)
-        if self.method == "dense":
+        G = grads.detach().double()
+        self.blocks: list[MFACInverseOperator] = []
+        if self.method == "woodbury":
+            self.blocks = [_mfac_block(G[:, a:a + c], self.damping) for a in range(0, n, c)]
+        else:
+            # zero columns pad the last block: F is damping * I there, decoupled from the real coordinates
+            G = torch.nn.functional.pad(G, (0, self.num_blocks * c - n))
+            Gb = G.reshape(m, self.num_blocks, c).transpose(0, 1)  # (blocks, m, c)
             F = Gb.transpose(1, 2) @ Gb / m
             F.diagonal(dim1=1, dim2=2).add_(self.damping)
             self._inverse = torch.cholesky_inverse(torch.linalg.cholesky(F))  # (blocks, c, c)
-        else:
-            K = Gb @ Gb.transpose(1, 2)
-            K.diagonal(dim1=1, dim2=2).add_(m * self.damping)
-            self._G, self._L = Gb, torch.linalg.cholesky(K)  # (blocks, m, c), (blocks, m, m)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.dim, self.dim)
 
     def diagonal(self) -> Tensor:
         """diag(F^{-1}) (n,), float64: the denominators of the OBS saliencies w_q^2 / (2 [F^{-1}]_qq)."""
-        if self.method == "dense":
-            d = self._inverse.diagonal(dim1=1, dim2=2)
-        else:
-            d = (1 - (self._G * torch.cholesky_solve(self._G, self._L)).sum(dim=1)) / self.damping
-        return d.reshape(-1)[: self.dim]
+        if self.method == "woodbury":
+            return torch.cat([block.inverse_diagonal() for block in self.blocks])
+        return self._inverse.diagonal(dim1=1, dim2=2).reshape(-1)[: self.dim]
 
-    def __matmul__(self, x: Tensor) -> Tensor:
-        """F^{-1} x for x of shape (n,) or (n, k), float64."""
-        if not isinstance(x, Tensor) or x.dim() not in (1, 2) or x.shape[0] != self.dim:
-            raise ValueError(f"x: expected a tensor of shape ({self.dim},) or ({self.dim}, k)")
-        X = x.double().reshape(self.dim, -1)
-        k = X.shape[1]
-        Xb = torch.nn.functional.pad(X, (0, 0, 0, self.num_blocks * self._c - self.dim))
-        Xb = Xb.reshape(self.num_blocks, self._c, k)
-        if self.method == "dense":
-            out = self._inverse @ Xb
-        else:
-            out = (Xb - self._G.transpose(1, 2) @ torch.cholesky_solve(self._G @ Xb, self._L)) / self.damping
-        return out.reshape(-1, k)[: self.dim].reshape(x.shape)
-
-    def dense(self) -> Tensor:
-        """The n x n block-diagonal matrix (for checks on small n)."""
-        return self @ torch.eye(self.dim, dtype=torch.float64)
+    def _matmat(self, V: Tensor) -> Tensor:
+        """blockdiag(F_b^{-1}) V for V of shape (n, k), float64."""
+        if self.method == "woodbury":
+            return torch.cat([block @ V[a:a + self._c] for a, block in zip(range(0, self.dim, self._c), self.blocks)])
+        k = V.shape[1]
+        Vb = torch.nn.functional.pad(V, (0, 0, 0, self.num_blocks * self._c - self.dim))
+        return (self._inverse @ Vb.reshape(self.num_blocks, self._c, k)).reshape(-1, k)[: self.dim]
 
     @classmethod
     def from_model(cls, model: nn.Module, criterion: Any, data: Any, *, num_grads: int | None = None,
@@ -602,9 +604,10 @@ def obs_dense(model: nn.Module, hessian: Tensor, sparsity: float, *, layers: Any
 
     `hessian` is the n x n curvature of the pruned weights in the pruning order, e.g. with
     `H = hk.HessianOperator(model, criterion, data, params=[m.weight for m in
-    hk.prune.prunable_layers(model).values()]).dense()` and `p = hk.prune.pruning_order(model)`,
-    `H[p][:, p]` (p is the identity without Conv1D layers), plus `damping * I`. With H^{-1} in float64,
-    repeat until round(sparsity * n) weights are zero (global ranking):
+    hk.prune.prunable_layers(model).values()]).dense()` and `p = pruning_order(model)` (from
+    `hesskit.prune.pruning`), `H[p][:, p]` (p is the identity without Conv1D layers), plus
+    `damping * I`. With H^{-1} in float64, repeat until round(sparsity * n) weights are zero
+    (global ranking):
 
         q = argmin over remaining q of w_q^2 / (2 [H^{-1}]_qq)
         w <- w - (w_q / [H^{-1}]_qq) H^{-1} e_q                  (w_q becomes 0)
@@ -664,12 +667,12 @@ def _ggn_diagonal(model: nn.Module, criterion: Any, data: Any, layers: Mapping[s
     op = GGNOperator(model, criterion, data, _weights(layers), mode="eval", output_fn=output_fn)
     if (outputs <= num_matvecs) if exact is None else exact:
         try:
-            diagonal = op.exact_diagonal()
+            exact_diagonal = op.exact_diagonal()
         except ValueError as error:
             raise ValueError(f"{error}. OBD: pass exact=False for the Hutchinson estimate of the GGN diagonal, which "
                              "needs no per-sample losses") from error
-        return diagonal[_positions(layers)], dict(diagonal="exact", outputs_per_sample=outputs)
-    estimate = _estimate_diagonal(_InPruningOrder(op, _positions(layers)), num_matvecs=num_matvecs, seed=seed).value
+        return exact_diagonal[_positions(layers)], dict(diagonal="exact", outputs_per_sample=outputs)
+    estimate = diagonal(_InPruningOrder(op, _positions(layers)), num_matvecs=num_matvecs, seed=seed).value
     return estimate, dict(diagonal="hutchinson", num_matvecs=num_matvecs, seed=seed, outputs_per_sample=outputs)
 
 
@@ -690,7 +693,7 @@ def _obd_diagonal(model: nn.Module, criterion: Any, data: Any, curvature: str, l
             diag, details = _ggn_diagonal(model, criterion, data, chosen, num_matvecs, seed, exact, output_fn)
         else:
             op = HessianOperator(model, criterion, data, _weights(chosen), mode="eval", output_fn=output_fn)
-            diag = _estimate_diagonal(_InPruningOrder(op, _positions(chosen)), num_matvecs=num_matvecs, seed=seed).value
+            diag = diagonal(_InPruningOrder(op, _positions(chosen)), num_matvecs=num_matvecs, seed=seed).value
             details = dict(diagonal="hutchinson", num_matvecs=num_matvecs, seed=seed)
     return diag.double(), dict(curvature=curvature, **details)
 
@@ -833,6 +836,35 @@ def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[fl
     `UncompressedWarning` per call (not one per stage) when `layers` is not given. `output_fn` picks
     the tensor the criterion sees, for the losses, the fine-tuning and the pruning method.
     """
+    schedule, batch_size = _check_gradual(model, data, sparsities, method, finetune_steps, lr, optimizer, batch_size,
+                                          evaluate, prune_kwargs)
+    history = GradualHistory(method)
+    history.dense_loss, history.dense_metrics = _measure(model, criterion, data, output_fn, evaluate)
+    current = model_copy(model)
+    modes = [m.training for m in current.modules()]
+    stream = _minibatches(data, batch_size, seed)
+    layers = prune_kwargs.get("layers")
+    for target in schedule:
+        current = _prune_stage(current, criterion, data, target, method, output_fn, prune_kwargs)
+        chosen = _resolve_layers(current, layers)
+        history.targets.append(target)
+        history.sparsity.append(sparsity(current, list(chosen)).overall)
+        loss, metrics = _measure(current, criterion, data, output_fn, evaluate)
+        history.loss_pruned.append(loss)
+        history.metrics_pruned.append(metrics)
+        history.train_losses.append(_masked_finetune(current, criterion, stream, chosen, modes, optimizer, lr,
+                                                     finetune_steps, output_fn))
+        loss, metrics = _measure(current, criterion, data, output_fn, evaluate)
+        history.loss_finetuned.append(loss)
+        history.metrics_finetuned.append(metrics)
+    report_compression(current, "gradual", _resolve_layers(current, layers), warn=layers is None, why=COVERAGE,
+                       details=dict(method=method, sparsities=schedule, finetune_steps=finetune_steps))
+    return current, history
+
+
+def _check_gradual(model, data, sparsities, method, finetune_steps, lr, optimizer, batch_size, evaluate,
+                   prune_kwargs) -> tuple[list[float], int | None]:
+    """`gradual`'s arguments checked before any work: (the schedule, the batch size)."""
     _check_model(model)
     check_choice("method", method, METHODS)
     check_choice("optimizer", optimizer, ("sgd", "adam"))
@@ -853,58 +885,51 @@ def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[fl
     if unknown:
         raise TypeError(f"{sorted(unknown)}: not options of method={method!r}; "
                         f"expected some of {sorted(_OPTIONS[method])}")
+    return schedule, batch_size
 
-    def measure(m: nn.Module) -> tuple[float, dict]:
-        loss = mean_loss(m, criterion, data, output_fn=output_fn, mode="eval")
-        return loss, dict(evaluate(m)) if evaluate is not None else {}
 
-    def prune_to(m: nn.Module, target: float) -> nn.Module:
-        with warnings.catch_warnings():  # named once for the whole schedule, below
-            warnings.simplefilter("ignore", UncompressedWarning)
-            if method == "magnitude":
-                return magnitude(m, target, **prune_kwargs)
-            return (obs if method == "obs" else obd)(m, criterion, data, target, output_fn=output_fn, **prune_kwargs)
+def _measure(model: nn.Module, criterion: Any, data: Any, output_fn: Any, evaluate: Any) -> tuple[float, dict]:
+    """The mean loss over `data` in eval mode, and `evaluate(model)` ({} without it)."""
+    loss = mean_loss(model, criterion, data, output_fn=output_fn, mode="eval")
+    return loss, dict(evaluate(model)) if evaluate is not None else {}
 
-    history = GradualHistory(method)
-    history.dense_loss, history.dense_metrics = measure(model)
-    current = model_copy(model)
-    modes = [m.training for m in current.modules()]
-    stream = _minibatches(data, batch_size, seed)
-    layers = prune_kwargs.get("layers")
-    for stage, target in enumerate(schedule):
-        current = prune_to(current, target)
-        chosen = _resolve_layers(current, layers)
-        history.targets.append(target)
-        history.sparsity.append(sparsity(current, list(chosen)).overall)
-        loss, metrics = measure(current)
-        history.loss_pruned.append(loss)
-        history.metrics_pruned.append(metrics)
 
-        masks = [(m.weight, m.weight != 0) for m in chosen.values()]
-        params = [p for p in current.parameters() if p.requires_grad]
-        opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd"
-               else torch.optim.Adam(params, lr=lr))
-        device, dtype = params[0].device, params[0].dtype
-        current.train()
-        losses = []
-        for _ in range(finetune_steps if params else 0):
-            x, y = split_batch(move_batch(next(stream), device, dtype), 0)
-            opt.zero_grad()
-            batch_loss = criterion(model_output(call_model(current, x), output_fn), y)
-            batch_loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for weight, mask in masks:
-                    weight.mul_(mask)
-            losses.append(float(batch_loss.detach()))
-        for m, flag in zip(current.modules(), modes):
-            m.training = flag
-        for p in current.parameters():
-            p.grad = None
-        history.train_losses.append(np.array(losses))
-        loss, metrics = measure(current)
-        history.loss_finetuned.append(loss)
-        history.metrics_finetuned.append(metrics)
-    report_compression(current, "gradual", _resolve_layers(current, layers), warn=layers is None, why=COVERAGE,
-                       details=dict(method=method, sparsities=schedule, finetune_steps=finetune_steps))
-    return current, history
+def _prune_stage(model: nn.Module, criterion: Any, data: Any, target: float, method: str, output_fn: Any,
+                 prune_kwargs: Mapping[str, Any]) -> nn.Module:
+    """A copy of `model` pruned to `target` by `method`, its `UncompressedWarning` silenced (`gradual`
+    names the dense weights once for the whole schedule)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncompressedWarning)
+        if method == "magnitude":
+            return magnitude(model, target, **prune_kwargs)
+        return (obs if method == "obs" else obd)(model, criterion, data, target, output_fn=output_fn, **prune_kwargs)
+
+
+def _masked_finetune(model: nn.Module, criterion: Any, stream: Iterator[Any], chosen: Mapping[str, nn.Module],
+                     modes: list[bool], optimizer: str, lr: float, steps: int, output_fn: Any) -> np.ndarray:
+    """Fine-tune `model` in place for `steps` steps of `optimizer` ("sgd": SGD with momentum 0.9; "adam")
+    on batches from `stream`, in train mode, multiplying each pruned layer's weight by its mask after
+    every step so that pruned weights stay exactly zero (M-FAC's `gradual_prun`). Afterwards the
+    modules take `modes` again and the gradients are cleared. Returns the losses of the steps."""
+    masks = [(m.weight, m.weight != 0) for m in chosen.values()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.Adam(params, lr=lr))
+    device, dtype = params[0].device, params[0].dtype
+    model.train()
+    losses = []
+    for _ in range(steps if params else 0):
+        x, y = split_batch(move_batch(next(stream), device, dtype), 0)
+        opt.zero_grad()
+        batch_loss = criterion(model_output(call_model(model, x), output_fn), y)
+        batch_loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for weight, mask in masks:
+                weight.mul_(mask)
+        losses.append(float(batch_loss.detach()))
+    for m, flag in zip(model.modules(), modes):
+        m.training = flag
+    for p in model.parameters():
+        p.grad = None
+    return np.array(losses)

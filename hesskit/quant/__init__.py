@@ -6,10 +6,15 @@
     bits = hk.quant.allocate_bits(model, sens, avg_bits=2.5)                   # exact, under the size budget
     q = hk.quant.gptq(model, calibration_inputs, bits=3)                       # GPTQ, a quantized copy
 
-Modules: `fake` (grids, granularities, straight-through estimator, size accounting), `sensitivity`
-(HAWQ, HAWQ-V2, Q-BERT and measured sensitivities), `allocate` (exact knapsack DP and Pareto
-frontier, HAWQ-V3 integer programs, bisection, exhaustive ground truth) and `gptq`. No function
-modifies the model it is given: each returns a copy or a number.
+`hk.quant` holds what a user calls and the results handed back. The helpers stay in their modules:
+`fake` (grids and rounding, `grid`, `round_to_grid`, the straight-through `ste_fake_quantize`,
+`QuantizedLayer`, `ActivationQuantizer`, `layer_weight`, `layer_bits`, and `LayerSwapper`, the
+working copy every measured loss runs on), `sensitivity` (`rank_correlation`), `allocate` (the
+resources of HAWQ-V3's program, `layer_macs`, `bops_table`, `interpolated_limit`, `size_limit`;
+the exhaustive ground truth `exhaustive`, `random_configs`, `fine_tuning_order`) and `gptq`
+(`gptq_layer`, `gptq_layers`, `layer_hessian`, `layer_inputs`, `round_to_nearest`): e.g.
+`from hesskit.quant.fake import grid`. No function modifies the model it is given: each returns a
+copy or a number.
 
 Hugging Face models work as they are: transformers' `Conv1D` (GPT-2) is quantized as the linear
 layer it is (`layer_weight`: its (out, in) view), inputs may be dicts (`model(**inputs)`), a
@@ -20,89 +25,42 @@ weights left alone; functions that choose the layers themselves also name the la
 `UncompressedWarning`.
 """
 
-from .allocate import (
-    Allocation,
-    allocate_bits,
-    allocate_bits_ilp,
-    bisection_search,
-    bops_table,
-    cost_table,
-    exhaustive,
-    fine_tuning_order,
-    interpolated_limit,
-    layer_macs,
-    pareto_frontier,
-    random_configs,
-)
-from .fake import (
-    GRANULARITIES,
-    ActivationQuantizer,
-    CompressionReport,
-    ModelSize,
-    QuantizedLayer,
-    UncompressedWarning,
-    fake_quantize,
-    freeze,
-    grid,
-    layer_bits,
-    layer_weight,
-    model_size,
-    observe_activations,
-    quantizable_layers,
-    quantization_aware,
-    quantization_error,
-    quantize_model,
-    round_to_grid,
-    ste_fake_quantize,
-)
-from .gptq import gptq, gptq_layer, gptq_layers, layer_hessian, layer_inputs, round_to_nearest
-from .sensitivity import Sensitivities, pair_interactions, rank_correlation, sensitivities
+from .allocate import (Allocation, BisectionResult, CostTable, ParetoFrontier, allocate_bits, allocate_bits_ilp,
+                       bisection_search, cost_table, pareto_frontier)
+from .fake import (GRANULARITIES, CompressionReport, ModelSize, UncompressedWarning, fake_quantize, freeze, model_size,
+                   observe_activations, quantizable_layers, quantization_aware, quantization_error, quantize_model)
+from .gptq import gptq
+from .sensitivity import PairInteractions, Sensitivities, pair_interactions, sensitivities
 
 __all__ = [
-    # fake quantization
+    # quantize a model
     "GRANULARITIES",
     "fake_quantize",
-    "ste_fake_quantize",
     "quantization_error",
-    "grid",
-    "round_to_grid",
     "quantizable_layers",
-    "layer_weight",
-    "layer_bits",
     "quantize_model",
-    "ModelSize",
     "model_size",
-    "ActivationQuantizer",
-    "QuantizedLayer",
+    "ModelSize",
     "quantization_aware",
     "observe_activations",
     "freeze",
+    "gptq",
     # what a compression function did
     "CompressionReport",
     "UncompressedWarning",
-    # sensitivities
+    # how sensitive each layer is
     "sensitivities",
     "Sensitivities",
-    "rank_correlation",
     "pair_interactions",
-    # allocation
+    "PairInteractions",
+    # which width for each layer
     "allocate_bits",
     "Allocation",
     "pareto_frontier",
+    "ParetoFrontier",
     "cost_table",
+    "CostTable",
     "allocate_bits_ilp",
-    "interpolated_limit",
-    "layer_macs",
-    "bops_table",
-    "fine_tuning_order",
-    "exhaustive",
-    "random_configs",
     "bisection_search",
-    # GPTQ
-    "gptq",
-    "gptq_layer",
-    "gptq_layers",
-    "layer_hessian",
-    "layer_inputs",
-    "round_to_nearest",
+    "BisectionResult",
 ]

@@ -34,11 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._batches import num_samples
 from .._checks import is_int, is_real
-from .._model import call_model
+from .._model import call_model, eval_mode
 from ..layers import is_linear, linear_weight
-from .fake import check_bits, layer_weight, quantizable_layers, quantization_error, weight_users
-from .sensitivity import LayerSwapper, PairInteractions, Sensitivities, check_choices, check_layers, num_samples
+from .fake import (LayerSwapper, check_bits, check_choices, check_layers, layer_weight, quantizable_layers,
+                   quantization_error, weight_users)
+from .sensitivity import PairInteractions, Sensitivities
 
 __all__ = [
     "CostTable",
@@ -350,10 +352,14 @@ def pareto_frontier(model: nn.Module, sensitivities: Any, choices: Sequence[int]
     interactions (then the DP tracks the last layer's width too). The model is not modified."""
     table = cost_table(model, sensitivities, choices, granularity=granularity, group_size=group_size,
                        symmetric=symmetric, pairs=pairs)
-    return _frontier(table)
+    return frontier_from_table(table)
 
 
-def _frontier(table: CostTable, cap: int | None = None) -> ParetoFrontier:
+def frontier_from_table(table: CostTable, cap: int | None = None) -> ParetoFrontier:
+    """The exact Pareto frontier of (size, Omega) of a cost table, in one DP pass: what
+    `pareto_frontier` returns for the table `cost_table` builds from a model, here for any table
+    (e.g. one restricted to fewer widths). With `cap` (a size in weight bits, as `size_limit`
+    gives), states that cannot fit under it are dropped during the DP, as `knapsack` does."""
     size, omega, idx = _pareto_dp(table, cap)
     bits = np.array(table.choices)[idx]
     return ParetoFrontier(list(table.layers), table.choices, size.astype(np.int64), omega, bits,
@@ -379,7 +385,7 @@ def allocate_bits(model: nn.Module, sensitivities: Any, avg_bits: float, choices
 def knapsack(table: CostTable, avg_bits: float) -> Allocation:
     """The exact minimiser of `table`'s Omega under the average-bits budget (see `allocate_bits`)."""
     limit = size_limit(table, avg_bits)
-    allocation = _frontier(table, cap=limit).at(avg_bits)
+    allocation = frontier_from_table(table, cap=limit).at(avg_bits)
     allocation.method = "knapsack"
     return allocation
 
@@ -440,19 +446,15 @@ def layer_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
                 counts[name] = counts.get(name, 0) + output.numel() * per_out
         return record
 
-    flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
         for name in layers:
             for user in weight_users(model, name):
                 handles.append(model.get_submodule(user).register_forward_hook(hook(name)))
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             call_model(model, example_input)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     batch = max(num_samples(example_input), 1)
     return {name: counts.get(name, 0) // batch for name in layers}
 
@@ -483,8 +485,23 @@ def allocate_bits_ilp(costs: CostTable, resources: Mapping[str, tuple[Any, float
     `size_limit(costs, avg_bits)` give the size constraint, `bops_table` the BOPs,
     `interpolated_limit` HAWQ-V3's limits. Every constraint is checked exactly on the rounded
     solution; an infeasible problem raises ValueError naming the constraint."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    _check_ilp_inputs(costs, resources)
+    L, _ = costs.omega.shape
+    tables = _resource_tables(costs, resources)
+    allowed = _allowed_widths(costs, fixed)
+    tie_rows = _tie_rows(costs, ties)
+    _check_reachable(tables, allowed)
+    idx, used, status = _solve_ilp(costs, tables, allowed, tie_rows, time_limit, ties, fixed)
+    config = {name: costs.choices[j] for name, j in zip(costs.layers, idx)}
+    weight_bits = int(costs.size[np.arange(L), idx].sum())
+    return Allocation(config, predicted=float(costs.omega[np.arange(L), idx].sum()), weight_bits=weight_bits,
+                      average_bits=weight_bits / costs.total_params,
+                      resources={name: (used[name], limit) for name, (_, limit) in tables.items()},
+                      method="ilp" + ("" if status == 0 else " (time limit)"))
 
+
+def _check_ilp_inputs(costs: Any, resources: Any) -> None:
+    """A CostTable without pair terms, and at least one resource."""
     if not isinstance(costs, CostTable):
         raise TypeError(f"costs: expected a CostTable (hk.quant.cost_table), got {type(costs).__name__}")
     if costs.pairs is not None:
@@ -492,7 +509,10 @@ def allocate_bits_ilp(costs: CostTable, resources: Mapping[str, tuple[Any, float
                          "(exact DP) for a pair-augmented objective")
     if not isinstance(resources, Mapping) or not resources:
         raise ValueError("resources: expected at least one {name: (table, limit)} constraint")
-    L, B = costs.omega.shape
+
+
+def _resource_tables(costs: CostTable, resources: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, float]]:
+    """{name: ((L, B) table T_i^b, limit)} of every resource constraint."""
     tables = {}
     for name, spec in resources.items():
         if not isinstance(spec, (tuple, list)) or len(spec) != 2:
@@ -501,13 +521,24 @@ def allocate_bits_ilp(costs: CostTable, resources: Mapping[str, tuple[Any, float
         if not is_real(limit) or not math.isfinite(limit):
             raise ValueError(f"resources[{name!r}]: expected a finite limit, got {limit!r}")
         tables[name] = (_as_table(table, costs, name), float(limit))
-    allowed = np.ones((L, B), dtype=bool)
+    return tables
+
+
+def _allowed_widths(costs: CostTable, fixed: Mapping[str, int] | None) -> np.ndarray:
+    """(L, B) booleans: the widths each layer may take (one for a fixed layer), the x_i^b upper bounds."""
+    allowed = np.ones(costs.omega.shape, dtype=bool)
     for layer, b in (fixed or {}).items():
         if layer not in costs.layers:
             raise ValueError(f"fixed: unknown layer {layer!r}; layers are {costs.layers}")
         if b not in costs.choices:
             raise ValueError(f"fixed[{layer!r}]: expected one of the choices {costs.choices}, got {b!r}")
         allowed[costs.layers.index(layer)] = np.array(costs.choices) == b
+    return allowed
+
+
+def _tie_rows(costs: CostTable, ties: Sequence[tuple[str, str]]) -> list[np.ndarray]:
+    """The rows x_a^b - x_c^b (= 0) of every tied pair (a, c) and width b."""
+    L, B = costs.omega.shape
     tie_rows = []
     for pair in ties:
         a, c = pair
@@ -518,12 +549,26 @@ def allocate_bits_ilp(costs: CostTable, resources: Mapping[str, tuple[Any, float
             row = np.zeros(L * B)
             row[ia * B + j], row[ic * B + j] = 1, -1
             tie_rows.append(row)
-    for name, (t, limit) in tables.items():  # a clear message for the obvious infeasibility
+    return tie_rows
+
+
+def _check_reachable(tables: Mapping[str, tuple[np.ndarray, float]], allowed: np.ndarray) -> None:
+    """A clear message for the obvious infeasibility: a limit below the smallest possible total."""
+    for name, (t, limit) in tables.items():
         smallest = np.where(allowed, t, np.inf).min(axis=1).sum()
         if smallest > limit:
             raise ValueError(f"resources[{name!r}]: infeasible: the limit {limit:.6g} is below the smallest "
                              f"possible total {smallest:.6g}")
 
+
+def _solve_ilp(costs: CostTable, tables: Mapping[str, tuple[np.ndarray, float]], allowed: np.ndarray,
+               tie_rows: list[np.ndarray], time_limit: float | None, ties: Any, fixed: Any):
+    """Solve the program with HiGHS and check every constraint exactly on the rounded solution; where
+    HiGHS' tolerance let one slip, tighten its limit by the excess and solve again (up to 4 times).
+    Returns (the chosen width index of each layer, {resource: total used}, milp's status)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    L, B = costs.omega.shape
     one_hot = np.kron(np.eye(L), np.ones(B))
     constraints = [LinearConstraint(one_hot, 1, 1)]
     if tie_rows:
@@ -546,17 +591,10 @@ def allocate_bits_ilp(costs: CostTable, resources: Mapping[str, tuple[Any, float
         used = {name: float(t[np.arange(L), idx].sum()) for name, (t, _) in tables.items()}
         over = {name: used[name] - limit for name, (_, limit) in tables.items() if used[name] > limit}
         if not over:
-            break
+            return idx, used, result.status
         for name, excess in over.items():  # HiGHS' tolerance let a constraint slip: tighten and re-solve
             shrink[name] += excess
-    else:
-        raise RuntimeError(f"allocate_bits_ilp: could not satisfy {sorted(over)} exactly")
-    config = {name: costs.choices[j] for name, j in zip(costs.layers, idx)}
-    weight_bits = int(costs.size[np.arange(L), idx].sum())
-    return Allocation(config, predicted=float(costs.omega[np.arange(L), idx].sum()), weight_bits=weight_bits,
-                      average_bits=weight_bits / costs.total_params,
-                      resources={name: (used[name], limit) for name, (_, limit) in tables.items()},
-                      method="ilp" + ("" if result.status == 0 else " (time limit)"))
+    raise RuntimeError(f"allocate_bits_ilp: could not satisfy {sorted(over)} exactly")
 
 
 # ----------------------------------------------------------------------------- HAWQ v1's order

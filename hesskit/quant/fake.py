@@ -36,16 +36,17 @@ weights are all 0 gets scale 1 (it stays 0).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._copy import model_copy
+from .._model import eval_mode, requiring_grad
 from .._checks import is_int
 from ..layers import is_linear, linear_weight, parameter_owners, tied_names
 
@@ -66,7 +67,11 @@ __all__ = [
     "ste_fake_quantize",
     "quantization_error",
     "quantizable_layers",
+    "check_bits",
+    "check_choices",
+    "check_layers",
     "layer_bits",
+    "LayerSwapper",
     "quantize_model",
     "ModelSize",
     "model_size",
@@ -108,33 +113,6 @@ def weight_users(model: nn.Module, name: str) -> list[str]:
     `transformer.wte`, also `lm_head`), by name."""
     others = parameter_owners(model)[id(model.get_submodule(name).weight)]
     return [name] + [n for n in others if n != name and is_quantizable(model.get_submodule(n))]
-
-
-@contextmanager
-def eval_mode(model: nn.Module, active: bool = True) -> Iterator[nn.Module]:
-    """Run `model` in eval mode for a while (when `active`); every module's own mode is restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        if active:
-            model.eval()
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-@contextmanager
-def requiring_grad(params: Iterable[Tensor]) -> Iterator[None]:
-    """Let frozen weights be differentiated for a while (their requires_grad flags are restored)."""
-    params = list(params)
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 class UncompressedWarning(UserWarning):
@@ -206,6 +184,20 @@ def check_bits(bits: Any, symmetric: bool = True, name: str = "bits") -> int:
         kind = "symmetric" if symmetric else "asymmetric"
         raise ValueError(f"{name}: expected an integer from {lowest} to 16 for a {kind} grid, got {bits!r}")
     return int(bits)
+
+
+def check_choices(choices: Any, symmetric: bool = True, name: str = "choices") -> tuple[int, ...]:
+    """The candidate widths as a sorted tuple of distinct valid bit widths."""
+    if isinstance(choices, np.ndarray):
+        choices = choices.tolist()
+    if isinstance(choices, (int, str)) or not isinstance(choices, Sequence):
+        raise TypeError(f"{name}: expected a sequence of bit widths such as (2, 3, 4, 8), got {choices!r}")
+    if len(choices) == 0:
+        raise ValueError(f"{name}: expected at least one bit width, got an empty sequence")
+    widths = tuple(check_bits(b, symmetric, name) for b in choices)
+    if len(set(widths)) != len(widths):
+        raise ValueError(f"{name}: a width is listed twice in {tuple(choices)}")
+    return tuple(sorted(widths))
 
 
 def _check_granularity(granularity: Any, group_size: Any, shape: tuple[int, ...]) -> int | None:
@@ -349,6 +341,24 @@ def unknown_layer_error(argument: str, unknown: list[str], model: nn.Module, ava
                       f"layers are {list(available)}")
 
 
+def check_layers(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Module]:
+    """`layers` (None: all, a name, or names) as {name: module} among `quantizable_layers`, in model order."""
+    everything = quantizable_layers(model)
+    if layers is None:
+        return everything
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    unknown = [name for name in layers if name not in everything]
+    if unknown:
+        raise unknown_layer_error("layers", unknown, model, everything, "quantizable")
+    if not layers:
+        raise ValueError(f"layers: expected names among the quantizable layers {list(everything)}, got none")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers: a layer is listed twice in {layers}")
+    return {name: everything[name] for name in everything if name in layers}
+
+
 def layer_bits(model: nn.Module, bits: int | Mapping[str, int], symmetric: bool = True) -> dict[str, int]:
     """`bits` as {layer name: bit width}: an int applies to every quantizable layer, a mapping names
     some of them (the others stay float). Unknown names and invalid widths raise ValueError."""
@@ -362,6 +372,59 @@ def layer_bits(model: nn.Module, bits: int | Mapping[str, int], symmetric: bool 
     return {name: bits for name in layers}
 
 
+class LayerSwapper:
+    """A working copy of a model whose layer weights are switched between their floating-point
+    values and their fake-quantized ones, in place: the one way hesskit writes quantized weights
+    into a copy (`quantize_model` is one configuration of it; `sensitivities(metric="measured")`,
+    `pair_interactions`, `exhaustive` and `bisection_search` evaluate many). One copy
+    (`model_copy`), then only `copy_` per configuration; the user's model is never modified.
+
+    Args:
+        model: the model to copy. Its floating-point layer weights are read, not stored again, so
+            it must not change while the swapper is in use.
+        layers: names among `quantizable_layers(model)` whose weights may be quantized (a tied
+            weight under its first module's name: writing it writes every module that uses it).
+        choices: widths whose Q_b(W_i) are computed once, up front, for every layer (for many
+            configurations); another width is computed each time it is applied.
+        granularity, group_size, symmetric: the quantizer (see `fake_quantize`).
+        mode: "eval" puts the copy in eval mode; None keeps every module's mode.
+        frozen: the copy's parameters get requires_grad=False (a copy to evaluate, the default);
+            False keeps the model's flags (an ordinary model, as `quantize_model` returns).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], choices: Sequence[int] = (),
+                 granularity: str = "tensor", group_size: int | None = None, symmetric: bool = True,
+                 mode: str | None = None, *, frozen: bool = True):
+        self.model = model_copy(model)
+        if frozen:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        if mode == "eval":
+            self.model.eval()
+        self.quantizer = dict(symmetric=symmetric, granularity=granularity, group_size=group_size)
+        originals, copies = quantizable_layers(model), quantizable_layers(self.model)
+        self.original = {name: layer_weight(originals[name]).detach() for name in layers}  # Conv1D: (out, in)
+        self.weights = {name: layer_weight(copies[name]) for name in layers}
+        self.precomputed: dict[tuple[str, int], Tensor] = {}
+        self.precomputed = {(name, b): self.quantized(name, b) for name in layers for b in choices}
+        self.current: dict[str, int | None] = {name: None for name in layers}
+
+    def quantized(self, name: str, bits: int) -> Tensor:
+        """Q_b(W) of layer `name` at `bits`, in `layer_weight`'s layout."""
+        known = self.precomputed.get((name, bits))
+        return fake_quantize(self.original[name], bits, **self.quantizer) if known is None else known
+
+    def apply(self, config: Mapping[str, int | None]) -> nn.Module:
+        """Set every layer to its width in `config` (absent or None: floating point); returns the copy."""
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                b = config.get(name)
+                if b != self.current[name]:
+                    w.copy_(self.original[name] if b is None else self.quantized(name, b))
+                    self.current[name] = b
+        return self.model
+
+
 def quantize_model(model: nn.Module, bits: int | Mapping[str, int], granularity: str = "tensor",
                    group_size: int | None = None, symmetric: bool = True) -> nn.Module:
     """A copy of `model` whose layer weights are rounded to their grids (round-to-nearest, RTN).
@@ -372,12 +435,9 @@ def quantize_model(model: nn.Module, bits: int | Mapping[str, int], granularity:
     and with an int `bits` the latter are also named in an `UncompressedWarning`.
     """
     widths = layer_bits(model, bits, symmetric)
-    clone = model_copy(model)
+    clone = LayerSwapper(model, list(widths), granularity=granularity, group_size=group_size, symmetric=symmetric,
+                         frozen=False).apply(widths)
     layers = quantizable_layers(clone)
-    with torch.no_grad():
-        for name, b in widths.items():
-            w = layer_weight(layers[name])
-            w.copy_(fake_quantize(w, b, symmetric, granularity, group_size))
     return report_compression(
         clone, "quantize_model", {n: layers[n] for n in widths}, warn=not isinstance(bits, Mapping),
         why="quantize_model quantizes the weights of Linear, Conv1D, Conv and Embedding layers; pass "

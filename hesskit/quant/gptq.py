@@ -28,7 +28,7 @@ Details follow the official `gptq.py` / `quant.py`:
 * Damping: `damping` x mean(diag H) is added to the diagonal (`percdamp=.01`) before inverting. The
   grids and the reported losses use the damped H only through H^-1.
 * Grids: asymmetric min-max per output row by default (the official default; `symmetric=True` gives
-  hesskit's HAWQ-style symmetric grid, see `hk.quant.grid`; the official `--sym` grid is the same
+  hesskit's HAWQ-style symmetric grid, see `hesskit.quant.fake.grid`; the official `--sym` grid is the same
   with the scale 2 max|w| / (2^b - 1)). The row grids are computed from the weights before the dead
   columns are zeroed, as the official code does. GPTQ and round-to-nearest share `grid` and
   `round_to_grid`, so they differ only in the compensation.
@@ -65,9 +65,10 @@ from .._model import call_model
 from .._checks import is_int, is_real
 from ..progress import progress_bar
 from ..layers import is_linear, linear_weight
-from .fake import (check_bits, eval_mode, grid, layer_weight, quantizable_layers, quantize_model, report_compression,
+from .._model import eval_mode
+from .fake import (check_bits, grid, layer_weight, quantizable_layers, quantize_model, report_compression,
                    round_to_grid, unknown_layer_error)
-from .sensitivity import is_pair
+from .._batches import is_pair
 
 __all__ = ["gptq", "gptq_layer", "layer_hessian", "layer_inputs", "round_to_nearest", "gptq_layers"]
 

@@ -35,7 +35,6 @@ which is also `lm_head`): its Hessian block is that of the one shared tensor, bo
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -43,18 +42,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .._batches import Batches, first_tensor, is_batch, move_batch
-from .._model import call_model, model_output, split_batch
+from .._batches import batch_list
+from .._batches import mean_loss, num_samples, select_samples
 from .._checks import check_count, is_int
 from ..progress import progress_bar
 from ..curvature.eigen import eigenvalues
 from ..curvature.operators import HessianOperator, mode_sensitive_modules
 from ..curvature.trace import trace
-from .fake import (check_bits, eval_mode, fake_quantize, layer_weight, quantizable_layers, requiring_grad,
-                   unknown_layer_error)
+from .._model import requiring_grad
+from .fake import LayerSwapper, check_bits, check_choices, check_layers
 
 __all__ = [
     "METRICS",
@@ -62,10 +60,6 @@ __all__ = [
     "sensitivities",
     "PairInteractions",
     "pair_interactions",
-    "mean_loss",
-    "select_samples",
-    "num_samples",
-    "is_pair",
     "rank_correlation",
 ]
 
@@ -118,45 +112,6 @@ class Sensitivities(dict):
 
 
 # ----------------------------------------------------------------------------- checks and helpers
-def check_layers(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Module]:
-    """`layers` (None: all, a name, or names) as {name: module} among `quantizable_layers`, in model order."""
-    everything = quantizable_layers(model)
-    if layers is None:
-        return everything
-    if isinstance(layers, str):
-        layers = [layers]
-    layers = list(layers)
-    unknown = [name for name in layers if name not in everything]
-    if unknown:
-        raise unknown_layer_error("layers", unknown, model, everything, "quantizable")
-    if not layers:
-        raise ValueError(f"layers: expected names among the quantizable layers {list(everything)}, got none")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers: a layer is listed twice in {layers}")
-    return {name: everything[name] for name in everything if name in layers}
-
-
-def _check_data(data: Any) -> list[Any]:
-    """`data` as a list of (inputs, targets) batches (a DataLoader is read once); inputs a tensor or a dict."""
-    if data is None:
-        raise ValueError("data: expected an (inputs, targets) batch or a list of batches, got None")
-    if is_batch(data) or is_pair(data):
-        batches = [data]
-    elif isinstance(data, (list, tuple)) or hasattr(data, "__iter__"):
-        if iter(data) is data:
-            raise TypeError("data: got a one-shot iterator (e.g. a generator); pass a list of batches or a DataLoader")
-        batches = list(data)
-    else:
-        raise TypeError(f"data: expected an (inputs, targets) batch or a list of batches, got {type(data).__name__}")
-    if not batches:
-        raise ValueError("data: expected at least one batch, got none")
-    for i, batch in enumerate(batches):
-        split_batch(batch, i)
-    for _ in Batches(batches):  # sample counts: a clear error for an empty batch
-        pass
-    return batches
-
-
 def _check_mode(model: nn.Module, mode: str | None) -> None:
     if mode not in (None, "eval"):
         raise ValueError(f"mode: expected None or 'eval', got {mode!r}")
@@ -171,81 +126,6 @@ def _check_criterion(criterion: Any) -> None:
         raise TypeError(f"criterion: expected a callable criterion(outputs, targets), got {type(criterion).__name__}")
 
 
-def mean_loss(model: nn.Module, criterion: Any, data: Any, *, output_fn: Any = None, mode: str | None = None) -> float:
-    """(1/N) sum_b N_b criterion(outputs_b, y_b) over the batches of `data`, without gradients, in
-    float64 accumulation: the loss every curvature operator of hesskit differentiates.
-
-    outputs_b is `output_fn(model(x_b))` (`model(**x_b)` for dict inputs; without `output_fn` a tensor
-    as it is, a ModelOutput's `logits`). Batches move to the model's device (floating tensors to its
-    dtype). `mode="eval"` evaluates in eval mode (every module's mode is restored after); None (default)
-    as the model is."""
-    if mode not in (None, "eval"):
-        raise ValueError(f"mode: expected None or 'eval', got {mode!r}")
-    weight = next(model.parameters(), None)
-    total, count = 0.0, 0
-    with torch.no_grad(), eval_mode(model, mode == "eval"):
-        for index, (n, batch) in enumerate(Batches(_check_data(data))):
-            if weight is not None:
-                batch = move_batch(batch, weight.device, weight.dtype)
-            x, y = split_batch(batch, index)
-            total += n * float(criterion(model_output(call_model(model, x), output_fn), y))
-            count += n
-    return total / count
-
-
-def is_pair(data: Any) -> bool:
-    """One (inputs, targets) batch: inputs a tensor or a dict of model inputs, targets a tensor, both
-    with the same (nonzero-dimensional) number of samples. A list of batches is not one."""
-    if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (Tensor, Mapping))
-            and isinstance(data[1], Tensor) and data[1].dim() > 0):
-        return False
-    inputs = first_tensor(data[0])
-    return inputs is not None and inputs.dim() > 0 and inputs.shape[0] == data[1].shape[0]
-
-
-def select_samples(batch: Any, index: Any) -> Any:
-    """The samples `index` (an int tensor or a slice) of a batch: every tensor with a leading
-    (sample) dimension is indexed, in dict inputs and (inputs, targets) pairs alike."""
-    return torch.utils._pytree.tree_map(lambda t: t[index] if isinstance(t, Tensor) and t.dim() > 0 else t, batch)
-
-
-def num_samples(batch: Any) -> int:
-    """The leading dimension of a batch's first tensor (for (inputs, targets): of the inputs)."""
-    t = first_tensor(batch)
-    return 0 if t is None else (int(t.shape[0]) if t.dim() > 0 else 1)
-
-
-class LayerSwapper:
-    """A private working copy of a model whose layer weights are swapped for precomputed
-    quantized versions: one deep copy, then only `copy_` per configuration. The user's model is
-    never touched."""
-
-    def __init__(self, model: nn.Module, layers: Sequence[str], choices: Sequence[int], granularity: str = "tensor",
-                 group_size: int | None = None, symmetric: bool = True, mode: str | None = None):
-        self.model = copy.deepcopy(model)
-        for p in self.model.parameters():
-            p.grad = None
-            p.requires_grad_(False)
-        if mode == "eval":
-            self.model.eval()
-        modules = quantizable_layers(self.model)
-        self.weights = {name: layer_weight(modules[name]) for name in layers}  # Conv1D: the (out, in) view
-        self.original = {name: w.detach().clone() for name, w in self.weights.items()}
-        self.quantized = {(name, b): fake_quantize(self.original[name], b, symmetric, granularity, group_size)
-                          for name in layers for b in choices}
-        self.current = {name: None for name in layers}
-
-    def apply(self, config: Mapping[str, int | None]) -> nn.Module:
-        """Set every layer to its width in `config` (absent or None: floating point)."""
-        with torch.no_grad():
-            for name, w in self.weights.items():
-                b = config.get(name)
-                if b != self.current[name]:
-                    w.copy_(self.original[name] if b is None else self.quantized[(name, b)])
-                    self.current[name] = b
-        return self.model
-
-
 def _bits_tuple(bits: Any, symmetric: bool) -> tuple[int, ...]:
     if bits is None:
         raise ValueError("bits: metric='measured' needs the bit width(s) to quantize each layer to, e.g. bits=2 "
@@ -253,20 +133,6 @@ def _bits_tuple(bits: Any, symmetric: bool) -> tuple[int, ...]:
     if is_int(bits):
         return (check_bits(bits, symmetric),)
     return check_choices(bits, symmetric, "bits")
-
-
-def check_choices(choices: Any, symmetric: bool = True, name: str = "choices") -> tuple[int, ...]:
-    """The candidate widths as a sorted tuple of distinct valid bit widths."""
-    if isinstance(choices, np.ndarray):
-        choices = choices.tolist()
-    if isinstance(choices, (int, str)) or not isinstance(choices, Sequence):
-        raise TypeError(f"{name}: expected a sequence of bit widths such as (2, 3, 4, 8), got {choices!r}")
-    if len(choices) == 0:
-        raise ValueError(f"{name}: expected at least one bit width, got an empty sequence")
-    widths = tuple(check_bits(b, symmetric, name) for b in choices)
-    if len(set(widths)) != len(widths):
-        raise ValueError(f"{name}: a width is listed twice in {tuple(choices)}")
-    return tuple(sorted(widths))
 
 
 def _subsets(batches: list[Any], num_subsets: int) -> list[list[Any]]:
@@ -295,6 +161,98 @@ def _top_eigenvalue(model, criterion, data, name, which, tol, max_matvecs, seed,
     op = HessianOperator(model, criterion, data, params=[_weight(name)], mode=mode, output_fn=output_fn)
     result = eigenvalues(op, k=1, which=which, tol=tol, max_matvecs=max_matvecs, seed=seed)
     return float(result.values[0]), float(result.residuals[0]), result.num_matvecs
+
+
+# Each metric below returns ({layer: value}, the other fields of its `Sensitivities`). The
+# Hessian metrics run with every chosen weight requiring grad (`sensitivities` sees to it).
+def _measured_sensitivities(model, criterion, batches, mode, output_fn, names, widths, granularity, group_size,
+                            symmetric, progress):
+    """No proxy: S_i(b) = L(W with layer i alone quantized to b bits) - L(W) for every width b, the
+    loss change itself (the baseline practitioners trust, OpenPPL/ppq#203, MQBench#170); the values
+    are those of the smallest width."""
+    swapper = LayerSwapper(model, names, widths, granularity, group_size, symmetric, mode)
+
+    def loss(config: Mapping[str, int]) -> float:
+        return mean_loss(swapper.apply(config), criterion, batches, output_fn=output_fn)
+
+    base = loss({})
+    table = {}
+    with progress_bar(progress, len(names) * len(widths), "measured sensitivity", unit="loss") as bar:
+        for name in names:
+            table[name] = {}
+            for b in widths:
+                table[name][b] = loss({name: b}) - base
+                bar.update()
+    low = min(widths)
+    return ({name: table[name][low] for name in names},
+            dict(table=table, bits=widths if len(widths) > 1 else widths[0], baseline_loss=base))
+
+
+def _layer_traces(op, names, m, method, seed, progress):
+    """Tr(H_i) of each layer's own block by `hk.trace` (Hutchinson or Hutch++), one run per layer:
+    ({layer: trace}, {layer: stderr}, {} (no per-probe samples), products used)."""
+    values, stderr, used = {}, {}, 0
+    with progress_bar(progress, len(names), f"trace ({method})", unit="layer") as bar:
+        for name, block in zip(names, (op.restrict([_weight(n)]) for n in names)):
+            result = trace(block, m, method=method, seed=seed)
+            values[name], stderr[name], used = result.value, result.stderr, used + result.num_matvecs
+            bar.update()
+    return values, stderr, {}, used
+
+
+def _trace_sensitivities(model, criterion, batches, mode, output_fn, names, sizes, num_matvecs, method, seed,
+                         progress):
+    """HAWQ-V2 (Dong et al., NeurIPS 2020): S_i = Tr(H_i) / n_i, the average eigenvalue, by
+    Hutchinson probes over all layers at once (`method="joint"`, `hk.trace(op, blocks=...)`) or per
+    layer; also the curvature c_i of Omega_i = (Tr(H_i) / n_i) ||dW_i||^2."""
+    m = 100 if num_matvecs is None else check_count("num_matvecs", num_matvecs, 3 if method == "hutch++" else 1)
+    op = HessianOperator(model, criterion, batches, params=[_weight(n) for n in names], mode=mode,
+                         output_fn=output_fn)
+    if method == "joint":
+        result = trace(op, m, method="hutchinson", seed=seed, progress=progress,
+                       blocks={n: [_weight(n)] for n in names})
+        values, stderr, samples, used = result.values, result.stderr, result.samples, result.num_matvecs
+    else:
+        values, stderr, samples, used = _layer_traces(op, names, m, method, seed, progress)
+    per = {n: values[n] / sizes[n] for n in names}
+    return per, dict(stderr={n: stderr[n] / sizes[n] for n in names}, curvature=per,
+                     samples={n: s / sizes[n] for n, s in samples.items()}, num_matvecs=used)
+
+
+def _eigenvalue_sensitivities(model, criterion, batches, mode, output_fn, names, sizes, which, tol, num_matvecs,
+                              seed, progress):
+    """HAWQ (Dong et al., ICCV 2019): S_i = lambda_max(H_i) / n_i by Lanczos on each layer's block,
+    with lambda_max(H_i) the curvature of Omega_i = lambda_max(H_i) ||dW_i||^2."""
+    values, residuals, used = {}, {}, 0
+    with progress_bar(progress, len(names), "top eigenvalue", unit="layer") as bar:
+        for name in names:
+            lam, res, count = _top_eigenvalue(model, criterion, batches, name, which, tol, num_matvecs, seed,
+                                              mode, output_fn)
+            values[name], residuals[name], used = lam, res, used + count
+            bar.update()
+    return ({n: values[n] / sizes[n] for n in names},
+            dict(curvature=values, residuals={n: residuals[n] / sizes[n] for n in names}, num_matvecs=used))
+
+
+def _qbert_sensitivities(model, criterion, batches, mode, output_fn, names, num_subsets, which, tol, num_matvecs,
+                         seed, progress):
+    """Q-BERT (Shen et al., AAAI 2020): S_i = |mean_s lambda_i^(s)| + std_s lambda_i^(s), the top
+    eigenvalue of layer i on `num_subsets` disjoint data subsets s."""
+    check_count("num_subsets", num_subsets, 2)
+    parts = _subsets(batches, num_subsets)
+    lams = {name: [] for name in names}
+    used = 0
+    with progress_bar(progress, len(parts) * len(names), "Q-BERT eigenvalues", unit="layer") as bar:
+        for part in parts:
+            for name in names:
+                lam, _, count = _top_eigenvalue(model, criterion, part, name, which, tol, num_matvecs, seed, mode,
+                                                output_fn)
+                lams[name].append(lam)
+                used += count
+                bar.update()
+    samples = {n: np.array(v) for n, v in lams.items()}
+    stat = {n: abs(float(s.mean())) + float(s.std(ddof=1)) for n, s in samples.items()}
+    return stat, dict(curvature=stat, samples=samples, num_matvecs=used)
 
 
 def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "trace", *, bits: Any = None,
@@ -353,80 +311,25 @@ def sensitivities(model: nn.Module, criterion: Any, data: Any, metric: str = "tr
     _check_mode(model, mode)
     modules = check_layers(model, layers)
     names = list(modules)
-    batches = _check_data(data)
+    batches = batch_list(data)
     sizes = {name: modules[name].weight.numel() for name in names}
     start = time.perf_counter()
-    common = dict(metric=metric, num_params=sizes, seed=seed)
-
+    loss = (model, criterion, batches, mode, output_fn)  # the loss every metric looks at
     if metric == "measured":
         widths = _bits_tuple(bits, symmetric)
-        swapper = LayerSwapper(model, names, widths, granularity, group_size, symmetric, mode)
-
-        def loss(config: Mapping[str, int]) -> float:
-            return mean_loss(swapper.apply(config), criterion, batches, output_fn=output_fn)
-
-        base = loss({})
-        table = {}
-        with progress_bar(progress, len(names) * len(widths), "measured sensitivity", unit="loss") as bar:
-            for name in names:
-                table[name] = {}
-                for b in widths:
-                    table[name][b] = loss({name: b}) - base
-                    bar.update()
-        low = min(widths)
-        return Sensitivities({name: table[name][low] for name in names}, table=table, bits=widths if len(widths) > 1
-                             else widths[0], wall_time=time.perf_counter() - start, baseline_loss=base, **common)
-
-    with requiring_grad([modules[n].weight for n in names]):  # frozen weights too; flags restored
-        if metric == "trace":
-            m = 100 if num_matvecs is None else check_count("num_matvecs", num_matvecs, 3 if method == "hutch++" else 1)
-            op = HessianOperator(model, criterion, batches, params=[_weight(n) for n in names], mode=mode,
-                                 output_fn=output_fn)
-            if method == "joint":
-                result = trace(op, m, method="hutchinson", seed=seed, progress=progress,
-                               blocks={n: [_weight(n)] for n in names})
-                values, stderr, samples, used = result.values, result.stderr, result.samples, result.num_matvecs
+        values, details = _measured_sensitivities(*loss, names, widths, granularity, group_size, symmetric, progress)
+    else:
+        with requiring_grad([modules[n].weight for n in names]):  # frozen weights too; flags restored
+            if metric == "trace":
+                values, details = _trace_sensitivities(*loss, names, sizes, num_matvecs, method, seed, progress)
+            elif metric == "eigenvalue":
+                values, details = _eigenvalue_sensitivities(*loss, names, sizes, which, tol, num_matvecs, seed,
+                                                            progress)
             else:
-                values, stderr, samples, used = {}, {}, {}, 0
-                with progress_bar(progress, len(names), f"trace ({method})", unit="layer") as bar:
-                    for name, block in zip(names, (op.restrict([_weight(n)]) for n in names)):
-                        result = trace(block, m, method=method, seed=seed)
-                        values[name], stderr[name], used = result.value, result.stderr, used + result.num_matvecs
-                        bar.update()
-            per = {n: values[n] / sizes[n] for n in names}
-            return Sensitivities(per, stderr={n: stderr[n] / sizes[n] for n in names}, curvature=per,
-                                 samples={n: s / sizes[n] for n, s in samples.items()}, num_matvecs=used,
-                                 wall_time=time.perf_counter() - start, **common)
-
-        if metric == "eigenvalue":
-            values, residuals, used = {}, {}, 0
-            with progress_bar(progress, len(names), "top eigenvalue", unit="layer") as bar:
-                for name in names:
-                    lam, res, count = _top_eigenvalue(model, criterion, batches, name, which, tol, num_matvecs, seed,
-                                                      mode, output_fn)
-                    values[name], residuals[name], used = lam, res, used + count
-                    bar.update()
-            return Sensitivities({n: values[n] / sizes[n] for n in names}, curvature=values,
-                                 residuals={n: residuals[n] / sizes[n] for n in names}, num_matvecs=used,
-                                 wall_time=time.perf_counter() - start, **common)
-
-        # Q-BERT
-        check_count("num_subsets", num_subsets, 2)
-        parts = _subsets(batches, num_subsets)
-        lams = {name: [] for name in names}
-        used = 0
-        with progress_bar(progress, len(parts) * len(names), "Q-BERT eigenvalues", unit="layer") as bar:
-            for part in parts:
-                for name in names:
-                    lam, _, count = _top_eigenvalue(model, criterion, part, name, which, tol, num_matvecs, seed, mode,
-                                                    output_fn)
-                    lams[name].append(lam)
-                    used += count
-                    bar.update()
-        samples = {n: np.array(v) for n, v in lams.items()}
-        stat = {n: abs(float(s.mean())) + float(s.std(ddof=1)) for n, s in samples.items()}
-        return Sensitivities(stat, curvature=stat, samples=samples, num_matvecs=used,
-                             wall_time=time.perf_counter() - start, **common)
+                values, details = _qbert_sensitivities(*loss, names, num_subsets, which, tol, num_matvecs, seed,
+                                                       progress)
+    return Sensitivities(values, metric=metric, num_params=sizes, seed=seed, wall_time=time.perf_counter() - start,
+                         **details)
 
 
 # ----------------------------------------------------------------------------- inter-layer terms
@@ -468,7 +371,7 @@ def pair_interactions(model: nn.Module, criterion: Any, data: Any, choices: Sequ
     _check_mode(model, mode)
     widths = check_choices(choices, symmetric)
     names = list(check_layers(model, layers))
-    batches = _check_data(data)
+    batches = batch_list(data)
     swapper = LayerSwapper(model, names, widths, granularity, group_size, symmetric, mode)
 
     def loss(config: Mapping[str, int]) -> float:

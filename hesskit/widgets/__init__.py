@@ -30,7 +30,7 @@ from .batch_size import BatchSizeExplorer
 from .eigenvalues import EigenExplorer
 from .gptq import GPTQExplorer
 from .hawq import HAWQExplorer
-from .hessian import HessianExplorer, mlp_hessian
+from .hessian import HessianExplorer
 from .kfac import KFACExplorer
 from .mfac import MFACExplorer
 from .pruning import PruningExplorer
@@ -45,7 +45,6 @@ from .your_model import YourModelExplorer
 __all__ = [
     "Explorer",
     "HessianExplorer",
-    "mlp_hessian",
     "TraceExplorer",
     "EigenExplorer",
     "DensityExplorer",

@@ -1,367 +1,25 @@
-"""Notebook 11: HAWQ, Hessian-aware mixed-precision quantization, judged by exhaustive enumeration.
+"""Notebook 11 (`11_hawq_mixed_precision.ipynb`): the HAWQ explorer, the bit budget, the
+sensitivity proxy and the set of widths over an exhaustive enumeration.
 
-The experiment: an equal-width deep MLP on the digits (64 -> five
-64 x 64 layers -> 10, ReLU), weight-only symmetric per-channel round-to-nearest quantization, widths
-{2, 3, 4, 8} per layer, so 4^6 = 4,096 configurations, ALL of which are evaluated (a few seconds,
-thanks to prefix sharing: `enumerate_configs`). Against that ground truth:
-
-- how well each sensitivity proxy ranks configurations (Spearman rho of predicted Omega against the
-  measured loss change), HAWQ-V2's trace, HAWQ's lambda_max, Q-BERT's |mean| + std, the
-  curvature-free ||dW||^2, the measured single-layer loss changes, and the same plus measured
-  interactions of adjacent layers;
-- what the allocation at a budget buys (`compare_at_budget`): against uniform precision, the median
-  of random configurations of the same size, and the exhaustive best.
-
-Everything here is a pure function of its arguments (seeded), so `bench/` can reuse it.
-
-References: Dong et al., "HAWQ: Hessian AWare Quantization of neural networks with mixed-precision",
-ICCV 2019; Dong et al., "HAWQ-V2: Hessian aware trace-weighted quantization of neural networks",
-NeurIPS 2020; Yao et al., "HAWQ-V3: Dyadic neural network quantization", ICML 2021; Shen et al.,
-"Q-BERT: Hessian based ultra low precision quantization of BERT", AAAI 2020; Schaefer et al.,
-"Augmenting Hessians with inter-layer dependencies for mixed-precision post-training
-quantization", arXiv:2306.04879, 2023.
+What it shows is computed in `hesskit.experiments.hawq` (the problem, the proxies' cost tables, the
+enumeration, `compare_at_budget`); this module holds the controls and the drawing.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
-import math
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
-from ..data import digits
-from ..models import MLP
-from ..quant.allocate import CostTable, Enumeration, _frontier, cost_table, exhaustive, knapsack
-from ..quant.fake import fake_quantize, quantizable_layers
-from ..quant.sensitivity import PairInteractions, Sensitivities, pair_interactions, rank_correlation, sensitivities
+from ..experiments.hawq import PROXIES, BudgetComparison, compare_at_budget, restrict
+from ..quant.allocate import CostTable, Enumeration, frontier_from_table
 from .explorer import Explorer
-from .. import progress
 
-__all__ = [
-    "HAWQExplorer",
-    "PROXIES",
-    "HAWQProblem",
-    "digits_problem",
-    "all_sensitivities",
-    "proxy_tables",
-    "restrict",
-    "enumerate_configs",
-    "correlations",
-    "BudgetComparison",
-    "compare_at_budget",
-    "seed_study",
-]
+__all__ = ["HAWQExplorer"]
 
-CHOICES = (2, 3, 4, 8)
-PROXIES = {  # display name: key of all_sensitivities() / proxy_tables()
-    "HAWQ-V2: Tr(H)/n": "trace",
-    "HAWQ: λ_max": "eigenvalue",
-    "Q-BERT: |mean λ| + std λ": "qbert",
-    "‖ΔW‖² only (no Hessian)": "weights",
-    "measured, per layer": "measured",
-    "measured + adjacent pairs": "pairs",
-}
 COLORS = {"trace": "tab:blue", "eigenvalue": "tab:orange", "qbert": "tab:purple", "weights": "0.5",
           "measured": "tab:green", "pairs": "tab:red"}
-
-
-# --------------------------------------------------------------------------- the problem
-@dataclass
-class HAWQProblem:
-    """A trained model and its data: `calibration` (the Hessian and the measured losses, 256
-    training digits as in the pilot), `subsets` (Q-BERT's disjoint batches), `test`."""
-
-    model: nn.Module
-    criterion: nn.Module
-    train: tuple[Tensor, Tensor]
-    test: tuple[Tensor, Tensor]
-    calibration: tuple[Tensor, Tensor]
-    subsets: list[tuple[Tensor, Tensor]]
-    seed: int
-    train_time: float
-    granularity: str = "channel"
-
-    @property
-    def layers(self) -> list[str]:
-        return list(quantizable_layers(self.model))
-
-    def accuracy(self, model: nn.Module | None = None) -> float:
-        model = self.model if model is None else model
-        with torch.no_grad():
-            return float((model(self.test[0]).argmax(dim=1) == self.test[1]).double().mean())
-
-
-def digits_problem(seed: int = 0, width: int = 64, depth: int = 5, steps: int = 2000, lr: float = 1e-3,
-                   batch_size: int = 64, calibration: int = 256, num_subsets: int = 5, subset_size: int = 128,
-                   activation: str = "relu", granularity: str = "channel", data_seed: int = 0) -> HAWQProblem:
-    """Train `hk.models.MLP(64, (width,) * depth, 10, activation)` on the digits (Adam, `steps`
-    mini-batches of `batch_size`, seeded by `seed`; the train/test split by `data_seed`) and pick the
-    calibration data: the first `calibration` training digits, and `num_subsets` disjoint batches
-    of `subset_size` for Q-BERT (by default 256 samples and 5 x 128)."""
-    (x, y), (x_test, y_test) = digits(flatten=True, seed=data_seed)
-    if num_subsets * subset_size > len(x) or calibration > len(x):
-        raise ValueError(f"calibration, num_subsets, subset_size: need at most the {len(x)} training digits")
-    torch.manual_seed(seed)
-    model = MLP(64, (width,) * depth, 10, activation=activation)
-    criterion = nn.CrossEntropyLoss()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-        opt.zero_grad()
-        criterion(model(x[idx]), y[idx]).backward()
-        opt.step()
-    train_time = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    subsets = [(x[i * subset_size:(i + 1) * subset_size], y[i * subset_size:(i + 1) * subset_size])
-               for i in range(num_subsets)]
-    return HAWQProblem(model, criterion, (x, y), (x_test, y_test), (x[:calibration], y[:calibration]), subsets,
-                       seed, train_time, granularity)
-
-
-def all_sensitivities(problem: HAWQProblem, choices: Sequence[int] = CHOICES, num_matvecs: int = 100, seed: int = 0,
-                      metrics: Sequence[str] = ("trace", "eigenvalue", "qbert", "measured"), pairs: bool = True
-                      ) -> tuple[dict[str, Sensitivities], PairInteractions | None]:
-    """The `metrics` of `hk.quant.sensitivities` on the problem's calibration data (Q-BERT on its
-    disjoint subsets; "measured" at every width) and, with `pairs`, the measured adjacent-pair
-    interactions (None otherwise)."""
-    m, c = problem.model, problem.criterion
-    unknown = set(metrics) - {"trace", "eigenvalue", "qbert", "measured"}
-    if unknown:
-        raise ValueError(f"metrics: unknown {sorted(unknown)}")
-    make = {
-        "trace": lambda: sensitivities(m, c, problem.calibration, "trace", num_matvecs=num_matvecs, seed=seed),
-        "eigenvalue": lambda: sensitivities(m, c, problem.calibration, "eigenvalue", seed=seed),
-        "qbert": lambda: sensitivities(m, c, problem.subsets, "qbert", num_subsets=len(problem.subsets), seed=seed),
-        "measured": lambda: sensitivities(m, c, problem.calibration, "measured", bits=tuple(choices),
-                                          granularity=problem.granularity),
-    }
-    units = len(metrics) + bool(pairs)  # progress (shown while an explorer renders): one unit per metric
-    out = {}
-    for k, key in enumerate(metrics, start=1):
-        out[key] = make[key]()
-        progress.report(k, units, f"sensitivities ({key})")
-    interactions = pair_interactions(m, c, problem.calibration, choices, granularity=problem.granularity) \
-        if pairs else None
-    if pairs:
-        progress.report(units, units, "sensitivities (adjacent pairs)")
-    return out, interactions
-
-
-def proxy_tables(problem: HAWQProblem, sens: Mapping[str, Sensitivities], pairs: PairInteractions | None = None,
-                 choices: Sequence[int] = CHOICES) -> dict[str, CostTable]:
-    """The cost table of every proxy (keys of `PROXIES`' values): the four metrics, "weights"
-    (c_i = 1: Omega = ||dW||^2) and, with `pairs`, "pairs" (measured + adjacent interactions)."""
-    kw = dict(granularity=problem.granularity)
-    tables = {key: cost_table(problem.model, s, choices, **kw) for key, s in sens.items()}
-    tables["weights"] = cost_table(problem.model, {n: 1.0 for n in problem.layers}, choices, **kw)
-    if pairs is not None and "measured" in sens:
-        tables["pairs"] = cost_table(problem.model, sens["measured"], choices, pairs=pairs, **kw)
-    return tables
-
-
-def restrict(table: CostTable, choices: Sequence[int]) -> CostTable:
-    """The same costs for a subset of the widths."""
-    cols = [table.choices.index(b) for b in sorted(choices)]
-    pairs = None if table.pairs is None else table.pairs[:, cols][:, :, cols]
-    return CostTable(list(table.layers), tuple(sorted(choices)), table.omega[:, cols], table.num_params, pairs,
-                     table.metric)
-
-
-# --------------------------------------------------------------------------- ground truth
-def _sequential_plan(model: nn.Module, layers: list[str]) -> list[nn.Module] | None:
-    """The top-level modules of an nn.Sequential whose quantizable layers are direct children."""
-    if not isinstance(model, nn.Sequential):
-        return None
-    children = list(model.named_children())
-    names = [name for name, _ in children]
-    if not all(layer in names for layer in layers):
-        return None
-    return [m for _, m in children]
-
-
-def enumerate_configs(problem: HAWQProblem, choices: Sequence[int] = CHOICES) -> Enumeration:
-    """Every configuration's calibration loss ("loss", and "delta" = its change from the float
-    model) and test accuracy ("accuracy").
-
-    For an nn.Sequential it shares prefixes: the output of layers 1..i for a prefix of widths is
-    computed once for all |B|^(L-i) configurations that start with it (depth-first), so 4^6
-    configurations cost about 1/10 of 4,096 full forward passes, with results identical to
-    `hk.quant.exhaustive` (the same modules applied to the same tensors). Other models go through
-    `hk.quant.exhaustive`."""
-    model, criterion = problem.model, problem.criterion
-    layers = problem.layers
-    choices = tuple(sorted(choices))
-    inputs = {"loss": problem.calibration, "test": problem.test}
-
-    def metrics(out: Mapping[str, Tensor]) -> dict[str, float]:
-        return {"loss": float(criterion(out["loss"], inputs["loss"][1])),
-                "accuracy": float((out["test"].argmax(dim=1) == inputs["test"][1]).double().mean())}
-
-    def leaf_metrics(outs: list[Mapping[str, Tensor]]) -> list[dict[str, float]]:
-        """metrics() of several outputs at once (one loss call per width of the last layer saved)."""
-        if not isinstance(criterion, nn.CrossEntropyLoss) or criterion.weight is not None:
-            return [metrics(o) for o in outs]
-        logits = torch.stack([o["loss"] for o in outs])
-        y = inputs["loss"][1]
-        losses = nn.functional.cross_entropy(logits.flatten(0, 1), y.repeat(len(outs)), reduction="none",
-                                             ignore_index=criterion.ignore_index,
-                                             label_smoothing=criterion.label_smoothing).view(len(outs), -1).mean(1)
-        hits = (torch.stack([o["test"] for o in outs]).argmax(dim=2) == inputs["test"][1]).double().mean(1)
-        return [{"loss": float(a), "accuracy": float(b)} for a, b in zip(losses, hits)]
-
-    plan = _sequential_plan(model, layers)
-    if plan is None:
-        def evaluate(m):
-            with torch.no_grad():
-                return metrics({k: m(x) for k, (x, _) in inputs.items()})
-        e = exhaustive(model, choices, evaluate, granularity=problem.granularity)
-        e.values["delta"] = e.values["loss"] - e.baseline["loss"]
-        return e
-
-    work = copy.deepcopy(model)
-    work.eval()
-    modules = list(work.children())
-    names = [name for name, _ in work.named_children()]
-    positions = [names.index(layer) for layer in layers]
-    quantized = {(layer, b): fake_quantize(dict(work.named_children())[layer].weight.detach(), b,
-                                           granularity=problem.granularity) for layer in layers for b in choices}
-    segments = [modules[positions[i]:(positions[i + 1] if i + 1 < len(layers) else len(modules))]
-                for i in range(len(layers))]
-    results: list[dict[str, float]] = []
-
-    def run(segment, h):
-        for m in segment:
-            h = m(h)
-        return h
-
-    with torch.no_grad():
-        heads = {k: run(modules[:positions[0]], x) for k, (x, _) in inputs.items()}
-        baseline = metrics({k: run(modules[positions[0]:], h) for k, h in heads.items()})
-
-        def descend(i: int, hs: dict[str, Tensor]) -> None:
-            layer = modules[positions[i]]
-            original = layer.weight.detach().clone()
-            leaves = []
-            for b in choices:
-                layer.weight.copy_(quantized[(layers[i], b)])
-                out = {k: run(segments[i], h) for k, h in hs.items()}
-                if i + 1 == len(layers):
-                    leaves.append(out)
-                else:
-                    descend(i + 1, out)
-            layer.weight.copy_(original)
-            results.extend(leaf_metrics(leaves) if leaves else [])
-
-        descend(0, heads)
-    configs = np.array(list(itertools.product(choices, repeat=len(layers))), dtype=np.int64)
-    values = {key: np.array([r[key] for r in results]) for key in results[0]}
-    values["delta"] = values["loss"] - baseline["loss"]
-    n = np.array([m.weight.numel() for m in quantizable_layers(model).values()], dtype=np.int64)
-    return Enumeration(layers, choices, configs, values, configs @ n, int(n.sum()), baseline)
-
-
-def correlations(tables: Mapping[str, CostTable], enumeration: Enumeration, key: str = "delta") -> dict[str, float]:
-    """Spearman rho between each proxy's predicted Omega and the measured `key` over every
-    enumerated configuration (HAWQ's objective is a ranking device: rho is what matters)."""
-    truth = enumeration.values[key]
-    return {name: rank_correlation(table.predict(enumeration.configs), truth) for name, table in tables.items()}
-
-
-# --------------------------------------------------------------------------- one budget
-@dataclass
-class BudgetComparison:
-    """Test accuracy at one budget (average bits per weight) and set of widths: each proxy's
-    exact allocation (`chosen[proxy]` = (config, accuracy)), uniform precision (the largest width
-    that fits), random configurations using 85-100% of the budget (the exact median and quartiles
-    over ALL of them, from the enumeration), and the exhaustive best (an oracle: chosen on the
-    test set itself)."""
-
-    avg_bits: float
-    choices: tuple[int, ...]
-    float_accuracy: float
-    chosen: dict[str, tuple[dict[str, int], float]]
-    uniform: tuple[int, float] | None
-    random_median: float
-    random_quartiles: tuple[float, float]
-    num_random: int
-    best: tuple[dict[str, int], float]
-    predicted: dict[str, float] = field(default_factory=dict)
-
-
-def compare_at_budget(tables: Mapping[str, CostTable], enumeration: Enumeration, avg_bits: float,
-                      choices: Sequence[int] | None = None, min_fill: float = 0.85) -> BudgetComparison:
-    """Allocate with every proxy at `avg_bits` (exact DP) and look the accuracies up in the
-    enumeration (see `BudgetComparison`). Raises ValueError if nothing fits."""
-    choices = tuple(sorted(enumeration.choices if choices is None else choices))
-    chosen, predicted = {}, {}
-    for name, table in tables.items():
-        allocation = knapsack(restrict(table, choices), avg_bits)
-        chosen[name] = (dict(allocation), enumeration.value(allocation, "accuracy"))
-        predicted[name] = allocation.predicted
-    fits = [b for b in choices if b <= avg_bits]
-    uniform = None
-    if fits:
-        b = max(fits)
-        uniform = (b, enumeration.value({n: b for n in enumeration.layers}, "accuracy"))
-    mask = enumeration.feasible(avg_bits, min_fill=min_fill, choices=choices)
-    acc = enumeration.values["accuracy"][mask]
-    median = float(np.median(acc)) if len(acc) else math.nan
-    quartiles = (float(np.percentile(acc, 25)), float(np.percentile(acc, 75))) if len(acc) else (math.nan, math.nan)
-    best = enumeration.best(avg_bits, key="accuracy", maximize=True, choices=choices)
-    return BudgetComparison(float(avg_bits), choices, float(enumeration.baseline["accuracy"]), chosen, uniform,
-                            median, quartiles, int(mask.sum()), best, predicted)
-
-
-def seed_study(seeds: Sequence[int], avg_bits: Sequence[float] = (2.5, 3.0),
-               proxies: Sequence[str] = ("trace", "pairs"), num_matvecs: int = 100,
-               **problem_kwargs: Any) -> dict[str, np.ndarray]:
-    """Repeat train -> sensitivities -> enumeration -> `compare_at_budget` for several seeds.
-    Seed s trains `digits_problem(seed=s, **problem_kwargs)` and draws the probes of
-    `all_sensitivities(..., num_matvecs, seed=s)`, so a walk-through of one seed that does the same
-    reproduces its row exactly. Returns arrays (seeds, budgets): "float", "uniform", "random",
-    "best" and one per proxy, plus "rho_<proxy>" (seeds,) rank correlations and "seeds" (seeds,)."""
-    rows: dict[str, list] = {}
-    seeds = list(seeds)
-    for j, seed in enumerate(seeds):
-        progress.report(j, len(seeds), "seed")  # shown while an explorer renders
-        problem = digits_problem(seed=seed, **problem_kwargs)
-        needed = [k for k in ("trace", "eigenvalue", "qbert") if k in proxies]
-        needed += ["measured"] if {"measured", "pairs"} & set(proxies) else []
-        sens, pairs = all_sensitivities(problem, num_matvecs=num_matvecs, seed=seed, metrics=needed,
-                                        pairs="pairs" in proxies)
-        tables = proxy_tables(problem, sens, pairs)
-        e = enumerate_configs(problem)
-        rho = correlations(tables, e)
-        for p in proxies:
-            rows.setdefault(f"rho_{p}", []).append(rho[p])
-        per_budget: dict[str, list] = {}
-        for b in avg_bits:
-            c = compare_at_budget({p: tables[p] for p in proxies}, e, b)
-            per_budget.setdefault("float", []).append(c.float_accuracy)
-            per_budget.setdefault("uniform", []).append(c.uniform[1] if c.uniform else math.nan)
-            per_budget.setdefault("random", []).append(c.random_median)
-            per_budget.setdefault("best", []).append(c.best[1])
-            for p in proxies:
-                per_budget.setdefault(p, []).append(c.chosen[p][1])
-        for k, v in per_budget.items():
-            rows.setdefault(k, []).append(v)
-    progress.report(len(seeds), len(seeds), "seed")
-    out = {k: np.array(v) for k, v in rows.items()}
-    out["seeds"] = np.array(seeds)
-    return out
-
-
-# --------------------------------------------------------------------------- widget
 CHOICE_SETS = {"{2, 3, 4, 8}": (2, 3, 4, 8), "{2, 4, 8}": (2, 4, 8), "{2, 3, 4}": (2, 3, 4), "{3, 4, 8}": (3, 4, 8),
                "{2, 8}": (2, 8), "{4, 8} (HAWQ-V3)": (4, 8)}
 
@@ -371,7 +29,6 @@ class HAWQExplorer(Explorer):
     frontier with the chosen point, the chosen widths per layer next to the exhaustive best, and
     the test accuracy of the chosen configuration against uniform precision, the median random
     configuration of the same size and the exhaustive best (all looked up in the enumeration)."""
-
 
     def __init__(self, tables: Mapping[str, CostTable], enumeration: Enumeration, avg_bits: float = 2.5,
                  proxy: str = "HAWQ-V2: Tr(H)/n", choices: str = "{2, 3, 4, 8}"):
@@ -395,7 +52,7 @@ class HAWQExplorer(Explorer):
 
     def frontier(self, key: str, choices: tuple[int, ...]):
         if (key, choices) not in self._frontiers:
-            self._frontiers[(key, choices)] = _frontier(restrict(self.tables[key], choices))
+            self._frontiers[(key, choices)] = frontier_from_table(restrict(self.tables[key], choices))
         return self._frontiers[(key, choices)]
 
     def compute(self, avg_bits: float, proxy: str, choices: str) -> dict:
@@ -424,8 +81,24 @@ class HAWQExplorer(Explorer):
         fig = Figure(figsize=(12.5, 5.0))
         ax_f, ax_b, ax_a = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.25, 1, 1]})
         fig.subplots_adjust(left=0.06, right=0.985, bottom=0.3, top=0.9, wspace=0.42)
-        frontier, color = result["frontier"], COLORS[result["key"]]
+        twin = self._draw_frontier(ax_f, result)
         e = self.enumeration
+        ax_b.set_xlabel("layer (input → output)")
+        ax_b.set_ylabel("bits")
+        ax_b.set_xticks(range(len(e.layers)), [f"{i + 1}" for i in range(len(e.layers))])
+        ax_a.set_ylabel("test accuracy (%)")
+        if not result["feasible"]:
+            self._draw_infeasible(ax_f, ax_b, ax_a, result)
+            return fig
+        self._mark_chosen(ax_f, twin, result)
+        self._draw_widths(ax_b, result)
+        self._draw_accuracy(ax_a, result)
+        return fig
+
+    def _draw_frontier(self, ax_f, result: dict):
+        """The proxy's Pareto frontier, the budget, and (on a twin axis, returned) the test accuracy
+        of every frontier point."""
+        frontier, color = result["frontier"], COLORS[result["key"]]
         x = frontier.average_bits
         ax_f.step(x, frontier.omega, where="post", color=color, lw=1.2)
         ax_f.plot(x, frontier.omega, "o", ms=3, color=color, label=f"frontier ({len(frontier)} points)")
@@ -439,21 +112,25 @@ class HAWQExplorer(Explorer):
                   label="test accuracy of frontier points")
         twin.set_ylabel("test accuracy (%)", color="0.3")
         twin.set_ylim(0, 100)
-        ax_b.set_xlabel("layer (input → output)")
-        ax_b.set_ylabel("bits")
-        ax_b.set_xticks(range(len(e.layers)), [f"{i + 1}" for i in range(len(e.layers))])
-        ax_a.set_ylabel("test accuracy (%)")
-        if not result["feasible"]:
-            ax_f.set_title(f"{result['proxy']}\nno configuration fits", fontsize=10)
-            for ax in (ax_b, ax_a):
-                ax.text(0.5, 0.5, f"{result['avg_bits']:.2f} bits < smallest width {min(result['choices'])}",
-                        ha="center", va="center", transform=ax.transAxes)
-            ax_b.set_title("chosen widths", fontsize=10)
-            ax_a.set_title("test accuracy", fontsize=10)
-            lines, labels = ax_f.get_legend_handles_labels()
-            ax_f.legend(lines, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-            return fig
-        c: BudgetComparison = result["comparison"]
+        return twin
+
+    @staticmethod
+    def _draw_infeasible(ax_f, ax_b, ax_a, result: dict) -> None:
+        """No configuration fits the budget: say so in every panel."""
+        ax_f.set_title(f"{result['proxy']}\nno configuration fits", fontsize=10)
+        for ax in (ax_b, ax_a):
+            ax.text(0.5, 0.5, f"{result['avg_bits']:.2f} bits < smallest width {min(result['choices'])}",
+                    ha="center", va="center", transform=ax.transAxes)
+        ax_b.set_title("chosen widths", fontsize=10)
+        ax_a.set_title("test accuracy", fontsize=10)
+        lines, labels = ax_f.get_legend_handles_labels()
+        ax_f.legend(lines, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+
+    @staticmethod
+    def _mark_chosen(ax_f, twin, result: dict) -> None:
+        """The chosen frontier point, and the legend of both frontier axes."""
+        frontier, color = result["frontier"], COLORS[result["key"]]
+        x = frontier.average_bits
         p = np.flatnonzero(frontier.average_bits <= result["avg_bits"] + 1e-12)[-1]
         ax_f.plot([x[p]], [frontier.omega[p]], "*", ms=15, color=color, mec="k", label="chosen")
         lines, labels = ax_f.get_legend_handles_labels()
@@ -462,6 +139,10 @@ class HAWQExplorer(Explorer):
                     ncol=2)
         ax_f.set_title(f"{result['proxy']}: Pareto frontier", fontsize=10)
 
+    def _draw_widths(self, ax_b, result: dict) -> None:
+        """The chosen width of every layer next to the exhaustive best's."""
+        c: BudgetComparison = result["comparison"]
+        e, color = self.enumeration, COLORS[result["key"]]
         pos = np.arange(len(e.layers))
         best_config = c.best[0]
         ax_b.bar(pos - 0.2, [result["config"][n] for n in e.layers], 0.4, color=color, label="chosen")
@@ -471,6 +152,11 @@ class HAWQExplorer(Explorer):
         ax_b.legend(fontsize=8, loc="upper left")
         ax_b.set_title(f"chosen widths: {result['average']:.2f} bits per weight", fontsize=10)
 
+    @staticmethod
+    def _draw_accuracy(ax_a, result: dict) -> None:
+        """Test accuracy: float, chosen, uniform, the random median (with quartiles) and the best."""
+        c: BudgetComparison = result["comparison"]
+        color = COLORS[result["key"]]
         labels = ["float", "chosen", f"uniform\n{c.uniform[0]}-bit" if c.uniform else "uniform\n(none fits)",
                   f"random\nmedian\n(n = {c.num_random})", "best\n(oracle)"]
         values = [c.float_accuracy, result["accuracy"], c.uniform[1] if c.uniform else np.nan, c.random_median,
@@ -488,4 +174,3 @@ class HAWQExplorer(Explorer):
         ax_a.set_xticks(range(5), labels, fontsize=8)
         ax_a.set_ylim(0, 108)
         ax_a.set_title(f"test accuracy; gap to the best: {100 * result['gap']:.1f} points", fontsize=10)
-        return fig

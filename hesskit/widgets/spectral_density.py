@@ -1,9 +1,6 @@
-"""Notebook 03: the Hessian's spectral density by stochastic Lanczos quadrature, against the exact one.
-
-SLQ (Ubaru, Chen & Saad 2017; Ghorbani, Krishnan & Xiao 2019) estimates the eigenvalue density
-phi(t) = (1/n) sum_i delta(t - lambda_i) from a few Lanczos runs; on a model small enough for
-`torch.linalg.eigvalsh(op.dense())` we can smooth both with the same Gaussian and compare.
-"""
+"""Notebook 03 (`03_spectral_density.ipynb`): the spectral-density explorer, SLQ's estimate of the
+Hessian's eigenvalue density (log scale) against the exact one, and its quadrature nodes. What
+it computes lives in `hesskit.experiments.spectral_density` and `hk.spectral_density`."""
 
 from __future__ import annotations
 
@@ -13,62 +10,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ..curvature.density import spectral_density
-from ..curvature.results import smoothed_density
-from .explorer import Explorer
 from .. import progress
+from ..curvature.density import spectral_density
+from ..experiments.spectral_density import count_outliers, density_grid, exact_density, integrate
+from .explorer import Explorer
 
-__all__ = ["DensityExplorer", "exact_density", "density_grid", "count_outliers", "integrate"]
-
-
-def exact_density(eigenvalues: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
-    """The exact spectral density (1/n) sum_i delta(t - lambda_i), smoothed by a Gaussian of width sigma."""
-    eigenvalues = np.asarray(eigenvalues, dtype=float).reshape(-1)
-    return smoothed_density(eigenvalues, np.full(len(eigenvalues), 1.0 / len(eigenvalues)), grid, sigma)
-
-
-def density_grid(lo: float, hi: float, sigma: float, num_points: int = 2000) -> np.ndarray:
-    """An evaluation grid that covers [lo, hi] plus 5 sigma on each side (so densities integrate to ~1)."""
-    return np.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points)
-
-
-def integrate(values: np.ndarray, grid: np.ndarray) -> float:
-    """The trapezoidal rule (np.trapezoid needs numpy >= 2, where np.trapz is deprecated)."""
-    values, grid = np.asarray(values, dtype=float), np.asarray(grid, dtype=float)
-    return float(((values[1:] + values[:-1]) * np.diff(grid)).sum() / 2)
-
-
-class _ReportingMatrix:
-    """A dense symmetric matrix whose products report progress (one unit per product), so that an
-    explorer's status line shows how far SLQ has got; `hk.spectral_density` sees the same products
-    (and draws the same probes) as on the matrix itself."""
-
-    def __init__(self, H: torch.Tensor, total: int, what: str):
-        self.H, self.shape, self.dtype, self.device = H, H.shape, H.dtype, H.device
-        self.total, self.what, self.done = total, what, 0
-
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        out = self.H @ v
-        self.done += 1 if v.dim() == 1 else v.shape[1]
-        progress.report(min(self.done, self.total), self.total, self.what)
-        return out
-
-
-def count_outliers(eigenvalues: np.ndarray, min_ratio: float = 2.0, max_count: int = 50) -> int:
-    """How many top eigenvalues stand apart from the rest: the position of the largest ratio
-    lambda_k / lambda_{k+1} among the top `max_count` positive eigenvalues, if that ratio is at
-    least `min_ratio`, else 0. A crude rule for the bulk-plus-outliers picture of Sagun et al.
-    (2017) and Papyan (2019, 2020), not a statistical test. The default threshold 2 separates the
-    gap below the nine outliers of notebook 03's trained digits MLP (a factor of about 3) from the
-    neighbouring ratios of a smoothly decaying spectrum (well below 2).
-    """
-    top = np.sort(np.asarray(eigenvalues, dtype=float).reshape(-1))[::-1]
-    top = top[top > 0][: max_count + 1]
-    if len(top) < 2:
-        return 0
-    ratios = top[:-1] / top[1:]
-    k = int(np.argmax(ratios))
-    return k + 1 if ratios[k] >= min_ratio else 0
+__all__ = ["DensityExplorer"]
 
 
 class DensityExplorer(Explorer):
@@ -123,9 +70,11 @@ class DensityExplorer(Explorer):
         if key not in self._slq_cache:
             start = time.perf_counter()
             total = num_runs * min(num_steps, n)
-            products = _ReportingMatrix(H, total, "SLQ: Hessian-vector products")  # shown in the status line
-            slq = spectral_density(products, num_runs=num_runs, num_steps=min(num_steps, n), seed=self.seed)
-            progress.report(total, total, "SLQ: Hessian-vector products")  # a run that stopped early used fewer
+            # a bar only in the status line while rendering (or a test's recorder): notebook 03 also
+            # calls compute() directly, where a tqdm bar would add an output
+            slq = spectral_density(H, num_runs=num_runs, num_steps=min(num_steps, n), seed=self.seed,
+                                   progress=progress.active())
+            progress.report(total, total, "spectral density")  # a run that stopped early used fewer
             self._slq_cache = {key: (slq, time.perf_counter() - start)}
         slq, seconds = self._slq_cache[key]
         grid = density_grid(float(eigs[0]), float(eigs[-1]), width)

@@ -1,0 +1,367 @@
+"""Notebook 11 (`11_hawq_mixed_precision.ipynb`): HAWQ, Hessian-aware mixed-precision quantization,
+judged by exhaustive enumeration.
+
+The experiment: an equal-width deep MLP on the digits (64 -> five
+64 x 64 layers -> 10, ReLU), weight-only symmetric per-channel round-to-nearest quantization, widths
+{2, 3, 4, 8} per layer, so 4^6 = 4,096 configurations, ALL of which are evaluated (a few seconds,
+thanks to prefix sharing: `enumerate_configs`). Against that ground truth:
+
+- how well each sensitivity proxy ranks configurations (Spearman rho of predicted Omega against the
+  measured loss change, `correlations`), HAWQ-V2's trace, HAWQ's lambda_max, Q-BERT's |mean| + std,
+  the curvature-free ||dW||^2, the measured single-layer loss changes, and the same plus measured
+  interactions of adjacent layers (`all_sensitivities`, `proxy_tables`);
+- what the allocation at a budget buys (`compare_at_budget`): against uniform precision, the median
+  of random configurations of the same size, and the exhaustive best;
+- the whole pipeline over several seeds (`seed_study`).
+
+Everything here is a pure function of its arguments (seeded), so `bench/` can reuse it; the
+explorer is `hesskit.widgets.hawq.HAWQExplorer`.
+
+References: Dong et al., "HAWQ: Hessian AWare Quantization of neural networks with mixed-precision",
+ICCV 2019; Dong et al., "HAWQ-V2: Hessian aware trace-weighted quantization of neural networks",
+NeurIPS 2020; Yao et al., "HAWQ-V3: Dyadic neural network quantization", ICML 2021; Shen et al.,
+"Q-BERT: Hessian based ultra low precision quantization of BERT", AAAI 2020; Schaefer et al.,
+"Augmenting Hessians with inter-layer dependencies for mixed-precision post-training
+quantization", arXiv:2306.04879, 2023.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import progress
+from ..data import digits
+from ..quant.allocate import CostTable, Enumeration, cost_table, exhaustive, knapsack
+from ..quant.fake import fake_quantize, quantizable_layers
+from ..quant.sensitivity import PairInteractions, Sensitivities, pair_interactions, rank_correlation, sensitivities
+from .tasks import digits_mlp, evaluate, fit_classifier
+
+__all__ = [
+    "CHOICES",
+    "PROXIES",
+    "HAWQProblem",
+    "digits_problem",
+    "all_sensitivities",
+    "proxy_tables",
+    "restrict",
+    "enumerate_configs",
+    "correlations",
+    "BudgetComparison",
+    "compare_at_budget",
+    "seed_study",
+]
+
+CHOICES = (2, 3, 4, 8)
+PROXIES = {  # display name: key of all_sensitivities() / proxy_tables()
+    "HAWQ-V2: Tr(H)/n": "trace",
+    "HAWQ: λ_max": "eigenvalue",
+    "Q-BERT: |mean λ| + std λ": "qbert",
+    "‖ΔW‖² only (no Hessian)": "weights",
+    "measured, per layer": "measured",
+    "measured + adjacent pairs": "pairs",
+}
+
+
+# --------------------------------------------------------------------------- the problem
+@dataclass
+class HAWQProblem:
+    """A trained model and its data: `calibration` (the Hessian and the measured losses, 256
+    training digits as in the pilot), `subsets` (Q-BERT's disjoint batches), `test`."""
+
+    model: nn.Module
+    criterion: nn.Module
+    train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    calibration: tuple[Tensor, Tensor]
+    subsets: list[tuple[Tensor, Tensor]]
+    seed: int
+    train_time: float
+    granularity: str = "channel"
+
+    @property
+    def layers(self) -> list[str]:
+        return list(quantizable_layers(self.model))
+
+    def accuracy(self, model: nn.Module | None = None) -> float:
+        """Test accuracy (a fraction) of `model` (default: the trained one): `tasks.evaluate`'s."""
+        return evaluate(self.model if model is None else model, self.test).accuracy
+
+
+def digits_problem(seed: int = 0, width: int = 64, depth: int = 5, steps: int = 2000, lr: float = 1e-3,
+                   batch_size: int = 64, calibration: int = 256, num_subsets: int = 5, subset_size: int = 128,
+                   activation: str = "relu", granularity: str = "channel", data_seed: int = 0) -> HAWQProblem:
+    """Train `tasks.digits_mlp((width,) * depth, activation, seed)` on the digits with
+    `tasks.fit_classifier` (Adam, `steps` mini-batches of `batch_size` drawn with replacement, seeded
+    by `seed`; the train/test split by `data_seed`; `train_time` is its wall time) and pick the
+    calibration data: the first `calibration` training digits, and `num_subsets` disjoint batches
+    of `subset_size` for Q-BERT (by default 256 samples and 5 x 128)."""
+    (x, y), (x_test, y_test) = digits(flatten=True, seed=data_seed)
+    if num_subsets * subset_size > len(x) or calibration > len(x):
+        raise ValueError(f"calibration, num_subsets, subset_size: need at most the {len(x)} training digits")
+    model = digits_mlp((width,) * depth, activation, seed)
+    start = time.perf_counter()
+    fit_classifier(model, (x, y), steps, lr, batch_size=batch_size, seed=seed)
+    train_time = time.perf_counter() - start
+    model.eval()
+    subsets = [(x[i * subset_size:(i + 1) * subset_size], y[i * subset_size:(i + 1) * subset_size])
+               for i in range(num_subsets)]
+    return HAWQProblem(model, nn.CrossEntropyLoss(), (x, y), (x_test, y_test), (x[:calibration], y[:calibration]),
+                       subsets, seed, train_time, granularity)
+
+
+def all_sensitivities(problem: HAWQProblem, choices: Sequence[int] = CHOICES, num_matvecs: int = 100, seed: int = 0,
+                      metrics: Sequence[str] = ("trace", "eigenvalue", "qbert", "measured"), pairs: bool = True
+                      ) -> tuple[dict[str, Sensitivities], PairInteractions | None]:
+    """The `metrics` of `hk.quant.sensitivities` on the problem's calibration data (Q-BERT on its
+    disjoint subsets; "measured" at every width) and, with `pairs`, the measured adjacent-pair
+    interactions (None otherwise)."""
+    m, c = problem.model, problem.criterion
+    unknown = set(metrics) - {"trace", "eigenvalue", "qbert", "measured"}
+    if unknown:
+        raise ValueError(f"metrics: unknown {sorted(unknown)}")
+    make = {
+        "trace": lambda: sensitivities(m, c, problem.calibration, "trace", num_matvecs=num_matvecs, seed=seed),
+        "eigenvalue": lambda: sensitivities(m, c, problem.calibration, "eigenvalue", seed=seed),
+        "qbert": lambda: sensitivities(m, c, problem.subsets, "qbert", num_subsets=len(problem.subsets), seed=seed),
+        "measured": lambda: sensitivities(m, c, problem.calibration, "measured", bits=tuple(choices),
+                                          granularity=problem.granularity),
+    }
+    units = len(metrics) + bool(pairs)  # progress (shown while an explorer renders): one unit per metric
+    out = {}
+    for k, key in enumerate(metrics, start=1):
+        out[key] = make[key]()
+        progress.report(k, units, f"sensitivities ({key})")
+    interactions = pair_interactions(m, c, problem.calibration, choices, granularity=problem.granularity) \
+        if pairs else None
+    if pairs:
+        progress.report(units, units, "sensitivities (adjacent pairs)")
+    return out, interactions
+
+
+def proxy_tables(problem: HAWQProblem, sens: Mapping[str, Sensitivities], pairs: PairInteractions | None = None,
+                 choices: Sequence[int] = CHOICES) -> dict[str, CostTable]:
+    """The cost table of every proxy (keys of `PROXIES`' values): the four metrics, "weights"
+    (c_i = 1: Omega = ||dW||^2) and, with `pairs`, "pairs" (measured + adjacent interactions)."""
+    kw = dict(granularity=problem.granularity)
+    tables = {key: cost_table(problem.model, s, choices, **kw) for key, s in sens.items()}
+    tables["weights"] = cost_table(problem.model, {n: 1.0 for n in problem.layers}, choices, **kw)
+    if pairs is not None and "measured" in sens:
+        tables["pairs"] = cost_table(problem.model, sens["measured"], choices, pairs=pairs, **kw)
+    return tables
+
+
+def restrict(table: CostTable, choices: Sequence[int]) -> CostTable:
+    """The same costs for a subset of the widths."""
+    cols = [table.choices.index(b) for b in sorted(choices)]
+    pairs = None if table.pairs is None else table.pairs[:, cols][:, :, cols]
+    return CostTable(list(table.layers), tuple(sorted(choices)), table.omega[:, cols], table.num_params, pairs,
+                     table.metric)
+
+
+# --------------------------------------------------------------------------- ground truth
+def _sequential_plan(model: nn.Module, layers: list[str]) -> list[nn.Module] | None:
+    """The top-level modules of an nn.Sequential whose quantizable layers are direct children."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    children = list(model.named_children())
+    names = [name for name, _ in children]
+    if not all(layer in names for layer in layers):
+        return None
+    return [m for _, m in children]
+
+
+def enumerate_configs(problem: HAWQProblem, choices: Sequence[int] = CHOICES) -> Enumeration:
+    """Every configuration's calibration loss ("loss", and "delta" = its change from the float
+    model) and test accuracy ("accuracy").
+
+    For an nn.Sequential it shares prefixes: the output of layers 1..i for a prefix of widths is
+    computed once for all |B|^(L-i) configurations that start with it (depth-first), so 4^6
+    configurations cost about 1/10 of 4,096 full forward passes, with results identical to
+    `hesskit.quant.allocate.exhaustive` (the same modules applied to the same tensors). Other models go through
+    `hesskit.quant.allocate.exhaustive`."""
+    choices = tuple(sorted(choices))
+    inputs = {"loss": problem.calibration, "test": problem.test}
+    if _sequential_plan(problem.model, problem.layers) is None:
+        return _enumerate_exhaustive(problem, choices, inputs)
+    return _enumerate_prefixes(problem, choices, inputs)
+
+
+def _config_metrics(criterion: nn.Module, inputs: Mapping[str, tuple[Tensor, Tensor]],
+                    out: Mapping[str, Tensor]) -> dict[str, float]:
+    """The calibration loss and test accuracy of one configuration from its outputs on `inputs`."""
+    return {"loss": float(criterion(out["loss"], inputs["loss"][1])),
+            "accuracy": float((out["test"].argmax(dim=1) == inputs["test"][1]).double().mean())}
+
+
+def _leaf_metrics(criterion: nn.Module, inputs: Mapping[str, tuple[Tensor, Tensor]],
+                  outs: list[Mapping[str, Tensor]]) -> list[dict[str, float]]:
+    """_config_metrics() of several outputs at once (one loss call per width of the last layer saved)."""
+    if not isinstance(criterion, nn.CrossEntropyLoss) or criterion.weight is not None:
+        return [_config_metrics(criterion, inputs, o) for o in outs]
+    logits = torch.stack([o["loss"] for o in outs])
+    y = inputs["loss"][1]
+    losses = nn.functional.cross_entropy(logits.flatten(0, 1), y.repeat(len(outs)), reduction="none",
+                                         ignore_index=criterion.ignore_index,
+                                         label_smoothing=criterion.label_smoothing).view(len(outs), -1).mean(1)
+    hits = (torch.stack([o["test"] for o in outs]).argmax(dim=2) == inputs["test"][1]).double().mean(1)
+    return [{"loss": float(a), "accuracy": float(b)} for a, b in zip(losses, hits)]
+
+
+def _enumerate_exhaustive(problem: HAWQProblem, choices: tuple[int, ...],
+                          inputs: Mapping[str, tuple[Tensor, Tensor]]) -> Enumeration:
+    """`enumerate_configs` for any model: `hesskit.quant.allocate.exhaustive`, one full forward pass each."""
+    def config_metrics(m):
+        with torch.no_grad():
+            return _config_metrics(problem.criterion, inputs, {k: m(x) for k, (x, _) in inputs.items()})
+    e = exhaustive(problem.model, choices, config_metrics, granularity=problem.granularity)
+    e.values["delta"] = e.values["loss"] - e.baseline["loss"]
+    return e
+
+
+def _enumerate_prefixes(problem: HAWQProblem, choices: tuple[int, ...],
+                        inputs: Mapping[str, tuple[Tensor, Tensor]]) -> Enumeration:
+    """`enumerate_configs` for an nn.Sequential: depth-first over the layers' widths, each
+    prefix's outputs computed once."""
+    model, criterion = problem.model, problem.criterion
+    layers = problem.layers
+    work = copy.deepcopy(model)
+    work.eval()
+    modules = list(work.children())
+    names = [name for name, _ in work.named_children()]
+    positions = [names.index(layer) for layer in layers]
+    quantized = {(layer, b): fake_quantize(dict(work.named_children())[layer].weight.detach(), b,
+                                           granularity=problem.granularity) for layer in layers for b in choices}
+    segments = [modules[positions[i]:(positions[i + 1] if i + 1 < len(layers) else len(modules))]
+                for i in range(len(layers))]
+    results: list[dict[str, float]] = []
+
+    def run(segment, h):
+        for m in segment:
+            h = m(h)
+        return h
+
+    with torch.no_grad():
+        heads = {k: run(modules[:positions[0]], x) for k, (x, _) in inputs.items()}
+        baseline = _config_metrics(criterion, inputs, {k: run(modules[positions[0]:], h) for k, h in heads.items()})
+
+        def descend(i: int, hs: dict[str, Tensor]) -> None:
+            layer = modules[positions[i]]
+            original = layer.weight.detach().clone()
+            leaves = []
+            for b in choices:
+                layer.weight.copy_(quantized[(layers[i], b)])
+                out = {k: run(segments[i], h) for k, h in hs.items()}
+                if i + 1 == len(layers):
+                    leaves.append(out)
+                else:
+                    descend(i + 1, out)
+            layer.weight.copy_(original)
+            results.extend(_leaf_metrics(criterion, inputs, leaves) if leaves else [])
+
+        descend(0, heads)
+    configs = np.array(list(itertools.product(choices, repeat=len(layers))), dtype=np.int64)
+    values = {key: np.array([r[key] for r in results]) for key in results[0]}
+    values["delta"] = values["loss"] - baseline["loss"]
+    n = np.array([m.weight.numel() for m in quantizable_layers(model).values()], dtype=np.int64)
+    return Enumeration(layers, choices, configs, values, configs @ n, int(n.sum()), baseline)
+
+
+def correlations(tables: Mapping[str, CostTable], enumeration: Enumeration, key: str = "delta") -> dict[str, float]:
+    """Spearman rho between each proxy's predicted Omega and the measured `key` over every
+    enumerated configuration (HAWQ's objective is a ranking device: rho is what matters)."""
+    truth = enumeration.values[key]
+    return {name: rank_correlation(table.predict(enumeration.configs), truth) for name, table in tables.items()}
+
+
+# --------------------------------------------------------------------------- one budget
+@dataclass
+class BudgetComparison:
+    """Test accuracy at one budget (average bits per weight) and set of widths: each proxy's
+    exact allocation (`chosen[proxy]` = (config, accuracy)), uniform precision (the largest width
+    that fits), random configurations using 85-100% of the budget (the exact median and quartiles
+    over ALL of them, from the enumeration), and the exhaustive best (an oracle: chosen on the
+    test set itself)."""
+
+    avg_bits: float
+    choices: tuple[int, ...]
+    float_accuracy: float
+    chosen: dict[str, tuple[dict[str, int], float]]
+    uniform: tuple[int, float] | None
+    random_median: float
+    random_quartiles: tuple[float, float]
+    num_random: int
+    best: tuple[dict[str, int], float]
+    predicted: dict[str, float] = field(default_factory=dict)
+
+
+def compare_at_budget(tables: Mapping[str, CostTable], enumeration: Enumeration, avg_bits: float,
+                      choices: Sequence[int] | None = None, min_fill: float = 0.85) -> BudgetComparison:
+    """Allocate with every proxy at `avg_bits` (exact DP) and look the accuracies up in the
+    enumeration (see `BudgetComparison`). Raises ValueError if nothing fits."""
+    choices = tuple(sorted(enumeration.choices if choices is None else choices))
+    chosen, predicted = {}, {}
+    for name, table in tables.items():
+        allocation = knapsack(restrict(table, choices), avg_bits)
+        chosen[name] = (dict(allocation), enumeration.value(allocation, "accuracy"))
+        predicted[name] = allocation.predicted
+    fits = [b for b in choices if b <= avg_bits]
+    uniform = None
+    if fits:
+        b = max(fits)
+        uniform = (b, enumeration.value({n: b for n in enumeration.layers}, "accuracy"))
+    mask = enumeration.feasible(avg_bits, min_fill=min_fill, choices=choices)
+    acc = enumeration.values["accuracy"][mask]
+    median = float(np.median(acc)) if len(acc) else math.nan
+    quartiles = (float(np.percentile(acc, 25)), float(np.percentile(acc, 75))) if len(acc) else (math.nan, math.nan)
+    best = enumeration.best(avg_bits, key="accuracy", maximize=True, choices=choices)
+    return BudgetComparison(float(avg_bits), choices, float(enumeration.baseline["accuracy"]), chosen, uniform,
+                            median, quartiles, int(mask.sum()), best, predicted)
+
+
+def seed_study(seeds: Sequence[int], avg_bits: Sequence[float] = (2.5, 3.0),
+               proxies: Sequence[str] = ("trace", "pairs"), num_matvecs: int = 100,
+               **problem_kwargs: Any) -> dict[str, np.ndarray]:
+    """Repeat train -> sensitivities -> enumeration -> `compare_at_budget` for several seeds.
+    Seed s trains `digits_problem(seed=s, **problem_kwargs)` and draws the probes of
+    `all_sensitivities(..., num_matvecs, seed=s)`, so a walk-through of one seed that does the same
+    reproduces its row exactly. Returns arrays (seeds, budgets): "float", "uniform", "random",
+    "best" and one per proxy, plus "rho_<proxy>" (seeds,) rank correlations and "seeds" (seeds,)."""
+    rows: dict[str, list] = {}
+    seeds = list(seeds)
+    for j, seed in enumerate(seeds):
+        progress.report(j, len(seeds), "seed")  # shown while an explorer renders
+        problem = digits_problem(seed=seed, **problem_kwargs)
+        needed = [k for k in ("trace", "eigenvalue", "qbert") if k in proxies]
+        needed += ["measured"] if {"measured", "pairs"} & set(proxies) else []
+        sens, pairs = all_sensitivities(problem, num_matvecs=num_matvecs, seed=seed, metrics=needed,
+                                        pairs="pairs" in proxies)
+        tables = proxy_tables(problem, sens, pairs)
+        e = enumerate_configs(problem)
+        rho = correlations(tables, e)
+        for p in proxies:
+            rows.setdefault(f"rho_{p}", []).append(rho[p])
+        per_budget: dict[str, list] = {}
+        for b in avg_bits:
+            c = compare_at_budget({p: tables[p] for p in proxies}, e, b)
+            per_budget.setdefault("float", []).append(c.float_accuracy)
+            per_budget.setdefault("uniform", []).append(c.uniform[1] if c.uniform else math.nan)
+            per_budget.setdefault("random", []).append(c.random_median)
+            per_budget.setdefault("best", []).append(c.best[1])
+            for p in proxies:
+                per_budget.setdefault(p, []).append(c.chosen[p][1])
+        for k, v in per_budget.items():
+            rows.setdefault(k, []).append(v)
+    progress.report(len(seeds), len(seeds), "seed")
+    out = {k: np.array(v) for k, v in rows.items()}
+    out["seeds"] = np.array(seeds)
+    return out

@@ -1,0 +1,78 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+# Notebook 15's explorer driven through every control (an exception inside its Output widget would not
+# fail the notebook test), and its argument checks. It may not touch the trained model. What it
+# computes: tests/experiments/test_your_model.py.
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from hf_zoo import assert_unchanged, snapshot  # noqa: E402
+
+import transformers  # noqa: E402,F401 (a test dependency: never skipped)
+
+from hesskit.experiments.your_model import ESTIMATORS  # noqa: E402
+from hesskit.widgets.your_model import YourModelExplorer  # noqa: E402
+from fixtures.your_model import task  # noqa: E402,F401 (pytest fixtures)
+
+
+def test_explorer_over_its_controls(task):
+    model, data = task.model, task.curvature_batches(1, 16)
+    snap = snapshot(model)
+    explorer = YourModelExplorer(model, data, estimator=ESTIMATORS[0], products=4, max_products=6)
+    explorer.show()
+    r = explorer.result
+    assert r["group"] == "embeddings" and r["names"] == explorer.sets["embeddings"] and r["per_parameter"]
+    assert len(explorer.figure.axes) == 2
+    assert explorer.figure.axes[0].get_xlabel().startswith("Tr(H) / parameters")
+    assert explorer.figure.axes[1].get_xlabel() == "Hessian-vector products used"
+    raw = explorer.estimates("embeddings", ESTIMATORS[0], 4)["per"]
+    np.testing.assert_allclose(r["values"] * r["sizes"], [raw[n]["value"] for n in r["names"]])
+    for group in explorer.controls["group"].options:  # every group once, through compute for speed
+        result = explorer.compute(**{**explorer.values(), "group": group})
+        assert result["names"] == explorer.sets[group] and np.isfinite(result["values"]).all()
+    explorer.controls["group"].value = "head"  # through the controls
+    assert explorer.result["names"] == ["bert.pooler.dense", "classifier"]
+    for estimator in ESTIMATORS:
+        explorer.controls["estimator"].value = estimator
+        result = explorer.result
+        assert result["estimator"] == estimator and len(result["values"]) == 2
+        if estimator == ESTIMATORS[3]:
+            assert all(result["entries"][n] is not None for n in result["names"])
+            assert explorer.figure.axes[1].get_yscale() == "log"
+        else:
+            assert result["budgets"][-1] == 4 and len(result["path"]) == len(result["budgets"])
+    explorer.controls["estimator"].value = ESTIMATORS[2]
+    top = explorer.result["values"].copy()
+    explorer.controls["per_parameter"].value = False
+    np.testing.assert_array_equal(explorer.result["values"], top)  # an eigenvalue is not divided by n
+    explorer.controls["estimator"].value = ESTIMATORS[1]
+    total = explorer.result["values"]
+    explorer.controls["per_parameter"].value = True
+    np.testing.assert_allclose(explorer.result["values"] * explorer.result["sizes"], total)
+    slider = explorer.controls["products"]
+    slider.value = slider.max
+    assert explorer.result["products"] == 6
+    cached = len(explorer._cache)
+    shown = []  # the status line while it computes: a bar counting the budgets of products of every estimate
+    explorer.status.observe(lambda change: shown.append(change["new"]), names="value")
+    slider.value = slider.min  # two modules at 3 products (3 // 4 and 3 // 2 give no smaller budget)
+    assert any("products (budget) 6/6" in s and "<progress" in s for s in shown) and explorer.status.value == ""
+    explorer.status.unobserve_all()
+    slider.value = slider.max
+    assert len(explorer._cache) == cached + 1  # the minimum is new, the maximum was cached
+    assert_unchanged(model, snap)
+    (output,) = explorer.output.outputs
+    assert output["data"]["image/png"].startswith("iVBOR")
+
+
+def test_explorer_checks_its_arguments(task):
+    data = task.curvature_batches(1, 8)
+    with pytest.raises(ValueError, match="group"):
+        YourModelExplorer(task.model, data, group="decoder")
+    with pytest.raises(ValueError, match="estimator"):
+        YourModelExplorer(task.model, data, estimator="exact")
+    with pytest.raises(ValueError, match="products"):
+        YourModelExplorer(task.model, data, products=2)
