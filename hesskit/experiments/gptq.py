@@ -5,7 +5,7 @@ Generative Pre-trained Transformers", ICLR 2023) quantizes a layer's weight colu
 moves the rounding error of each column onto the columns not yet quantized, using the inverse of the
 layer Hessian H = 2 X X^T of the reconstruction error ||W X - Q X||^2 (`hk.quant.gptq`). This module
 holds what the notebook measures, as pure functions that take a model and data (so that benchmarks
-can reuse them): a seeded digits MLP (`digits_task`; scored by `hesskit.experiments.tasks.evaluate`),
+can reuse them): a seeded digits MLP (`trained_digits`; scored by `hesskit.experiments.tasks.evaluate`),
 GPTQ against round-to-nearest (RTN) on the same grids (`gptq_vs_rtn`), the per-layer reconstruction
 error (`layer_errors`), sweeps over one GPTQ option (`gptq_sweep`). The explorer is
 `hesskit.widgets.gptq.GPTQExplorer`.
@@ -34,8 +34,8 @@ from ..quant.gptq import gptq, gptq_layers, layer_inputs, round_to_nearest
 from .tasks import digits_mlp, evaluate, fit_classifier
 
 __all__ = [
-    "DigitsTask",
-    "digits_task",
+    "TrainedDigits",
+    "trained_digits",
     "layer_errors",
     "Comparison",
     "gptq_vs_rtn",
@@ -45,7 +45,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- the task
 @dataclass
-class DigitsTask:
+class TrainedDigits:
     """A trained digits classifier with its data: `train` (the calibration pool: its first n inputs
     are a random sample, since the split is a seeded permutation) and `test` (x, y)."""
 
@@ -64,15 +64,15 @@ class DigitsTask:
         return self.train[0][:num_samples]
 
 
-def digits_task(seed: int = 0, hidden: tuple[int, ...] = (128, 64), activation: str = "relu", steps: int = 1500,
-                lr: float = 2e-3, batch_size: int = 64) -> DigitsTask:
+def trained_digits(seed: int = 0, hidden: tuple[int, ...] = (128, 64), activation: str = "relu", steps: int = 1500,
+                lr: float = 2e-3, batch_size: int = 64) -> TrainedDigits:
     """`tasks.digits_mlp(hidden, activation, seed)` trained by `tasks.fit_classifier` with Adam (lr
     2e-3, batches of 64 drawn with replacement, seeded by `seed`, `steps` steps) on 80% of the digits
     (split by `seed`), returned in eval mode (the defaults: a 64-128-64-10 MLP, above 90% test
     accuracy, trained in about a second on one core). Score it with `tasks.evaluate`."""
     (x, y), test = digits(flatten=True, seed=seed)
     model = fit_classifier(digits_mlp(hidden, activation, seed), (x, y), steps, lr, batch_size=batch_size, seed=seed)
-    return DigitsTask(model.eval(), (x, y), test, seed)
+    return TrainedDigits(model.eval(), (x, y), test, seed)
 
 
 # --------------------------------------------------------------------------- measurements

@@ -52,7 +52,7 @@ from .training import run_to_end, training_steps
 __all__ = [
     "ENCODER",
     "OUTER",
-    "Task",
+    "TrainedTransformer",
     "train_tiny_transformer",
     "group_options",
     "ranges_per_matrix",
@@ -75,7 +75,7 @@ Pair = tuple[Tensor, Tensor]
 
 # --------------------------------------------------------------------------- the task and the model
 @dataclass
-class Task:
+class TrainedTransformer:
     """A trained `TinyTransformer` and its data. `model` is in eval mode; `losses` holds the
     training loss of every step; `config` the arguments of `train_tiny_transformer`."""
 
@@ -103,7 +103,7 @@ class Task:
 def train_tiny_transformer(seed: int = 0, vocab: int = 8, length: int = 16, dim: int = 32, heads: int = 8,
                            mlp_ratio: int = 2, steps: int = 1000, batch_size: int = 128, lr: float = 3e-3,
                            weight_decay: float = 0.01, num_train: int = 4096, num_test: int = 2048,
-                           data_seed: int = 0) -> Task:
+                           data_seed: int = 0) -> TrainedTransformer:
     """Train `hk.models.TinyTransformer(vocab, dim=dim, heads=heads, max_length=length)` on
     `hk.data.sequences` (label: the most frequent of `length` tokens from a vocabulary of `vocab`)
     with AdamW (lr `lr`, cosine decay to 0, weight decay 0.01) on random batches of
@@ -144,7 +144,7 @@ def train_tiny_transformer(seed: int = 0, vocab: int = 8, length: int = 16, dim:
     config = dict(seed=seed, vocab=vocab, length=length, dim=dim, heads=heads, mlp_ratio=mlp_ratio, steps=steps,
                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, num_train=num_train, num_test=num_test,
                   data_seed=data_seed)
-    return Task(model, train, test, evaluate(model, test).accuracy, seconds, log.loss, config)
+    return TrainedTransformer(model, train, test, evaluate(model, test).accuracy, seconds, log.loss, config)
 
 
 # --------------------------------------------------------------------------- group-wise quantization

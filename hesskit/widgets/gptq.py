@@ -1,7 +1,7 @@
 """Notebook 14 (`14_gptq.ipynb`): the GPTQ explorer, GPTQ against round-to-nearest on a trained
 digits MLP with GPTQ's options as controls.
 
-The task and the measurements come from `hesskit.experiments.gptq` (`digits_task`, `layer_errors`)
+The task and the measurements come from `hesskit.experiments.gptq` (`trained_digits`, `layer_errors`)
 and `hesskit.experiments.tasks` (`evaluate`); this module holds the controls and the drawing.
 """
 
@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from ..experiments.gptq import DigitsTask, digits_task, layer_errors
+from ..experiments.gptq import TrainedDigits, layer_errors, trained_digits
 from ..experiments.tasks import evaluate
 from ..quant.gptq import gptq, gptq_layers, round_to_nearest
 from .explorer import Explorer
@@ -30,12 +30,12 @@ class GPTQExplorer(Explorer):
 
     CALIBRATION = (16, 32, 64, 128, 256, 512, 1024)
 
-    def __init__(self, task: DigitsTask | None = None, bits: int = 2, group_size: int | None = None,
+    def __init__(self, task: TrainedDigits | None = None, bits: int = 2, group_size: int | None = None,
                  damping: float = 0.01, act_order: bool = False, calibration_samples: int = 128,
                  symmetric: bool = False):
         import ipywidgets as widgets
 
-        self.task = digits_task() if task is None else task
+        self.task = trained_digits() if task is None else task
         self.float_result = evaluate(self.task.model, self.task.test)
         self._rtn: dict[tuple, tuple] = {}
         pool = len(self.task.train[0])

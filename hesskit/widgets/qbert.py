@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..experiments.qbert import GroupSweep, QATRun, Task, group_options, group_sweep, qat_finetune
+from ..experiments.qbert import GroupSweep, QATRun, TrainedTransformer, group_options, group_sweep, qat_finetune
 from .explorer import Explorer
 
 __all__ = ["QBERTExplorer"]
@@ -23,8 +23,8 @@ class QBERTExplorer(Explorer):
     bits, and the fine-tuned model), the model size with its scale overhead, and the fine-tuning
     curve. Round-to-nearest results are cached per bits, fine-tuning runs per setting."""
 
-    def __init__(self, task: Task, bits: int = 2, groups: str = "per head", qat: bool = False, steps: int = 200,
-                 max_steps: int = 500, lr: float = 1e-3, outer_bits: int | None = 8):
+    def __init__(self, task: TrainedTransformer, bits: int = 2, groups: str = "per head", qat: bool = False,
+                 steps: int = 200, max_steps: int = 500, lr: float = 1e-3, outer_bits: int | None = 8):
         import ipywidgets as widgets
 
         self.task, self.lr, self.outer_bits = task, float(lr), outer_bits

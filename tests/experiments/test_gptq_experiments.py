@@ -15,7 +15,7 @@ from torch import nn  # noqa: E402
 from hesskit.data import digits  # noqa: E402
 from hesskit.quant.gptq import gptq, round_to_nearest  # noqa: E402
 from hesskit.experiments.gptq import (  # noqa: E402
-    digits_task,
+    trained_digits,
     gptq_sweep,
     gptq_vs_rtn,
     layer_errors,
@@ -25,7 +25,7 @@ from fixtures.gptq import LAYERS, task  # noqa: E402,F401 (pytest fixtures)
 
 
 def test_digits_task_is_seeded_and_trained(task):
-    again = digits_task(seed=0, steps=300)
+    again = trained_digits(seed=0, steps=300)
     assert all(torch.equal(a, b) for a, b in zip(task.model.parameters(), again.model.parameters()))
     assert not task.model.training and [m.weight.shape[1] for m in (task.model[1], task.model[3])] == [64, 128]
     (x, y), _ = digits(flatten=True, seed=0)  # the shared trainer on the seeded split, nothing else
@@ -39,7 +39,7 @@ def test_digits_task_is_seeded_and_trained(task):
     with pytest.raises(ValueError, match="num_samples"):
         task.calibration(len(task.train[0]) + 1)
     with pytest.raises(ValueError, match="steps"):
-        digits_task(steps=-1)
+        trained_digits(steps=-1)
 
 
 def test_layer_errors_against_direct_computation(task):
