@@ -68,8 +68,7 @@ def make_task(name: str, seed: int, quick: bool) -> HAWQProblem:
                                         num_test=512 if quick else 2048)
     x, y = task.train
     subsets = [(x[i * 128:(i + 1) * 128], y[i * 128:(i + 1) * 128]) for i in range(5)]
-    return HAWQProblem(task.model, CRITERION, task.train, task.test, (x[:256], y[:256]), subsets, seed,
-                       task.train_seconds, "channel")
+    return HAWQProblem(task, CRITERION, (x[:256], y[:256]), subsets, "channel")
 
 
 def accuracy(problem: HAWQProblem, model: nn.Module | None = None) -> float:
@@ -97,7 +96,7 @@ def seconds_cell(values: list[float]) -> str:
 def allocation_rows(problem: HAWQProblem, avg_bits: float, quick: bool) -> dict[str, tuple[float, float]]:
     """{method: (test accuracy %, seconds)} at `avg_bits` for one trained task."""
     choices = (2, 8) if quick else (2, 3, 4, 8)
-    m, c = problem.model, problem.criterion
+    m, c = problem.trained.model, problem.criterion
     probes = 16 if quick else 100
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unconverged Lanczos warnings in quick mode
@@ -129,7 +128,7 @@ def allocation_rows(problem: HAWQProblem, avg_bits: float, quick: bool) -> dict[
 # ------------------------------------------------------------------ groups
 def group_rows(problem: HAWQProblem, bits: int) -> dict[str, tuple[float, float]]:
     """{grouping: (test accuracy %, bits per weight including the scales)} at `bits`."""
-    model = problem.model
+    model = problem.trained.model
     schemes = {"one range per matrix": ("tensor", None), "per output channel": ("channel", None),
                "row groups of 4 (Q-BERT; one head of the qkv)": ("rows", 4),
                "column groups of 16 (GPTQ g16)": ("columns", 16), "column groups of 8 (GPTQ g8)": ("columns", 8)}
@@ -143,7 +142,7 @@ def group_rows(problem: HAWQProblem, bits: int) -> dict[str, tuple[float, float]
 
 # ------------------------------------------------------------------ GPTQ and pruning
 def gptq_rows(problem: HAWQProblem, bits: int) -> dict[str, tuple[float, float]]:
-    model, calib = problem.model, problem.calibration[0]
+    model, calib = problem.trained.model, problem.calibration[0]
     rtn, rtn_seconds = timed(lambda: round_to_nearest(model, bits))
     q, gptq_seconds = timed(lambda: hk.quant.gptq(model, calib, bits))
     return {"round to nearest": (accuracy(problem, rtn), rtn_seconds), "GPTQ": (accuracy(problem, q), gptq_seconds)}
@@ -157,9 +156,9 @@ def pruning_rows(problem: HAWQProblem, quick: bool) -> dict[str, dict[float, tup
     """{method: {sparsity: (test accuracy %, seconds)}}; one-shot methods share their curvature over the
     sparsities (their seconds cover all three), OBS with recomputations is timed per sparsity."""
     sparsities = (0.5, 0.7, 0.9)
-    m, c, calib = problem.model, problem.criterion, problem.calibration
+    m, c, calib = problem.trained.model, problem.criterion, problem.calibration
     grads = 64 if quick else 256
-    curve = pruning.one_shot_curve(m, c, calib, problem.test, sparsities, num_grads=grads, obd_curvature="ggn",
+    curve = pruning.one_shot_curve(m, c, calib, problem.trained.test, sparsities, num_grads=grads, obd_curvature="ggn",
                                    num_matvecs=16 if quick else 100, seed=0)
     out = {PRUNERS[k]: {s: (100 * a, curve.seconds[k]) for s, a in zip(sparsities, curve.accuracy[k])}
            for k in curve.accuracy}
@@ -176,7 +175,7 @@ def pruning_rows(problem: HAWQProblem, quick: bool) -> dict[str, dict[float, tup
 def trace_reference(problem: HAWQProblem, probes: int) -> list[tuple[str, float, str]]:
     """Per-layer traces three ways at `probes` probes per layer: hesskit's joint pass (every probe serves all
     layers), hesskit's per-layer Hutch++, and PyHessian's `trace()` run once per layer (HAWQ-V2's route)."""
-    model, calib = problem.model, problem.calibration
+    model, calib = problem.trained.model, problem.calibration
     layers = len(hk.quant.quantizable_layers(model))
     rows = []
     for method, label in (("joint", "one Hutchinson pass over all layers"), ("hutch++", "Hutch++ per layer")):

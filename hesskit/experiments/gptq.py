@@ -5,9 +5,10 @@ Generative Pre-trained Transformers", ICLR 2023) quantizes a layer's weight colu
 moves the rounding error of each column onto the columns not yet quantized, using the inverse of the
 layer Hessian H = 2 X X^T of the reconstruction error ||W X - Q X||^2 (`hk.quant.gptq`). This module
 holds what the notebook measures, as pure functions that take a model and data (so that benchmarks
-can reuse them): a seeded digits MLP (`trained_digits`; scored by `hesskit.experiments.tasks.evaluate`),
-GPTQ against round-to-nearest (RTN) on the same grids (`gptq_vs_rtn`), the per-layer reconstruction
-error (`layer_errors`), sweeps over one GPTQ option (`gptq_sweep`). The explorer is
+can reuse them): a seeded digits MLP (`trained_digits`, a `tasks.TrainedModel`; scored by
+`hesskit.experiments.tasks.evaluate`), GPTQ against round-to-nearest (RTN) on the same grids
+(`gptq_vs_rtn`), the per-layer reconstruction error (`layer_errors`), sweeps over one GPTQ option
+(`gptq_sweep`). The explorer is
 `hesskit.widgets.gptq.GPTQExplorer`.
 
 References: Frantar et al., ICLR 2023 (GPTQ); Frantar & Alistarh, "Optimal Brain Compression",
@@ -31,10 +32,9 @@ from .. import progress
 from .._model import eval_mode
 from ..data import digits
 from ..quant.gptq import gptq, gptq_layers, layer_inputs, round_to_nearest
-from .tasks import digits_mlp, evaluate, fit_classifier
+from .tasks import TrainedModel, digits_mlp, evaluate, trained_classifier
 
 __all__ = [
-    "TrainedDigits",
     "trained_digits",
     "layer_errors",
     "Comparison",
@@ -44,35 +44,16 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------- the task
-@dataclass
-class TrainedDigits:
-    """A trained digits classifier with its data: `train` (the calibration pool: its first n inputs
-    are a random sample, since the split is a seeded permutation) and `test` (x, y)."""
-
-    model: nn.Module
-    train: tuple[Tensor, Tensor]
-    test: tuple[Tensor, Tensor]
-    seed: int
-
-    def calibration(self, num_samples: int) -> Tensor:
-        """The first `num_samples` training inputs (no labels: GPTQ needs none)."""
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-            raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
-        if num_samples > len(self.train[0]):
-            raise ValueError(f"num_samples: expected at most {len(self.train[0])} (the training set), "
-                             f"got {num_samples}")
-        return self.train[0][:num_samples]
-
-
 def trained_digits(seed: int = 0, hidden: tuple[int, ...] = (128, 64), activation: str = "relu", steps: int = 1500,
-                lr: float = 2e-3, batch_size: int = 64) -> TrainedDigits:
-    """`tasks.digits_mlp(hidden, activation, seed)` trained by `tasks.fit_classifier` with Adam (lr
-    2e-3, batches of 64 drawn with replacement, seeded by `seed`, `steps` steps) on 80% of the digits
-    (split by `seed`), returned in eval mode (the defaults: a 64-128-64-10 MLP, above 90% test
-    accuracy, trained in about a second on one core). Score it with `tasks.evaluate`."""
-    (x, y), test = digits(flatten=True, seed=seed)
-    model = fit_classifier(digits_mlp(hidden, activation, seed), (x, y), steps, lr, batch_size=batch_size, seed=seed)
-    return TrainedDigits(model.eval(), (x, y), test, seed)
+                   lr: float = 2e-3, batch_size: int = 64) -> TrainedModel:
+    """`tasks.digits_mlp(hidden, activation, seed)` trained by `tasks.trained_classifier` with Adam
+    (lr 2e-3, batches of 64 drawn with replacement, seeded by `seed`, `steps` steps) on 80% of the
+    digits (split by `seed`), returned as a `tasks.TrainedModel` in eval mode (its `train` is the
+    calibration pool: `calibration(n)` is its first n inputs; the defaults: a 64-128-64-10 MLP,
+    above 90% test accuracy, trained in about a second on one core). Score it with `tasks.evaluate`."""
+    train, test = digits(flatten=True, seed=seed)
+    return trained_classifier(digits_mlp(hidden, activation, seed), train, test, steps, lr, batch_size=batch_size,
+                              seed=seed, hidden=tuple(hidden), activation=activation)
 
 
 # --------------------------------------------------------------------------- measurements

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +43,7 @@ from ..data import digits
 from ..quant.allocate import CostTable, Enumeration, cost_table, exhaustive, knapsack
 from ..quant.fake import fake_quantize, quantizable_layers
 from ..quant.sensitivity import PairInteractions, Sensitivities, pair_interactions, rank_correlation, sensitivities
-from .tasks import digits_mlp, evaluate, fit_classifier
+from .tasks import TrainedModel, digits_mlp, evaluate, trained_classifier
 
 __all__ = [
     "CHOICES",
@@ -75,48 +74,43 @@ PROXIES = {  # display name: key of all_sensitivities() / proxy_tables()
 # --------------------------------------------------------------------------- the problem
 @dataclass
 class HAWQProblem:
-    """A trained model and its data: `calibration` (the Hessian and the measured losses, 256
-    training digits as in the pilot), `subsets` (Q-BERT's disjoint batches), `test`."""
+    """A trained model (`trained`, a `tasks.TrainedModel`: model, train and test data, seed, training
+    time) with what HAWQ measures it on: `criterion`, `calibration` (the Hessian and the measured
+    losses, 256 training digits as in the pilot), `subsets` (Q-BERT's disjoint batches) and the
+    quantization `granularity`."""
 
-    model: nn.Module
+    trained: TrainedModel
     criterion: nn.Module
-    train: tuple[Tensor, Tensor]
-    test: tuple[Tensor, Tensor]
     calibration: tuple[Tensor, Tensor]
     subsets: list[tuple[Tensor, Tensor]]
-    seed: int
-    train_time: float
     granularity: str = "channel"
 
     @property
     def layers(self) -> list[str]:
-        return list(quantizable_layers(self.model))
+        return list(quantizable_layers(self.trained.model))
 
     def accuracy(self, model: nn.Module | None = None) -> float:
         """Test accuracy (a fraction) of `model` (default: the trained one): `tasks.evaluate`'s."""
-        return evaluate(self.model if model is None else model, self.test).accuracy
+        return evaluate(self.trained.model if model is None else model, self.trained.test).accuracy
 
 
 def digits_problem(seed: int = 0, width: int = 64, depth: int = 5, steps: int = 2000, lr: float = 1e-3,
                    batch_size: int = 64, calibration: int = 256, num_subsets: int = 5, subset_size: int = 128,
                    activation: str = "relu", granularity: str = "channel", data_seed: int = 0) -> HAWQProblem:
     """Train `tasks.digits_mlp((width,) * depth, activation, seed)` on the digits with
-    `tasks.fit_classifier` (Adam, `steps` mini-batches of `batch_size` drawn with replacement, seeded
-    by `seed`; the train/test split by `data_seed`; `train_time` is its wall time) and pick the
-    calibration data: the first `calibration` training digits, and `num_subsets` disjoint batches
-    of `subset_size` for Q-BERT (by default 256 samples and 5 x 128)."""
-    (x, y), (x_test, y_test) = digits(flatten=True, seed=data_seed)
+    `tasks.trained_classifier` (Adam, `steps` mini-batches of `batch_size` drawn with replacement,
+    seeded by `seed`; the train/test split by `data_seed`; `trained.train_seconds` is its wall time)
+    and pick the calibration data: the first `calibration` training digits, and `num_subsets`
+    disjoint batches of `subset_size` for Q-BERT (by default 256 samples and 5 x 128)."""
+    (x, y), test = digits(flatten=True, seed=data_seed)
     if num_subsets * subset_size > len(x) or calibration > len(x):
         raise ValueError(f"calibration, num_subsets, subset_size: need at most the {len(x)} training digits")
-    model = digits_mlp((width,) * depth, activation, seed)
-    start = time.perf_counter()
-    fit_classifier(model, (x, y), steps, lr, batch_size=batch_size, seed=seed)
-    train_time = time.perf_counter() - start
-    model.eval()
+    trained = trained_classifier(digits_mlp((width,) * depth, activation, seed), (x, y), test, steps, lr,
+                                 batch_size=batch_size, seed=seed, hidden=(width,) * depth, activation=activation,
+                                 data_seed=data_seed)
     subsets = [(x[i * subset_size:(i + 1) * subset_size], y[i * subset_size:(i + 1) * subset_size])
                for i in range(num_subsets)]
-    return HAWQProblem(model, nn.CrossEntropyLoss(), (x, y), (x_test, y_test), (x[:calibration], y[:calibration]),
-                       subsets, seed, train_time, granularity)
+    return HAWQProblem(trained, nn.CrossEntropyLoss(), (x[:calibration], y[:calibration]), subsets, granularity)
 
 
 def all_sensitivities(problem: HAWQProblem, choices: Sequence[int] = CHOICES, num_matvecs: int = 100, seed: int = 0,
@@ -125,7 +119,7 @@ def all_sensitivities(problem: HAWQProblem, choices: Sequence[int] = CHOICES, nu
     """The `metrics` of `hk.quant.sensitivities` on the problem's calibration data (Q-BERT on its
     disjoint subsets; "measured" at every width) and, with `pairs`, the measured adjacent-pair
     interactions (None otherwise)."""
-    m, c = problem.model, problem.criterion
+    m, c = problem.trained.model, problem.criterion
     unknown = set(metrics) - {"trace", "eigenvalue", "qbert", "measured"}
     if unknown:
         raise ValueError(f"metrics: unknown {sorted(unknown)}")
@@ -153,10 +147,10 @@ def proxy_tables(problem: HAWQProblem, sens: Mapping[str, Sensitivities], pairs:
     """The cost table of every proxy (keys of `PROXIES`' values): the four metrics, "weights"
     (c_i = 1: Omega = ||dW||^2) and, with `pairs`, "pairs" (measured + adjacent interactions)."""
     kw = dict(granularity=problem.granularity)
-    tables = {key: cost_table(problem.model, s, choices, **kw) for key, s in sens.items()}
-    tables["weights"] = cost_table(problem.model, {n: 1.0 for n in problem.layers}, choices, **kw)
+    tables = {key: cost_table(problem.trained.model, s, choices, **kw) for key, s in sens.items()}
+    tables["weights"] = cost_table(problem.trained.model, {n: 1.0 for n in problem.layers}, choices, **kw)
     if pairs is not None and "measured" in sens:
-        tables["pairs"] = cost_table(problem.model, sens["measured"], choices, pairs=pairs, **kw)
+        tables["pairs"] = cost_table(problem.trained.model, sens["measured"], choices, pairs=pairs, **kw)
     return tables
 
 
@@ -190,8 +184,8 @@ def enumerate_configs(problem: HAWQProblem, choices: Sequence[int] = CHOICES) ->
     `hesskit.quant.allocate.exhaustive` (the same modules applied to the same tensors). Other models go through
     `hesskit.quant.allocate.exhaustive`."""
     choices = tuple(sorted(choices))
-    inputs = {"loss": problem.calibration, "test": problem.test}
-    if _sequential_plan(problem.model, problem.layers) is None:
+    inputs = {"loss": problem.calibration, "test": problem.trained.test}
+    if _sequential_plan(problem.trained.model, problem.layers) is None:
         return _enumerate_exhaustive(problem, choices, inputs)
     return _enumerate_prefixes(problem, choices, inputs)
 
@@ -223,7 +217,7 @@ def _enumerate_exhaustive(problem: HAWQProblem, choices: tuple[int, ...],
     def config_metrics(m):
         with torch.no_grad():
             return _config_metrics(problem.criterion, inputs, {k: m(x) for k, (x, _) in inputs.items()})
-    e = exhaustive(problem.model, choices, config_metrics, granularity=problem.granularity)
+    e = exhaustive(problem.trained.model, choices, config_metrics, granularity=problem.granularity)
     e.values["delta"] = e.values["loss"] - e.baseline["loss"]
     return e
 
@@ -232,7 +226,7 @@ def _enumerate_prefixes(problem: HAWQProblem, choices: tuple[int, ...],
                         inputs: Mapping[str, tuple[Tensor, Tensor]]) -> Enumeration:
     """`enumerate_configs` for an nn.Sequential: depth-first over the layers' widths, each
     prefix's outputs computed once."""
-    model, criterion = problem.model, problem.criterion
+    model, criterion = problem.trained.model, problem.criterion
     layers = problem.layers
     work = copy.deepcopy(model)
     work.eval()

@@ -35,8 +35,7 @@ import itertools
 import operator
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,13 +45,13 @@ from .. import progress
 from ..data import sequences
 from ..models import TinyTransformer
 from ..quant import freeze, model_size, quantization_aware, quantize_model
-from .tasks import evaluate
+from .tasks import TrainedModel, evaluate
 from .training import run_to_end, training_steps
 
 __all__ = [
     "ENCODER",
     "OUTER",
-    "TrainedTransformer",
+    "rows_per_head",
     "train_tiny_transformer",
     "group_options",
     "ranges_per_matrix",
@@ -74,36 +73,15 @@ Pair = tuple[Tensor, Tensor]
 
 
 # --------------------------------------------------------------------------- the task and the model
-@dataclass
-class TrainedTransformer:
-    """A trained `TinyTransformer` and its data. `model` is in eval mode; `losses` holds the
-    training loss of every step; `config` the arguments of `train_tiny_transformer`."""
-
-    model: TinyTransformer
-    train: Pair
-    test: Pair
-    fp_accuracy: float
-    train_seconds: float
-    losses: np.ndarray
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def heads(self) -> int:
-        return self.model.attn.heads
-
-    @property
-    def dim(self) -> int:
-        return self.model.embed.embedding_dim
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
+def rows_per_head(model: TinyTransformer) -> int:
+    """Rows of the fused qkv projection per attention head: `dim // heads`."""
+    return model.embed.embedding_dim // model.attn.heads
 
 
 def train_tiny_transformer(seed: int = 0, vocab: int = 8, length: int = 16, dim: int = 32, heads: int = 8,
                            mlp_ratio: int = 2, steps: int = 1000, batch_size: int = 128, lr: float = 3e-3,
                            weight_decay: float = 0.01, num_train: int = 4096, num_test: int = 2048,
-                           data_seed: int = 0) -> TrainedTransformer:
+                           data_seed: int = 0) -> TrainedModel:
     """Train `hk.models.TinyTransformer(vocab, dim=dim, heads=heads, max_length=length)` on
     `hk.data.sequences` (label: the most frequent of `length` tokens from a vocabulary of `vocab`)
     with AdamW (lr `lr`, cosine decay to 0, weight decay 0.01) on random batches of
@@ -113,7 +91,9 @@ def train_tiny_transformer(seed: int = 0, vocab: int = 8, length: int = 16, dim:
 
     `seed` sets the initialisation and the batch order, `data_seed` the data set (train and test
     are disjoint parts of one seeded draw). The steps run in `training.training_steps` (the
-    shared loop: a non-finite loss ends the run, the later losses stay nan)."""
+    shared loop: a non-finite loss ends the run, the later losses stay nan). Returns a
+    `tasks.TrainedModel`: the model in eval mode, its per-step training `losses`, `train_seconds`,
+    the arguments as `config` and its `test_metrics` (the float model's test accuracy)."""
     if steps < 1 or batch_size < 1 or num_train < batch_size or num_test < 1:
         raise ValueError(f"steps, batch_size, num_train, num_test: expected positive sizes with "
                          f"batch_size <= num_train, got {steps}, {batch_size}, {num_train}, {num_test}")
@@ -144,18 +124,17 @@ def train_tiny_transformer(seed: int = 0, vocab: int = 8, length: int = 16, dim:
     config = dict(seed=seed, vocab=vocab, length=length, dim=dim, heads=heads, mlp_ratio=mlp_ratio, steps=steps,
                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, num_train=num_train, num_test=num_test,
                   data_seed=data_seed)
-    return TrainedTransformer(model, train, test, evaluate(model, test).accuracy, seconds, log.loss, config)
+    return TrainedModel(model, train, test, seed, seconds, log.loss, config, evaluate(model, test))
 
 
 # --------------------------------------------------------------------------- group-wise quantization
 def group_options(model: TinyTransformer) -> dict[str, int | None]:
     """Q-BERT's groupings as rows per group: one range per matrix (None), one per head
     (`dim // heads` rows), half a head (Q-BERT's "d / (2 N_h)" buckets) and one per row (1)."""
-    heads = model.attn.heads
-    head_dim = model.embed.embedding_dim // heads
-    options: dict[str, int | None] = {"1 per matrix": None, "per head": head_dim}
-    if head_dim % 2 == 0 and head_dim > 2:
-        options["half head"] = head_dim // 2
+    rows = rows_per_head(model)
+    options: dict[str, int | None] = {"1 per matrix": None, "per head": rows}
+    if rows % 2 == 0 and rows > 2:
+        options["half head"] = rows // 2
     options["per row"] = 1
     return options
 

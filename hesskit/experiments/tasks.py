@@ -5,6 +5,9 @@
   MLPs of the compression notebooks, the tiny Fisher problem of notebook 09, the benchmarks'
   trained models and the tests' models near a minimum.
 - `digits_mlp`: the flattened-digits MLP every such study starts from, seeded.
+- `TrainedModel`: a model trained once and then studied (quantized, pruned, probed) with its data,
+  seed, training time, per-step losses (when recorded) and training arguments; `trained_classifier`
+  builds one with `fit_classifier`.
 - `evaluate` -> `Metrics`: loss and accuracy of a classifier on one batch, in eval mode (the
   model's modes restored), in one unit convention (accuracy as a fraction; `percent` and
   `bits_per_char` convert).
@@ -18,8 +21,10 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +35,8 @@ from .._model import call_model, eval_mode, model_output
 from ..data import char_windows, digits, text
 from ..models import MLP, CharTransformerLM, SmallCNN
 
-__all__ = ["Metrics", "evaluate", "fit_classifier", "digits_mlp", "FIT_OPTIMIZERS", "Task", "digits_task",
+__all__ = ["Metrics", "evaluate", "fit_classifier", "digits_mlp", "FIT_OPTIMIZERS", "TrainedModel",
+           "trained_classifier", "Task", "digits_task",
            "char_lm_task", "unigram_entropy"]
 
 FIT_OPTIMIZERS = ("adam", "adamw")
@@ -107,6 +113,53 @@ def digits_mlp(hidden: tuple[int, ...] = (32,), activation: str = "tanh", seed: 
     `torch.manual_seed(seed)` (the global generator is reseeded: the studies rely on it)."""
     torch.manual_seed(seed)
     return MLP(64, tuple(hidden), 10, activation=activation).to(dtype)
+
+
+# --------------------------------------------------------------------------- a model trained once, then studied
+@dataclass
+class TrainedModel:
+    """A model trained once and then studied (quantized, pruned, probed), with its data.
+
+    `train` and `test` are (x, y) (x a tensor, or a dict of tensors for a Hugging Face model);
+    `seed` seeded the model and the data split; `train_seconds` is the training wall time (nan if
+    not measured); `losses` the per-step training losses (None if not recorded); `config` the
+    training arguments (steps, lr, optimizer, ...); `test_metrics` the trained model's `Metrics` on
+    `test`, when the trainer measured them (None otherwise)."""
+
+    model: nn.Module
+    train: tuple[Any, Tensor]
+    test: tuple[Any, Tensor]
+    seed: int = 0
+    train_seconds: float = math.nan
+    losses: list[float] | None = field(default=None, repr=False)
+    config: dict[str, Any] = field(default_factory=dict)
+    test_metrics: Metrics | None = None
+
+    def calibration(self, num_samples: int) -> Any:
+        """The first `num_samples` training inputs (no labels: calibration needs none; the split is a
+        seeded permutation, so they are a random sample)."""
+        x = self.train[0]
+        size = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
+        if num_samples > size:
+            raise ValueError(f"num_samples: expected at most {size} (the training set), got {num_samples}")
+        if isinstance(x, dict):
+            return {k: v[:num_samples] for k, v in x.items()}
+        return x[:num_samples]
+
+
+def trained_classifier(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], steps: int,
+                       lr: float, optimizer: str = "adam", batch_size: int | None = None, seed: int = 0,
+                       **config: Any) -> TrainedModel:
+    """`fit_classifier(model, train, steps, lr, optimizer, batch_size, seed)`, timed, as a
+    `TrainedModel` with the model in eval mode; `config` holds the training arguments plus any
+    extra `config` entries (e.g. the architecture)."""
+    start = time.perf_counter()
+    fit_classifier(model, train, steps, lr, optimizer=optimizer, batch_size=batch_size, seed=seed)
+    seconds = time.perf_counter() - start
+    config = dict(config, steps=steps, lr=lr, optimizer=optimizer, batch_size=batch_size)
+    return TrainedModel(model.eval(), train, test, seed, seconds, None, config)
 
 
 # --------------------------------------------------------------------------- the optimizer comparisons' tasks

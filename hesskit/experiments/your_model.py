@@ -63,7 +63,7 @@ from ..optim import Sophia
 from ..optim.closures import make_closure
 from ..quant import allocate_bits, gptq, model_size, quantizable_layers, quantize_model, sensitivities
 from ..quant.gptq import round_to_nearest
-from .tasks import evaluate
+from .tasks import TrainedModel, evaluate
 from .training import StepLog, TrainingRun, run_plan, run_to_end, training_steps
 
 __all__ = [
@@ -169,34 +169,30 @@ def tiny_bert(vocab: int = 6, max_length: int = 16, num_labels: int | None = Non
 
 @dataclass
 class BertTask:
-    """A fine-tuned BERT and its data. `model` is in eval mode with no `.grad`; `losses` is the
-    training loss of every step, `checkpoints` / `test_accuracy` the test accuracy along the way."""
+    """A fine-tuned BERT (`trained`, a `tasks.TrainedModel`: the model in eval mode with no `.grad`,
+    its data, seed, fine-tuning time, the training loss of every step and the arguments) with its
+    learning curve: the test accuracy `test_accuracy` at steps `checkpoints`."""
 
-    model: nn.Module
-    train: Pair
-    test: Pair
-    losses: np.ndarray
+    trained: TrainedModel
     checkpoints: np.ndarray
     test_accuracy: np.ndarray
-    seconds: float
-    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return sum(p.numel() for p in self.trained.model.parameters())
 
     @property
     def heads(self) -> int:
-        return self.model.config.num_attention_heads
+        return self.trained.model.config.num_attention_heads
 
     @property
     def head_dim(self) -> int:
-        return self.model.config.hidden_size // self.heads
+        return self.trained.model.config.hidden_size // self.heads
 
     def curvature_batches(self, num_batches: int, batch_size: int, offset: int = 0) -> list[Pair]:
         """`num_batches` consecutive (inputs, labels) batches of the training set from row `offset`:
         the data the curvature is measured on (a list of batches, as hesskit takes it)."""
-        inputs, labels = self.train
+        inputs, labels = self.trained.train
         if num_batches < 1 or batch_size < 1 or offset + num_batches * batch_size > len(labels):
             raise ValueError(f"num_batches, batch_size, offset: {num_batches} x {batch_size} from {offset} does not "
                              f"fit the {len(labels)} training sequences")
@@ -233,7 +229,8 @@ def train_bert(seed: int = 0, steps: int = 500, batch_size: int = 64, lr: float 
     config = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
                   num_train=num_train, num_test=num_test, vocab=vocab, min_length=min_length, max_length=max_length,
                   hidden=hidden, layers=layers, heads=heads, dropout=dropout, data_seed=data_seed)
-    return BertTask(model, train, test, log.loss, np.array(checkpoints), np.array(accuracy), seconds, config)
+    trained = TrainedModel(model, train, test, seed, seconds, log.loss, config)
+    return BertTask(trained, np.array(checkpoints), np.array(accuracy))
 
 
 def _split_task(num_train: int, num_test: int, vocab: int, min_length: int, max_length: int, data_seed: int
@@ -547,7 +544,7 @@ OPTIMIZERS = {"adamw": "AdamW", "sophia-g": "Sophia-G"}
 def continue_finetuning(task: BertTask, optimizer: str, lr: float, steps: int = 150, batch_size: int = 64,
                         eval_every: int = 25, seed: int = 1, monitor: int = 1024, update_every: int = 10,
                         weight_decay: float = 0.01, gamma: float | None = None, decay: bool = True) -> TrainingRun:
-    """Fine-tune a copy of `task.model` for `steps` more steps with AdamW or Sophia-G
+    """Fine-tune a copy of `task.trained.model` for `steps` more steps with AdamW or Sophia-G
     (`hk.optim.Sophia(estimator="gnb", update_every=..., gamma=...)`, whose closure returns (loss,
     outputs) with outputs the Hugging Face ModelOutput: hesskit reads its logits for the
     Gauss-Newton-Bartlett estimate). Train mode (dropout on, masks seeded by `seed`), lr decayed
@@ -566,27 +563,27 @@ def continue_finetuning(task: BertTask, optimizer: str, lr: float, steps: int = 
         raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {optimizer!r}")
     if steps < 1 or eval_every < 1:
         raise ValueError(f"steps, eval_every: expected positive integers, got {steps}, {eval_every}")
-    inputs, labels = task.train
+    inputs, labels = task.trained.train
     order, plan = run_plan(len(labels), steps, batch_size, eval_every, seed)
-    model = copy.deepcopy(task.model)
+    model = copy.deepcopy(task.trained.model)
     opt, kind = _optimizer(model, optimizer, lr, weight_decay, update_every, gamma, seed)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps) if decay else 1.0)
     watch = (select(inputs, slice(0, monitor)), labels[:monitor])
-    start = evaluate(model, task.test)
+    start = evaluate(model, task.trained.test)
     # checkpoints, monitor loss, test loss, test accuracy
     curves = ([0], [evaluate(model, watch).loss], [start.loss], [start.accuracy])
     win, returned = np.full(steps, np.nan), 0
 
     def step(t: int) -> Tensor:
         nonlocal returned
-        loss = _train_step(model, opt, kind, schedule, task.train, order[t - 1])
+        loss = _train_step(model, opt, kind, schedule, task.trained.train, order[t - 1])
         win[t - 1] = getattr(opt, "win_rate", math.nan)
         returned = t  # the steps whose optimizer step returned: the ones timed
         return loss
 
     def at_checkpoint(t: int) -> None:
         monitor_loss = evaluate(model, watch).loss
-        test = evaluate(model, task.test)
+        test = evaluate(model, task.trained.test)
         _checkpoint(curves, t, monitor_loss, test.loss, test.accuracy)
 
     log = _seeded_run(training_steps(step, steps, checkpoints=plan, at_checkpoint=at_checkpoint,

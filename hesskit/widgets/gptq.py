@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from ..experiments.gptq import TrainedDigits, layer_errors, trained_digits
-from ..experiments.tasks import evaluate
+from ..experiments.gptq import layer_errors, trained_digits
+from ..experiments.tasks import TrainedModel, evaluate
 from ..quant.gptq import gptq, gptq_layers, round_to_nearest
 from .explorer import Explorer
 
@@ -30,7 +30,7 @@ class GPTQExplorer(Explorer):
 
     CALIBRATION = (16, 32, 64, 128, 256, 512, 1024)
 
-    def __init__(self, task: TrainedDigits | None = None, bits: int = 2, group_size: int | None = None,
+    def __init__(self, task: TrainedModel | None = None, bits: int = 2, group_size: int | None = None,
                  damping: float = 0.01, act_order: bool = False, calibration_samples: int = 128,
                  symmetric: bool = False):
         import ipywidgets as widgets

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..experiments.qbert import GroupSweep, QATRun, TrainedTransformer, group_options, group_sweep, qat_finetune
+from ..experiments.qbert import GroupSweep, QATRun, group_options, group_sweep, qat_finetune
+from ..experiments.tasks import TrainedModel
 from .explorer import Explorer
 
 __all__ = ["QBERTExplorer"]
@@ -23,7 +24,7 @@ class QBERTExplorer(Explorer):
     bits, and the fine-tuned model), the model size with its scale overhead, and the fine-tuning
     curve. Round-to-nearest results are cached per bits, fine-tuning runs per setting."""
 
-    def __init__(self, task: TrainedTransformer, bits: int = 2, groups: str = "per head", qat: bool = False,
+    def __init__(self, task: TrainedModel, bits: int = 2, groups: str = "per head", qat: bool = False,
                  steps: int = 200, max_steps: int = 500, lr: float = 1e-3, outer_bits: int | None = 8):
         import ipywidgets as widgets
 
@@ -82,7 +83,7 @@ class QBERTExplorer(Explorer):
             "groups": groups, "bits": int(bits), "qat": bool(qat), "steps": int(steps), "sweep": sweep, "index": j,
             "rtn_accuracy": float(sweep.accuracy[0, j]), "size": sweep.size[0][j],
             "qat_accuracy": run.final_accuracy if run is not None else math.nan, "run": run,
-            "fp_accuracy": self.task.fp_accuracy,
+            "fp_accuracy": self.task.test_metrics.accuracy,
             "fp_kilobytes": sweep.size[0][j].float32_bits / 8 / 1024,
         }
 

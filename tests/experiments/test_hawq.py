@@ -32,8 +32,8 @@ from fixtures.hawq import SMALL, problem, setup  # noqa: E402,F401 (pytest fixtu
 def test_problem_is_the_shared_digits_trainer(problem):
     (x, y), _ = digits(flatten=True, seed=0)
     direct = fit_classifier(digits_mlp((16, 16), "relu", seed=0), (x, y), 150, 1e-3, batch_size=64, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(problem.model.parameters(), direct.parameters()))
-    assert not problem.model.training and problem.train_time > 0
+    assert all(torch.equal(a, b) for a, b in zip(problem.trained.model.parameters(), direct.parameters()))
+    assert not problem.trained.model.training and problem.trained.train_seconds > 0
     assert torch.equal(problem.calibration[0], x[:64]) and len(problem.subsets) == 2
 
 
@@ -41,19 +41,19 @@ def test_enumeration_equals_the_generic_exhaustive_search(problem, setup):
     e = setup[3]
     assert e.configs.shape == (64, 3) and e.layers == ["1", "3", "5"]
     x, y = problem.calibration
-    xt, yt = problem.test
+    xt, yt = problem.trained.test
 
     def evaluate(m):
         with torch.no_grad():
             accuracy = (m(xt).argmax(1) == yt).double().mean().item()
             return {"loss": problem.criterion(m(x), y).item(), "accuracy": accuracy}
 
-    generic = exhaustive(problem.model, (2, 3, 4, 8), evaluate, granularity="channel")
+    generic = exhaustive(problem.trained.model, (2, 3, 4, 8), evaluate, granularity="channel")
     np.testing.assert_array_equal(generic.configs, e.configs)
     np.testing.assert_allclose(e.values["loss"], generic.values["loss"], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(e.values["accuracy"], generic.values["accuracy"])
     np.testing.assert_allclose(e.values["delta"], e.values["loss"] - generic.baseline["loss"], atol=1e-6)
-    q = quantize_model(problem.model, e.config(17), granularity="channel")
+    q = quantize_model(problem.trained.model, e.config(17), granularity="channel")
     assert e.values["accuracy"][17] == problem.accuracy(q)
     assert e.baseline["accuracy"] == problem.accuracy()
 

@@ -21,7 +21,7 @@ from hesskit.experiments.pruning import (  # noqa: E402
     path_sparsities,
     train_digits_mlp,
 )
-from hesskit.experiments.tasks import digits_mlp, evaluate, fit_classifier  # noqa: E402
+from hesskit.experiments.tasks import TrainedModel, digits_mlp, evaluate, fit_classifier  # noqa: E402
 from fixtures.pruning import CRITERION, flat, setup  # noqa: E402,F401 (pytest fixtures)
 
 
@@ -80,10 +80,13 @@ def test_ablation_and_sweeps(setup):
 
 
 def test_training_is_seeded_and_is_the_shared_trainer():
-    a, (x, y), _ = train_digits_mlp(hidden=(8,), steps=3, seed=1)
-    b, _, _ = train_digits_mlp(hidden=(8,), steps=3, seed=1)
+    trained = train_digits_mlp(hidden=(8,), steps=3, seed=1)
+    a, (x, y) = trained.model, trained.train
+    b = train_digits_mlp(hidden=(8,), steps=3, seed=1).model
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not a.training
+    assert isinstance(trained, TrainedModel) and trained.seed == 1 and trained.config["steps"] == 3
+    assert torch.equal(trained.calibration(5), x[:5])
     assert torch.equal(x, digits(flatten=True, seed=1)[0][0])
     direct = fit_classifier(digits_mlp((8,), "tanh", seed=1), (x, y), 3, 1e-2, optimizer="adamw")
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), direct.parameters()))

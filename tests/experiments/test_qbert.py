@@ -18,6 +18,7 @@ from hesskit.experiments.qbert import (  # noqa: E402
     ENCODER,
     group_options,
     group_sweep,
+    rows_per_head,
     mixed_precision,
     qat_finetune,
     quantize_transformer,
@@ -46,10 +47,11 @@ def reference_rows(W, bits, group_size):
 def test_training_is_seeded_and_returns_an_eval_model(task):
     model = task.model
     assert not model.training and all(p.grad is None for p in model.parameters())
-    assert task.config["heads"] == task.heads == 4 and task.dim == 16 and task.head_dim == 4
+    assert task.config["heads"] == task.model.attn.heads == 4 and task.config["dim"] == 16
+    assert rows_per_head(task.model) == 4
     (x, y), (xt, yt) = task.train, task.test
     assert x.shape == (512, 8) and xt.shape == (256, 8) and len(task.losses) == 120
-    assert task.fp_accuracy == evaluate(model, task.test).accuracy
+    assert task.test_metrics == evaluate(model, task.test) and task.seed == 0 and task.train_seconds > 0
     assert task.losses[-10:].mean() < task.losses[:10].mean()  # it learned something
     again = train_tiny_transformer(seed=0, vocab=6, length=8, dim=16, heads=4, steps=5, batch_size=64,
                                    num_train=512, num_test=256)
@@ -136,14 +138,15 @@ def test_group_sweep(task):
     sweep = group_sweep(model, task.test, [2, 8], list(options.values()))
     assert_untouched(model, snap)
     assert sweep.labels == list(options) and sweep.qkv_ranges.tolist() == [1, 12, 24, 48]
-    assert sweep.accuracy.shape == (2, 4) and sweep.fp_accuracy == task.fp_accuracy
+    assert sweep.accuracy.shape == (2, 4) and sweep.fp_accuracy == task.test_metrics.accuracy
     for i, b in enumerate(sweep.bits):
         for j, g in enumerate(sweep.group_sizes):
             assert sweep.accuracy[i, j] == evaluate(quantize_transformer(model, b, g), task.test).accuracy
             G = sum(ranges_per_matrix(model, g).values())
             n = sum(dict(model.named_modules())[m].weight.numel() for m in ENCODER)
             assert sweep.bits_per_weight()[i, j] == pytest.approx(b + 16 * G / n)
-    assert (np.abs(sweep.accuracy[1] - task.fp_accuracy) <= 0.02).all()  # 8 bits: rounding costs almost nothing
+    fp = task.test_metrics.accuracy
+    assert (np.abs(sweep.accuracy[1] - fp) <= 0.02).all()  # 8 bits: rounding costs almost nothing
     with pytest.raises(ValueError, match="bits_list"):
         group_sweep(model, task.test, [], [None])
 

@@ -86,19 +86,23 @@ def test_tiny_bert_is_a_hugging_face_model_with_sdpa_and_dropout():
 
 
 def test_training_is_seeded_returns_an_eval_model_and_learns(task):
-    model = task.model
+    model = task.trained.model
     assert not model.training and all(p.grad is None for p in model.parameters())
     assert task.head_dim == 8 and task.heads == 2 and task.num_params == sum(p.numel() for p in model.parameters())
-    assert len(task.losses) == 40 and task.checkpoints.tolist() == [0, 20, 40]
-    assert task.losses[-10:].mean() < task.losses[:10].mean()
-    assert task.test_accuracy[-1] == evaluate(model, task.test).accuracy
+    assert len(task.trained.losses) == 40 and task.checkpoints.tolist() == [0, 20, 40]
+    assert task.trained.losses[-10:].mean() < task.trained.losses[:10].mean()
+    assert task.test_accuracy[-1] == evaluate(model, task.trained.test).accuracy
     again = train_bert(seed=0, **{**SMALL, "steps": 3, "eval_every": 3})
     twice = train_bert(seed=0, **{**SMALL, "steps": 3, "eval_every": 3})
-    assert all(torch.equal(a, b) for a, b in zip(again.model.parameters(), twice.model.parameters()))
-    np.testing.assert_array_equal(again.losses, twice.losses)
+    assert all(torch.equal(a, b) for a, b in zip(again.trained.model.parameters(), twice.trained.model.parameters()))
+    np.testing.assert_array_equal(again.trained.losses, twice.trained.losses)
     batches = task.curvature_batches(2, 16, offset=8)
-    assert len(batches) == 2 and torch.equal(batches[1][0]["input_ids"], task.train[0]["input_ids"][24:40])
-    assert torch.equal(batches[0][1], task.train[1][8:24])
+    assert len(batches) == 2 and torch.equal(batches[1][0]["input_ids"], task.trained.train[0]["input_ids"][24:40])
+    calib = task.trained.calibration(4)  # dict inputs: every entry's first rows
+    assert set(calib) == set(task.trained.train[0]) and all(torch.equal(v, task.trained.train[0][k][:4])
+                                                           for k, v in calib.items())
+    assert task.trained.seed == 0 and task.trained.config["steps"] == 40 and task.trained.train_seconds > 0
+    assert torch.equal(batches[0][1], task.trained.train[1][8:24])
     with pytest.raises(ValueError, match="num_batches"):
         task.curvature_batches(100, 16)
     with pytest.raises(ValueError, match="batch_size"):
@@ -114,7 +118,7 @@ def test_training_runs_through_the_shared_loop_with_its_batches_and_seeds(task):
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * max(0.0, 1 - s / 40))
     order, plan = run_plan(256, 40, 32, 20, seed=0)
-    inputs, labels = task.train
+    inputs, labels = task.trained.train
     state = torch.random.get_rng_state()
     losses = []
     with torch.random.fork_rng():
@@ -127,22 +131,22 @@ def test_training_runs_through_the_shared_loop_with_its_batches_and_seeds(task):
             opt.step()
             schedule.step()
             losses.append(loss.item())
-    np.testing.assert_array_equal(task.losses, losses)
+    np.testing.assert_array_equal(task.trained.losses, losses)
     assert task.checkpoints.tolist() == plan and all(torch.equal(a, b) for a, b in
-                                                     zip(task.model.parameters(), model.parameters()))
+                                                     zip(task.trained.model.parameters(), model.parameters()))
     train_bert(seed=0, **{**SMALL, "steps": 2})
     assert torch.equal(torch.random.get_rng_state(), state)  # the global random state is left as it was
 
 
 def test_evaluate_takes_dict_batches_restores_modes_and_matches_a_direct_computation(task):
     # the notebook scores its BERT with tasks.evaluate: dict inputs go in as model(**inputs)
-    model = copy.deepcopy(task.model).train()
-    loss, accuracy = evaluate(model, task.test).loss, evaluate(model, task.test).accuracy
+    model = copy.deepcopy(task.trained.model).train()
+    loss, accuracy = evaluate(model, task.trained.test).loss, evaluate(model, task.trained.test).accuracy
     assert model.training and model.bert.encoder.layer[0].attention.self.dropout.training
     with torch.no_grad():
-        logits = task.model(**task.test[0]).logits
-    assert loss == pytest.approx(CE(logits, task.test[1]).item())
-    assert accuracy == pytest.approx((logits.argmax(1) == task.test[1]).double().mean().item())
+        logits = task.trained.model(**task.trained.test[0]).logits
+    assert loss == pytest.approx(CE(logits, task.trained.test[1]).item())
+    assert accuracy == pytest.approx((logits.argmax(1) == task.trained.test[1]).double().mean().item())
 
 
 # ----------------------------------------------------------------------------- groups
@@ -192,7 +196,7 @@ def notebook_hvp(model, criterion, batches, v, math_kernel=True):
 
 
 def test_the_notebooks_hvp_equals_hesskits_and_eager_attention(task):
-    model = copy.deepcopy(task.model).double()
+    model = copy.deepcopy(task.trained.model).double()
     batches = task.curvature_batches(2, 24)
     v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0),
                     dtype=torch.float64)
@@ -205,16 +209,16 @@ def test_the_notebooks_hvp_equals_hesskits_and_eager_attention(task):
     with pytest.raises(RuntimeError, match="derivative for"):  # the default CPU kernel: no double backward
         notebook_hvp(model, CE, batches, v, math_kernel=False)
     # float32, the notebook's check: the same up to float32 rounding
-    mine32 = notebook_hvp(task.model, CE, batches, v.float())
-    ours32 = hk.HessianOperator(task.model, CE, batches) @ v.float()
+    mine32 = notebook_hvp(task.trained.model, CE, batches, v.float())
+    ours32 = hk.HessianOperator(task.trained.model, CE, batches) @ v.float()
     assert (mine32 - ours32).norm() <= 1e-4 * ours32.norm()
     with pytest.raises(ValueError, match="train mode"):
-        hk.HessianOperator(copy.deepcopy(task.model).train(), CE, batches)
+        hk.HessianOperator(copy.deepcopy(task.trained.model).train(), CE, batches)
 
 
 # ----------------------------------------------------------------------------- per-block curvature
 def test_block_curvature_against_dense_blocks(task):
-    model = copy.deepcopy(task.model).double()
+    model = copy.deepcopy(task.trained.model).double()
     batches = task.curvature_batches(1, 32)
     op = hk.HessianOperator(model, CE, batches)
     snap = snapshot(model)
@@ -239,7 +243,7 @@ def test_block_curvature_against_dense_blocks(task):
 
 
 def test_whole_spectrum(task):
-    op = hk.HessianOperator(task.model, CE, task.curvature_batches(1, 32))
+    op = hk.HessianOperator(task.trained.model, CE, task.curvature_batches(1, 32))
     result = whole_spectrum(op, num_runs=2, num_steps=12, k=3)
     density, top, bottom = result["density"], result["top"], result["bottom"]
     assert density.nodes.shape == (2, 12) and np.allclose(density.weights.sum(1), 1)
@@ -250,7 +254,7 @@ def test_whole_spectrum(task):
 
 # ----------------------------------------------------------------------------- quantization
 def test_quantize_bert_against_group_by_group_rounding(task):
-    model = task.model
+    model = task.trained.model
     snap = snapshot(model)
     encoder = encoder_layers(model)
     assert encoder == [f"bert.encoder.layer.0.{n}" for n in ("attention.self.query", "attention.self.key",
@@ -276,10 +280,10 @@ def test_quantize_bert_against_group_by_group_rounding(task):
 
 
 def test_mixed_precision_against_direct_calls(task):
-    model = task.model
+    model = task.trained.model
     snap = snapshot(model)
     data = task.curvature_batches(2, 32)
-    result = mixed_precision(model, data, task.test, task.head_dim, avg_bits=2.5, num_subsets=2, uniform=(2, 3))
+    result = mixed_precision(model, data, task.trained.test, task.head_dim, avg_bits=2.5, num_subsets=2, uniform=(2, 3))
     assert_unchanged(model, snap)
     encoder = encoder_layers(model)
     assert result.sensitivity.metric == "qbert" and list(result.sensitivity) == encoder
@@ -289,32 +293,32 @@ def test_mixed_precision_against_direct_calls(task):
     assert sum(sizes[n] * b for n, b in result.allocation.items()) <= 2.5 * sum(sizes.values())
     assert [r.method for r in result.rows] == ["float32", "uniform 2-bit", "uniform 3-bit", "Hessian (qbert) mixed",
                                                "||ΔW||² only mixed"]
-    assert result.row("float32").accuracy == evaluate(model, task.test).accuracy
+    assert result.row("float32").accuracy == evaluate(model, task.trained.test).accuracy
     mixed = result.row("Hessian (qbert) mixed")
     assert mixed.bits == dict(result.allocation) and mixed.average_bits <= 2.5
-    assert mixed.accuracy == evaluate(quantize_bert(model, mixed.bits, task.head_dim), task.test).accuracy
+    assert mixed.accuracy == evaluate(quantize_bert(model, mixed.bits, task.head_dim), task.trained.test).accuracy
     assert result.row("uniform 3-bit").average_bits == 3 and result.row("uniform 3-bit").bits_per_weight > 3
 
 
 def test_gptq_vs_rtn_against_direct_calls(task):
-    model = task.model
+    model = task.trained.model
     snap = snapshot(model)
-    calib = select(task.train[0], slice(0, 64))
-    result = gptq_vs_rtn(model, calib, task.test, (2, 4), symmetric=True)
+    calib = select(task.trained.train[0], slice(0, 64))
+    result = gptq_vs_rtn(model, calib, task.trained.test, (2, 4), symmetric=True)
     assert_unchanged(model, snap)
     layers = encoder_layers(model)
     q = hk.quant.gptq(model, calib, 2, layers=layers, symmetric=True)
     rtn = round_to_nearest(model, 2, layers=layers, symmetric=True)
-    assert result.gptq_accuracy[0] == evaluate(q, task.test).accuracy
-    assert result.rtn_accuracy[0] == evaluate(rtn, task.test).accuracy
-    assert result.gptq_loss[0] == pytest.approx(evaluate(q, task.test).loss)
-    assert result.float_accuracy == evaluate(model, task.test).accuracy and len(result.seconds) == 2
+    assert result.gptq_accuracy[0] == evaluate(q, task.trained.test).accuracy
+    assert result.rtn_accuracy[0] == evaluate(rtn, task.trained.test).accuracy
+    assert result.gptq_loss[0] == pytest.approx(evaluate(q, task.trained.test).loss)
+    assert result.float_accuracy == evaluate(model, task.trained.test).accuracy and len(result.seconds) == 2
     assert torch.equal(q.classifier.weight, model.classifier.weight)  # only the encoder is quantized
 
 
 # ----------------------------------------------------------------------------- continued fine-tuning
 def test_continue_finetuning(task):
-    model = task.model
+    model = task.trained.model
     snap = snapshot(model)
     kw = dict(steps=6, batch_size=16, eval_every=3, monitor=64)
     adam = continue_finetuning(task, "adamw", 1e-3, **kw)
@@ -324,9 +328,10 @@ def test_continue_finetuning(task):
     assert_unchanged(model, snap)
     for run in (adam, sophia):
         assert run.eval_steps.tolist() == [0, 3, 6] and len(run.log.loss) == 6 and not run.diverged
-        watch = (select(task.train[0], slice(0, 64)), task.train[1][:64])
+        watch = (select(task.trained.train[0], slice(0, 64)), task.trained.train[1][:64])
         assert run.evals["train_loss"][0] == pytest.approx(evaluate(model, watch).loss)
-        assert run.evals["test_accuracy"][0] == evaluate(model, task.test).accuracy and math.isfinite(run.final_loss)
+        assert run.evals["test_accuracy"][0] == evaluate(model, task.trained.test).accuracy
+        assert math.isfinite(run.final_loss)
     adam_win, sophia_win = adam.per_step["win_rate"], sophia.per_step["win_rate"]
     assert np.isnan(adam_win).all() and ((sophia_win >= 0) & (sophia_win <= 1)).all()
     assert sophia.label == "Sophia-G (lr 0.001)" and adam.label == "AdamW (lr 0.001)"
@@ -346,7 +351,7 @@ def test_continue_finetuning(task):
 
 def test_sophia_g_closure_takes_the_model_output(task):
     # the notebook's closure: (loss, outputs) with outputs the Hugging Face ModelOutput
-    model = copy.deepcopy(task.model).train()
+    model = copy.deepcopy(task.trained.model).train()
     inputs, labels = task.curvature_batches(1, 16)[0]
     opt = hk.optim.Sophia(model.parameters(), lr=1e-3, estimator="gnb")
 
@@ -362,7 +367,7 @@ def test_sophia_g_closure_takes_the_model_output(task):
 
 # ----------------------------------------------------------------------------- the explorer's estimates
 def test_estimate_block_against_direct_calls(task):
-    model, data = task.model, task.curvature_batches(1, 32)
+    model, data = task.trained.model, task.curvature_batches(1, 32)
     params = ["classifier.weight", "classifier.bias"]
     op = hk.HessianOperator(model, CE, data, params=params)
     for estimator in ESTIMATORS:

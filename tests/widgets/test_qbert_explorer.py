@@ -43,7 +43,7 @@ def test_explorer_over_its_controls(task):
     bits.value = bits.max  # a new width: the round-to-nearest sweep over the groupings reports its progress
     assert any("rounding: grouping 4/4" in s for s in shown)
     explorer.status.unobserve_all()
-    assert explorer.result["bits"] == 8 and abs(explorer.result["rtn_accuracy"] - task.fp_accuracy) <= 0.02
+    assert explorer.result["bits"] == 8 and abs(explorer.result["rtn_accuracy"] - task.test_metrics.accuracy) <= 0.02
     bits.value = bits.min
     shown = []  # the status line while the explorer computes: a progress bar for the sweep and every QAT run
     explorer.status.observe(lambda change: shown.append(change["new"]), names="value")

@@ -19,7 +19,7 @@ from fixtures.your_model import task  # noqa: E402,F401 (pytest fixtures)
 
 
 def test_explorer_over_its_controls(task):
-    model, data = task.model, task.curvature_batches(1, 16)
+    model, data = task.trained.model, task.curvature_batches(1, 16)
     snap = snapshot(model)
     explorer = YourModelExplorer(model, data, estimator=ESTIMATORS[0], products=4, max_products=6)
     explorer.show()
@@ -71,8 +71,8 @@ def test_explorer_over_its_controls(task):
 def test_explorer_checks_its_arguments(task):
     data = task.curvature_batches(1, 8)
     with pytest.raises(ValueError, match="group"):
-        YourModelExplorer(task.model, data, group="decoder")
+        YourModelExplorer(task.trained.model, data, group="decoder")
     with pytest.raises(ValueError, match="estimator"):
-        YourModelExplorer(task.model, data, estimator="exact")
+        YourModelExplorer(task.trained.model, data, estimator="exact")
     with pytest.raises(ValueError, match="products"):
-        YourModelExplorer(task.model, data, products=2)
+        YourModelExplorer(task.trained.model, data, products=2)
