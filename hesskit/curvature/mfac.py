@@ -256,10 +256,8 @@ class MFACInverseOperator(MatrixFreeOperator):
         if not torch.isfinite(G).all():
             raise ValueError("data: a gradient contains nan or inf")
         inv = cls(op.shape[0], num_grads=len(G), damping=damping, dtype=op.dtype, device=op.device)
-        inv.grads.copy_(G)
         gram = G @ G.T
-        inv.gram.copy_((gram + gram.T) / 2)
-        inv.count = len(G)
+        inv.set_window(G.to(op.dtype, copy=True), ((gram + gram.T) / 2).to(op.dtype), len(G))
         return inv
 
     def __repr__(self) -> str:

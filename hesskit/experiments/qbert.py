@@ -34,8 +34,9 @@ from __future__ import annotations
 import itertools
 import operator
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,6 +79,24 @@ def rows_per_head(model: TinyTransformer) -> int:
     return model.embed.embedding_dim // model.attn.heads
 
 
+def _minibatch_step(model: nn.Module, opt: torch.optim.Optimizer, schedule: Any, train: Pair, batch_size: int,
+                    seed: int) -> Callable[[int], Tensor]:
+    """One step of `training_steps` for this notebook's trainers: cross-entropy on `batch_size`
+    sequences drawn with replacement (a generator seeded by `seed`), then the lr schedule's step."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(t: int) -> Tensor:
+        idx = torch.randint(0, len(train[0]), (batch_size,), generator=gen)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(train[0][idx]), train[1][idx])
+        loss.backward()
+        opt.step()
+        schedule.step()
+        return loss
+
+    return step
+
+
 def train_tiny_transformer(seed: int = 0, vocab: int = 8, length: int = 16, dim: int = 32, heads: int = 8,
                            mlp_ratio: int = 2, steps: int = 1000, batch_size: int = 128, lr: float = 3e-3,
                            weight_decay: float = 0.01, num_train: int = 4096, num_test: int = 2048,
@@ -103,17 +122,7 @@ def train_tiny_transformer(seed: int = 0, vocab: int = 8, length: int = 16, dim:
     model = TinyTransformer(vocab=vocab, dim=dim, heads=heads, max_length=length, mlp_ratio=mlp_ratio)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    gen = torch.Generator().manual_seed(seed)
-
-    def step(t: int) -> Tensor:
-        idx = torch.randint(0, num_train, (batch_size,), generator=gen)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(train[0][idx]), train[1][idx])
-        loss.backward()
-        opt.step()
-        schedule.step()
-        return loss
-
+    step = _minibatch_step(model, opt, schedule, train, batch_size, seed)
     start = time.perf_counter()
     model.train()
     log = run_to_end(training_steps(step, steps, label="training step"))
@@ -369,21 +378,12 @@ def qat_finetune(model: TinyTransformer, train: Pair, test: Pair, bits: int | Ma
     qat.train()
     opt = torch.optim.AdamW(qat.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / max(steps, 1))
-    gen = torch.Generator().manual_seed(seed)
+    step = _minibatch_step(qat, opt, schedule, train, batch_size, seed)
     checkpoints, accs, losses = [], [], np.zeros(0)
 
     def checkpoint(t: int) -> None:
         checkpoints.append(t)
         accs.append(evaluate(freeze(qat), test).accuracy)
-
-    def step(t: int) -> Tensor:
-        idx = torch.randint(0, len(train[0]), (batch_size,), generator=gen)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(qat(train[0][idx]), train[1][idx])
-        loss.backward()
-        opt.step()
-        schedule.step()
-        return loss
 
     start = time.perf_counter()
     checkpoint(0)

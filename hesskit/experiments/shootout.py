@@ -19,8 +19,8 @@ budgets) and the benchmark (larger ones) alike:
   a `tasks.Task` (`Task.to` moves one to a device; `Task.score` is the (loss, metric) a run records).
 * `train_run`: one (optimizer, lr, seed) run through `training.training_steps`, on the
   minibatches every optimizer shares (`training.random_batches`), as a `training.TrainingRun`
-  (`run_to_record` / `run_from_record`: the benchmark's JSON records; `tuning_loss`,
-  `total_seconds`: its readings here); `run_grid`: every optimizer x lr x seed, on the same
+  (`run_to_record` / `run_from_record`: the benchmark's JSON records; `total_seconds`: its
+  reading here); `run_grid`: every optimizer x lr x seed, on the same
   initialisations and batch orders, each optimizer's grid optionally located by a coarse pilot
   that is the same for everyone (coarse-to-fine search: equal budgets, no hand-picked learning
   rates); `Grid`: the runs and the protocol that produced them.
@@ -78,7 +78,6 @@ __all__ = [
     "target_step",
     "total_seconds",
     "train_run",
-    "tuning_loss",
 ]
 
 
@@ -174,16 +173,9 @@ def _last(run: TrainingRun, key: str) -> float:
     return float(run.evals[key][-1]) if len(run.eval_steps) else math.nan
 
 
-def tuning_loss(run: TrainingRun) -> float:
-    """What tuning minimises: the run's `final_loss` (its last training loss; inf if it diverged or failed), also
-    for a run that recorded nothing (an optimizer that could not be built: inf)."""
-    return run.final_loss if len(run.eval_steps) else math.inf
-
-
 def total_seconds(run: TrainingRun) -> float:
     """Seconds inside `opt.step` over every step the run took (evaluation excluded)."""
-    taken = run.log.seconds[: run.log.steps_taken]
-    return float(np.cumsum(taken)[-1]) if len(taken) else 0.0
+    return float(run.log.seconds[: run.log.steps_taken].sum())
 
 
 def run_to_record(run: TrainingRun) -> dict:
@@ -401,7 +393,7 @@ def run_grid(task: Task, names: Iterable[str] | None = None, seeds: Sequence[int
                 pilot[(name, lr)] = train_run(task, name, lr, seeds[0], pilot_steps, batch_size, record_every,
                                               registry)
         for name in names:
-            scores = {lr: tuning_loss(r) for (n, lr), r in pilot.items() if n == name}
+            scores = {lr: r.final_loss for (n, lr), r in pilot.items() if n == name}
             centres[name] = min(scores, key=lambda lr: (scores[lr], lr))
         if verbose:
             print(f"pilot done: {len(pilot)} runs, {time.perf_counter() - start:.0f} s")
@@ -439,7 +431,7 @@ def loss_at(run: TrainingRun, step: int) -> float:
 def best_lr(grid: Grid, name: str) -> tuple[float, dict[float, float]]:
     """The grid lr with the lowest median (over seeds) final training loss, and every lr's score.
     Diverged runs count as inf; ties go to the smaller lr."""
-    scores = {lr: _median([tuning_loss(grid.runs[(name, lr, s)]) for s in grid.seeds]) for lr in grid.lrs(name)}
+    scores = {lr: _median([grid.runs[(name, lr, s)].final_loss for s in grid.seeds]) for lr in grid.lrs(name)}
     return min(scores, key=lambda lr: (scores[lr], lr)), scores
 
 
@@ -570,7 +562,7 @@ def summarise(grid: Grid, lrs: dict[str, float | None] | None = None, target: fl
         rows[name] = Row(
             name=name, lr=lr, best_lr=best, centre=grid.centre(name), default=grid.default(name), chosen=kind,
             best_at_edge=best in (grid.lrs(name)[0], grid.lrs(name)[-1]), scores=scores, runs=runs,
-            final_loss=_median([tuning_loss(r) for r in runs]),
+            final_loss=_median([r.final_loss for r in runs]),
             steps_to_target=_median([a for a, _ in reached]), seconds_to_target=_median([b for _, b in reached]),
             hits=sum(math.isfinite(a) for a, _ in reached),
             metric_mean=float(np.mean(metrics)) if metrics else math.nan,

@@ -35,7 +35,6 @@ from hesskit.experiments.shootout import (  # noqa: E402
     target_step,
     total_seconds,
     train_run,
-    tuning_loss,
 )
 from hesskit.experiments.training import StepLog, TrainingRun, random_batches  # noqa: E402
 from fixtures.shootout import BATCH, EVERY, FACTORS, SEEDS, STEPS, task  # noqa: E402,F401 (pytest fixtures)
@@ -152,7 +151,7 @@ def test_divergence_and_errors_are_counted_not_hidden(task):
     run = train_run(task, "unbuildable", 0.1, 0, STEPS, BATCH, EVERY,
                     registry={"unbuildable": entry(Unbuildable, "backward")})
     assert run.log.status == "error" and run.log.message == "ValueError: cannot build" and run.log.steps_taken == 0
-    assert len(run.eval_steps) == 0 and math.isnan(run.step_time(statistic="mean")) and tuning_loss(run) == math.inf
+    assert len(run.eval_steps) == 0 and math.isnan(run.step_time(statistic="mean")) and run.final_loss == math.inf
 
 
 def test_a_floating_point_error_at_the_first_step_is_a_divergence(task):
