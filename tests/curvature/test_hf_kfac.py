@@ -374,3 +374,18 @@ def test_state_dict_round_trip_with_embedding_factors(fisher):
     assert opt2.state[restored.bert.embeddings.word_embeddings.weight]["A"].shape == (VOCAB,)
     train(opt2, restored, batches[3:])
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), restored.parameters()))
+
+
+def test_kronecker_operators_multiply_as_their_dense_blocks():
+    """`KroneckerOperator @ V` (G M A, no block formed) equals `dense() @ V` for every layer kind of a
+    GPT-2 from a small config, with dict inputs and the defaults: Conv1D with bias, the tied Embedding
+    (A kept as its diagonal) and a Linear without bias (the untied lm_head)."""
+    inputs, labels = lm_batch()
+    factors = hk.kfac_factors(small_gpt2(torch.float64, tied=False), lm_loss, (inputs, labels))
+    kinds = {(f.has_bias, f.A.dim()) for f in factors.values()}
+    assert {(True, 2), (False, 1), (False, 2)} <= kinds
+    for name, f in factors.items():
+        assert isinstance(f, hk.MatrixFreeOperator) and f.shape == (f.num_params, f.num_params)
+        V = torch.randn(f.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(f @ V, f.dense() @ V, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(f @ V[:, 0], f.dense() @ V[:, 0], rtol=1e-10, atol=1e-12, msg=name)

@@ -134,3 +134,27 @@ def test_interleaved_step_times_take_turns_in_blocks():
     with pytest.raises(ValueError, match="batches"):
         interleaved_step_times(steps, [0], block=2)
     assert interleaved_step_times(steps, iter(range(5)), block=2)[1].shape == (2, 2)  # the last batch left out
+
+
+def test_training_run_readings():
+    log = StepLog(np.array([3.0, 2.0, 1.0, np.nan]), np.array([0.1, 0.2, 0.3, np.nan]),
+                  np.array([0.05, 0.1, 0.1, np.nan]), steps_taken=3)
+    evals = {"train_loss": np.array([4.0, 2.5, 0.9]), "test_accuracy": np.array([0.1, 0.5, 0.8])}
+    run = TrainingRun("sgd", 0.1, log, np.array([0, 2, 3]), evals, per_step={"kinds": np.array(["a", "b", "a", "a"])},
+                      name="SGD")
+    assert run.label == "SGD (lr 0.1)" and run.ok and not run.diverged
+    assert run.final_loss == 0.9 and run.final("test_accuracy") == 0.8
+    np.testing.assert_allclose(run.eval_seconds(), [0.0, 0.3, 0.6])
+    np.testing.assert_allclose(run.eval_seconds("cpu"), [0.0, 0.15, 0.25])
+    assert run.steps_to(2.5) == 2 and math.isnan(run.steps_to(0.5))
+    assert run.seconds_to(1.0) == pytest.approx(0.6) and run.seconds_to(1.0, clock="cpu") == pytest.approx(0.25)
+    assert run.step_time() == pytest.approx(0.2) and run.step_time("a", "max") == pytest.approx(0.3)
+    assert run.step_time("b", clock="cpu") == pytest.approx(0.1) and math.isnan(run.step_time("c"))
+    diverged = TrainingRun("sgd", 9.0, StepLog(np.full(2, np.nan), np.zeros(2), np.zeros(2), status="diverged",
+                                               steps_taken=1), np.array([0, 1]), {"train_loss": np.array([4.0, 1.0])})
+    assert diverged.final_loss == math.inf and math.isnan(diverged.final("train_loss"))
+    unbuilt = TrainingRun("x", 1.0, StepLog(np.zeros(0), np.zeros(0), np.zeros(0), status="error"), np.zeros(0, int),
+                          {"train_loss": np.zeros(0)})
+    assert unbuilt.final_loss == math.inf  # no checkpoint at all (an optimizer that could not be built)
+    with pytest.raises(ValueError, match="clock"):
+        run.eval_seconds("gpu")
