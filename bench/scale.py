@@ -12,7 +12,7 @@ downloads), evaluated in float32, eval mode. The data are `--batches` in-memory 
 `--batch-size` images (default 32 of 8); the Hessian is that of the mean loss over all of them.
 
 (a) The full-dataset top eigenvalue (`hk.eigenvalues(op, k=1, tol=1e-3, seed=0)`: Lanczos) and a
-    100-product trace (`hk.trace(op, num_matvecs=100, seed=0)`: Hutch++), for four configurations, each
+    100-product trace (`hk.trace(op, num_matvecs=100, method="hutch++", seed=0)`), for four configurations, each
     in its own fresh process: hesskit with its default cache budget (a quarter of the available RAM:
     every graph fits), with no cache (`cache_memory=0`: every batch's graph is rebuilt for every
     product), with a small budget that holds about a quarter of the batches' graphs (computed from a
@@ -248,7 +248,7 @@ def _warm_up(config: str, model, criterion, batches, device: str) -> None:
             op = hk.HessianOperator(model, criterion, tiny, cache_memory=float("inf"))
             op @ torch.randn(op.shape[0], device=device)
             hk.eigenvalues(op, k=1, seed=0, max_matvecs=6)
-            hk.trace(op, num_matvecs=6, seed=0)
+            hk.trace(op, num_matvecs=6, method="hutch++", seed=0)
     model.zero_grad(set_to_none=True)
 
 
@@ -276,7 +276,7 @@ def worker_a(config: str, setup_path: str, budget: float | None, device: str, th
                     return [op @ v for _ in range(2)] and 2
                 if task == "eig":
                     return hk.eigenvalues(op, k=1, tol=1e-3, seed=0).num_matvecs
-                return hk.trace(op, num_matvecs=setup["trace_products"], seed=0).num_matvecs
+                return hk.trace(op, num_matvecs=setup["trace_products"], method="hutch++", seed=0).num_matvecs
 
         for task in ("products", "eig", "trace"):
             out[f"vectors_{task}_products"], out[f"vectors_{task}"] = peak.measure(lambda: vectors(task), base)
@@ -335,7 +335,7 @@ def worker_a(config: str, setup_path: str, budget: float | None, device: str, th
 
     def trace():
         op = new_op()
-        r = hk.trace(op, num_matvecs=setup["trace_products"], seed=0)
+        r = hk.trace(op, num_matvecs=setup["trace_products"], method="hutch++", seed=0)
         return r.value, r.num_matvecs, r.stderr, op.cached_bytes
 
     (op_budget, state_bytes, cached, cached_bytes), out["peak_products"] = peak.measure(products, base)

@@ -41,8 +41,9 @@ class _Cost:
 @dataclass(frozen=True, kw_only=True)
 class TraceResult(_Cost):
     """A trace estimate. `stderr` is the standard error of `value`, computed from `num_samples`
-    random quadratic forms (all probes for Hutchinson, the residual probes for Hutch++, the
-    leave-one-out estimates for XTrace; nan with fewer than two; 0 when the estimate is exact)."""
+    independent terms (all probes for Hutchinson, the residual probes for Hutch++, the jackknife's
+    groups of probes for XTrace; nan with fewer than two; 0 when the estimate is exact: `method`
+    "exact", or an XTrace sketch that spans the operator's range)."""
 
     value: float
     stderr: float
@@ -86,13 +87,28 @@ class BlockTraceResult(_Cost):
 
 @dataclass(frozen=True, kw_only=True)
 class DiagonalResult(_Cost):
-    """A diagonal estimate with a per-entry standard error; `method` is "hutchinson" or "xdiag"
-    (or the estimator's name, e.g. "model labels" for Gauss-Newton-Bartlett)."""
+    """A diagonal estimate with a per-entry standard error; `method` is "xdiag", "hutchinson" or
+    "exact" (or the estimator's name, e.g. "model labels" for Gauss-Newton-Bartlett). With
+    `blocks` (block name -> row indices, from `hk.diagonal(blocks=...)`), `block(name)` gives a
+    block's entries."""
 
     value: Tensor
     stderr: Tensor
     distribution: str
     method: str = "hutchinson"
+    blocks: dict[str, Tensor] | None = None
+    block_shapes: dict[str, tuple[int, ...] | None] | None = None
+
+    def block(self, name: str) -> tuple[Tensor, Tensor]:
+        """(value, stderr) of block `name`'s entries, shaped like its parameter when the block is
+        exactly one parameter (1-D otherwise)."""
+        if self.blocks is None:
+            raise ValueError("block: this estimate has no blocks; pass blocks= to hk.diagonal")
+        if name not in self.blocks:
+            raise KeyError(f"block: {name!r} is not one of {list(self.blocks)}")
+        idx = self.blocks[name].to(self.value.device)
+        shape = (self.block_shapes or {}).get(name) or (len(idx),)
+        return self.value[idx].reshape(shape), self.stderr[idx].reshape(shape)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -176,6 +176,7 @@ class SharpnessRun:
     trace_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     trace: np.ndarray = field(default_factory=lambda: np.zeros(0))
     trace_stderr: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    trace_method: str = ""  # the method `hk.trace` reported: its default, "xtrace" ("exact" from n products)
     diverged_at: int | None = None  # the step whose loss became non-finite or exceeded the threshold
     params: Tensor | None = None  # the final parameters, flat
     num_matvecs: int = 0
@@ -216,8 +217,8 @@ class _Batches:
 
 
 def _measure(op, t: int, log: dict[str, list], sharp: bool, trace_matvecs: int, tol: float, seed: int) -> int:
-    """At step t: lambda_max by `sharpness` (if `sharp`) and the trace by Hutch++ with
-    `trace_matvecs` products (if > 0), appended to `log`. Returns the products spent."""
+    """At step t: lambda_max by `sharpness` (if `sharp`) and the trace by `hk.trace`'s default
+    (XTrace) with `trace_matvecs` products (if > 0), appended to `log`. Returns the products spent."""
     used = 0
     if sharp:
         value, used = sharpness(op, tol=tol, seed=seed)
@@ -228,6 +229,7 @@ def _measure(op, t: int, log: dict[str, list], sharp: bool, trace_matvecs: int, 
         log["trace_steps"].append(t)
         log["trace"].append(estimate.value)
         log["trace_stderr"].append(estimate.stderr)
+        log["trace_method"].append(estimate.method)
         used += trace_matvecs
     return used
 
@@ -252,8 +254,9 @@ def train(model: nn.Module, criterion, data, lr: float, batch_size: int | None =
     fresh seeded permutation cut into batches (the last, incomplete one dropped).
     Every `measure_every` steps and at the end (only at the end if None), lambda_max of the
     full-batch Hessian is measured by `sharpness` (Lanczos, tolerance `tol`); if trace_matvecs > 0,
-    its trace by Hutch++ with that many products, every `trace_every` steps and at the end. No
-    measurement is made before step `measure_from`.
+    its trace by `hk.trace`'s default, XTrace (Epperly, Tropp & Webber 2024), with that many
+    products (at least 4; the jackknife standard error in `trace_stderr`), every `trace_every`
+    steps and at the end. No measurement is made before step `measure_from`.
     Training stops, and `diverged_at` is set, when the loss becomes non-finite or exceeds
     `divergence`.
     Every step reports `progress` (a bar in the status line of the explorer that runs it):
@@ -267,11 +270,16 @@ def train(model: nn.Module, criterion, data, lr: float, batch_size: int | None =
         raise ValueError(f"batch_size: expected 1..{n}, got {batch_size}")
     if not lr > 0:
         raise ValueError(f"lr: expected a positive learning rate, got {lr}")
+    params = list(model.parameters())
+    fewest = min(4, sum(p.numel() for p in params))  # XTrace: two probes used twice, or n (exact)
+    if 0 < trace_matvecs < fewest:  # refused now, not by hk.trace at the first measurement
+        raise ValueError(f"trace_matvecs: expected 0 (no trace) or at least {fewest} (XTrace uses two probes "
+                         f"twice), got {trace_matvecs}")
     start = time.perf_counter()
     op = HessianOperator(model, criterion, (x, targets))
-    params = list(model.parameters())
     batches = _Batches(x, targets, batch_size, seed)
-    log: dict[str, list] = {key: [] for key in ("loss", "steps", "sharpness", "trace_steps", "trace", "trace_stderr")}
+    log: dict[str, list] = {key: [] for key in ("loss", "steps", "sharpness", "trace_steps", "trace", "trace_stderr",
+                                                "trace_method")}
     matvecs, diverged_at = 0, None
     mode = "GD" if batch_size == n else f"SGD (batch {batch_size})"
     label, offset, total = progress_of if progress_of is not None else (f"{mode} step", 0, steps)
@@ -292,7 +300,8 @@ def train(model: nn.Module, criterion, data, lr: float, batch_size: int | None =
     return SharpnessRun(
         lr=float(lr), batch_size=batch_size, loss=np.array(log["loss"]), steps=np.array(log["steps"], dtype=int),
         sharpness=np.array(log["sharpness"]), trace_steps=np.array(log["trace_steps"], dtype=int),
-        trace=np.array(log["trace"]), trace_stderr=np.array(log["trace_stderr"]), diverged_at=diverged_at,
+        trace=np.array(log["trace"]), trace_stderr=np.array(log["trace_stderr"]),
+        trace_method=log["trace_method"][-1] if log["trace_method"] else "", diverged_at=diverged_at,
         params=_flat(params), num_matvecs=matvecs, wall_time=time.perf_counter() - start,
     )
 
@@ -305,9 +314,9 @@ def sweep(model: nn.Module, criterion, data, lrs, batch_sizes, steps: int = 500,
     lambda_max is measured at the `last` multiples of steps // 10 up to `steps` (the final 20% of
     training for last=3); "sharpness" is their mean and "sharpness_spread" their standard deviation:
     under SGD the iterate, and so its curvature, fluctuates. The trace is estimated once, at the
-    end, by Hutch++ ("trace", "trace_stderr"). "loss" is the final full-batch loss. Arrays have
-    shape (len(batch_sizes), len(lrs)) and are nan where training diverged. Progress is reported
-    in training steps over the whole grid.
+    end, by `hk.trace`'s default, XTrace, with `trace_matvecs` products ("trace", "trace_stderr").
+    "loss" is the final full-batch loss. Arrays have shape (len(batch_sizes), len(lrs)) and are nan
+    where training diverged. Progress is reported in training steps over the whole grid.
     """
     lrs, batch_sizes = [float(a) for a in lrs], [int(b) for b in batch_sizes]
     shape = (len(batch_sizes), len(lrs))

@@ -1,15 +1,19 @@
-"""Notebook 01 (`01_trace_estimation.ipynb`): Hutchinson and Hutch++ trace estimates, repeated over many seeds.
+"""Notebook 01 (`01_trace_estimation.ipynb`): Hutchinson, Hutch++ and XTrace trace estimates, repeated over
+many seeds.
 
 Studies: independent `hk.trace` runs of one matrix, one seed each, with their spread, the
 standard error of that spread and the coverage of the reported intervals (`trace_trials`,
 `TraceTrials`); the variance of one Hutchinson sample (`hutchinson_variance`) and the norm that
-Hutch++'s error follows (`deflated_tail_norm`). The notebook's explorer is
+Hutch++'s error follows (`deflated_tail_norm`); the fewest products each method accepts
+(`MIN_PRODUCTS`, `too_few_products`). The notebook's explorer is
 `hesskit.widgets.trace_estimation.TraceExplorer`.
 
 References: Hutchinson, "A stochastic estimator of the trace of the influence matrix for
 Laplacian smoothing splines", Commun. Stat. Simul. Comput. 1989; Avron & Toledo, "Randomized
 algorithms for estimating the trace of an implicit symmetric positive semi-definite matrix", JACM
-2011; Meyer, Musco, Musco & Woodruff, "Hutch++: Optimal stochastic trace estimation", SOSA 2021.
+2011; Meyer, Musco, Musco & Woodruff, "Hutch++: Optimal stochastic trace estimation", SOSA 2021;
+Epperly, Tropp & Webber, "XTrace: making the most of every sample in stochastic trace
+estimation", SIAM J. Matrix Anal. Appl. 2024.
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ from torch import Tensor
 from .. import progress
 from ..curvature.trace import trace
 
-__all__ = ["TraceTrials", "trace_trials", "hutchinson_variance", "deflated_tail_norm"]
+__all__ = ["TraceTrials", "trace_trials", "hutchinson_variance", "deflated_tail_norm", "MIN_PRODUCTS",
+           "too_few_products"]
+
+# the fewest products `hk.trace` accepts per method: one Hutchinson probe; Hutch++'s sketch, its
+# product and one remainder probe; XTrace's two probes, each used twice (or n, where it is exact)
+MIN_PRODUCTS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}
 
 
 def hutchinson_variance(A: Tensor, distribution: str = "rademacher") -> float:
@@ -46,6 +55,20 @@ def deflated_tail_norm(eigenvalues: Tensor | np.ndarray, k: int) -> float:
     Hutchinson on what its sketch leaves over, so its error follows this norm, not ||A||_F."""
     mags = np.sort(np.abs(np.asarray(eigenvalues, dtype=float)))[::-1]
     return float(np.sqrt((mags[k:] ** 2).sum()))
+
+
+def too_few_products(num_matvecs: int, method: str, n: int) -> str | None:
+    """Why `hk.trace` refuses `num_matvecs` products with `method` on an n x n matrix, as a sentence
+    for a student; None when it accepts them. XTrace with n or more products is exact, so its
+    minimum is min(4, n)."""
+    if method not in MIN_PRODUCTS:
+        raise ValueError(f"method: expected one of {tuple(MIN_PRODUCTS)}, got {method!r}")
+    low = min(MIN_PRODUCTS[method], n) if method == "xtrace" else MIN_PRODUCTS[method]
+    if num_matvecs >= low:
+        return None
+    why = {"hutchinson": "one probe", "hutch++": "a sketch vector, its product and one remainder probe",
+           "xtrace": "two probes, each used twice"}[method]
+    return f"{method} needs at least {low} products ({why}); m = {num_matvecs} is too few"
 
 
 @dataclass

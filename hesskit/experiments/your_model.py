@@ -19,7 +19,8 @@ The studies:
   `QuantRow`s), `gptq_vs_rtn` (a `GPTQResult`);
 - continued fine-tuning: `continue_finetuning` (a `training.TrainingRun`; `step_seconds` reads
   its time), `sophia_vs_adamw`;
-- what the explorer computes: `estimate_block` for one block by one of `ESTIMATORS`, and
+- what the explorer computes: `estimate_block` for one block by one of `ESTIMATORS` (the traces of
+  `TRACE_METHODS`, Lanczos' top eigenvalue, the GGN diagonals of `DIAGONAL_METHODS`), and
   `group_estimates` for every block of a group.
 
 The model is `transformers.BertForSequenceClassification` built from a `BertConfig` (random
@@ -95,6 +96,10 @@ __all__ = [
     "step_seconds",
     "sophia_vs_adamw",
     "ESTIMATORS",
+    "TRACE_METHODS",
+    "EIGENVALUE",
+    "DIAGONAL_METHODS",
+    "MIN_PRODUCTS",
     "estimate_block",
     "group_estimates",
 ]
@@ -367,11 +372,13 @@ class BlockCurvature:
         return out
 
 
-def block_curvature(op: HessianOperator, num_matvecs: int = 30, method: str = "hutch++", tol: float = 1e-3,
+def block_curvature(op: HessianOperator, num_matvecs: int = 30, method: str = "xtrace", tol: float = 1e-3,
                     max_matvecs: int | None = None, seed: int = 0, by: str = "module") -> BlockCurvature:
     """`hk.trace(block, num_matvecs, method)` and `hk.eigenvalues(block, k=1, tol=tol)` for every
-    block of `op.blocks(by)`. A block whose Lanczos run stops before `tol` keeps its estimate (the
-    residual says how far it is); its warning is not repeated here."""
+    block of `op.blocks(by)`. The method is `hk.trace`'s default, XTrace (a block of at most
+    `num_matvecs` parameters then comes out exact, from its n unit vectors); "hutch++" and
+    "hutchinson" are the others. A block whose Lanczos run stops before `tol` keeps its estimate
+    (the residual says how far it is); its warning is not repeated here."""
     start, used = time.perf_counter(), 0
     names, n, tr, se, top, res = [], [], [], [], [], []
     blocks = list(op.blocks(by))
@@ -635,20 +642,32 @@ def sophia_vs_adamw(task: BertTask, lrs: Mapping[str, Sequence[float]], steps: i
 
 
 # --------------------------------------------------------------------------- what the explorer computes
-ESTIMATORS = ("Hutchinson trace", "Hutch++ trace", "top eigenvalue (Lanczos)", "GGN diagonal (Hutchinson)")
+# the explorer's estimators, and the method of hk.trace or hk.diagonal behind each trace or diagonal
+TRACE_METHODS = {"XTrace trace": "xtrace", "Hutch++ trace": "hutch++", "Hutchinson trace": "hutchinson"}
+DIAGONAL_METHODS = {"GGN diagonal (XDiag)": "xdiag", "GGN diagonal (Hutchinson)": "hutchinson"}
+EIGENVALUE = "top eigenvalue (Lanczos)"
+ESTIMATORS = (*TRACE_METHODS, EIGENVALUE, *DIAGONAL_METHODS)
+# the fewest products each estimator runs with (XTrace and XDiag: two probes, each used twice;
+# Hutch++: a sketch vector, its product and a remainder probe); a smaller budget is raised to it
+MIN_PRODUCTS = {"XTrace trace": 4, "Hutch++ trace": 3, "Hutchinson trace": 1, EIGENVALUE: 1,
+                "GGN diagonal (XDiag)": 4, "GGN diagonal (Hutchinson)": 1}
 
 
 def estimate_block(model: nn.Module, data: Any, params: Sequence[str], estimator: str, num_matvecs: int,
                    seed: int = 0, criterion: nn.Module = CRITERION) -> dict:
-    """One estimate for the block of `params`: its Hessian trace (Hutchinson or Hutch++, value and
-    standard error), its top eigenvalue (Lanczos with at most `num_matvecs` products; error: the
-    residual), or its GGN diagonal (`hk.diagonal` of `hk.GGNOperator`; value: the diagonal's sum,
-    i.e. the GGN block's trace, with the entries in "entries"). Also the products used and seconds."""
+    """One estimate for the block of `params`: its Hessian trace (XTrace, Hutch++ or Hutchinson:
+    value and standard error), its top eigenvalue (Lanczos with at most `num_matvecs` products;
+    error: the residual), or its GGN diagonal (`hk.diagonal` of `hk.GGNOperator` by XDiag or
+    Hutchinson; value: the diagonal's sum, i.e. the GGN block's trace, with the entries in
+    "entries"). A budget below the estimator's `MIN_PRODUCTS` is raised to it. Also the products
+    used and seconds."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
     start = time.perf_counter()
-    if estimator.startswith("GGN"):
-        result = diagonal(GGNOperator(model, criterion, data, params=list(params)), num_matvecs, seed=seed)
+    num_matvecs = max(num_matvecs, MIN_PRODUCTS[estimator])
+    if estimator in DIAGONAL_METHODS:
+        result = diagonal(GGNOperator(model, criterion, data, params=list(params)), num_matvecs, seed=seed,
+                          method=DIAGONAL_METHODS[estimator])
         entries = result.value.double().numpy()
         return {"value": float(entries.sum()), "error": math.nan, "entries": entries, "converged": True,
                 "num_matvecs": result.num_matvecs, "seconds": time.perf_counter() - start}
@@ -656,12 +675,11 @@ def estimate_block(model: nn.Module, data: Any, params: Sequence[str], estimator
     if estimator.startswith("top"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            result = eigenvalues(op, k=1, max_matvecs=max(num_matvecs, 1), basis_size=min(op.shape[0], 40), seed=seed)
+            result = eigenvalues(op, k=1, max_matvecs=num_matvecs, basis_size=min(op.shape[0], 40), seed=seed)
         return {"value": float(result.values[0]), "error": float(result.residuals[0]), "entries": None,
                 "converged": bool(result.converged[0]), "num_matvecs": result.num_matvecs,
                 "seconds": time.perf_counter() - start}
-    method = "hutch++" if estimator.startswith("Hutch++") else "hutchinson"
-    result = trace(op, max(num_matvecs, 3) if method == "hutch++" else num_matvecs, method=method, seed=seed)
+    result = trace(op, num_matvecs, method=TRACE_METHODS[estimator], seed=seed)
     return {"value": result.value, "error": result.stderr, "entries": None, "converged": True,
             "num_matvecs": result.num_matvecs, "seconds": time.perf_counter() - start}
 
@@ -671,10 +689,13 @@ def group_estimates(model: nn.Module, data: Any, modules: Mapping[str, Sequence[
     """`estimate_block` for every module of a block group (`modules`: module name -> its parameter
     names, in model order) with `products` products each, and the convergence of the largest one
     (per parameter; a top eigenvalue as it is): the same estimate again at a quarter and half the
-    budget (at least 3, none for the GGN diagonal). Returns {"per": {module: estimate}, "largest",
+    budget (at least 3 and the estimator's `MIN_PRODUCTS`, below `products`; none for a GGN
+    diagonal). Returns {"per": {module: estimate}, "largest",
     "budgets" (the largest one's, ending with `products`), "path" (its estimates at them)}."""
     names, products = list(modules), int(products)
-    budgets = [] if estimator.startswith("GGN") else sorted({max(3, products // 4), max(3, products // 2)} - {products})
+    low = max(3, MIN_PRODUCTS.get(estimator, 1))
+    smaller = {max(low, products // 4), max(low, products // 2)}
+    budgets = [] if estimator in DIAGONAL_METHODS else sorted(b for b in smaller if b < products)
     # progress, shown while an explorer renders: the budgets of products of every estimate
     total, done = products * len(names) + sum(budgets), 0
     per = {}

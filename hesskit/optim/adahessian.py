@@ -26,7 +26,8 @@ def hutchinson_diagonal(loss: Tensor, params: list[Tensor], grads: list[Tensor],
                         distribution: str, seed: int) -> list[Tensor]:
     """Per-parameter Hutchinson estimate of diag(H), mean of z * (H z) over `num_probes` probes,
     on the loss's own graph (`grads` taken with create_graph=True) by `hk.diagonal`."""
-    estimate = diagonal(LossHessianOperator(loss, params, grads), num_matvecs=num_probes, distribution=distribution, seed=seed)
+    estimate = diagonal(LossHessianOperator(loss, params, grads), num_matvecs=num_probes, distribution=distribution,
+                        seed=seed, method="hutchinson")
     return split_like(estimate.value, params)
 
 

@@ -672,7 +672,8 @@ def _ggn_diagonal(model: nn.Module, criterion: Any, data: Any, layers: Mapping[s
             raise ValueError(f"{error}. OBD: pass exact=False for the Hutchinson estimate of the GGN diagonal, which "
                              "needs no per-sample losses") from error
         return exact_diagonal[_positions(layers)], dict(diagonal="exact", outputs_per_sample=outputs)
-    estimate = diagonal(_InPruningOrder(op, _positions(layers)), num_matvecs=num_matvecs, seed=seed).value
+    estimate = diagonal(_InPruningOrder(op, _positions(layers)), num_matvecs=num_matvecs, seed=seed,
+                        method="hutchinson").value
     return estimate, dict(diagonal="hutchinson", num_matvecs=num_matvecs, seed=seed, outputs_per_sample=outputs)
 
 
@@ -693,7 +694,8 @@ def _obd_diagonal(model: nn.Module, criterion: Any, data: Any, curvature: str, l
             diag, details = _ggn_diagonal(model, criterion, data, chosen, num_matvecs, seed, exact, output_fn)
         else:
             op = HessianOperator(model, criterion, data, _weights(chosen), mode="eval", output_fn=output_fn)
-            diag = diagonal(_InPruningOrder(op, _positions(chosen)), num_matvecs=num_matvecs, seed=seed).value
+            diag = diagonal(_InPruningOrder(op, _positions(chosen)), num_matvecs=num_matvecs, seed=seed,
+                            method="hutchinson").value
             details = dict(diagonal="hutchinson", num_matvecs=num_matvecs, seed=seed)
     return diag.double(), dict(curvature=curvature, **details)
 

@@ -7,7 +7,7 @@ status line of the explorer that renders it.
 One module per notebook:
 
 - `hessian`: 00, the dense Hessian and its layer blocks
-- `trace_estimation`: 01, Hutchinson and Hutch++
+- `trace_estimation`: 01, Hutchinson, Hutch++ and XTrace (`hk.trace`'s default)
 - `eigenvalues`: 02, power iteration and Lanczos
 - `spectral_density`: 03, stochastic Lanczos quadrature
 - `sharpness`: 04, loss landscapes, edge of stability, SGD's stability bound

@@ -1,6 +1,7 @@
 """Notebook 04 (`04_loss_landscape_and_sharpness.ipynb`): the sharpness explorer, training from a fixed
 initialisation at a learning rate and batch size, with lambda_max against the stability threshold
-2/eta. What it trains and measures lives in `hesskit.experiments.sharpness`."""
+2/eta and the trace of the Hessian (`hk.trace`'s default, XTrace). What it trains and measures lives
+in `hesskit.experiments.sharpness`."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class SharpnessExplorer(Explorer):
         ax_sharp.legend(loc="lower right")
         if len(run.trace):
             ax_trace.errorbar(run.trace_steps, run.trace, yerr=2 * run.trace_stderr, fmt="o-", ms=4, capsize=3,
-                              color="C2", label="tr H (Hutch++, ±2 s.e.)")
+                              color="C2", label=f"tr H ({run.trace_method}, ±2 s.e.)")
             ax_trace.legend(loc="lower right")
         ax_trace.set_xlabel("step")
         ax_trace.set_ylabel("trace of the Hessian")

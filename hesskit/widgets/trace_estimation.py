@@ -2,8 +2,9 @@
 
 The explorer takes any symmetric matrix with a known trace (the notebook passes the dense
 Hessian of a small digits MLP) and shows the spread of `hk.trace` estimates for a budget of
-products, a method and a probe distribution. What it computes lives in
-`hesskit.experiments.trace_estimation`.
+products, a method (Hutchinson, Hutch++ or XTrace) and a probe distribution; a budget the method
+cannot run with (XTrace below 4 products) shows why instead of a histogram. What it computes
+lives in `hesskit.experiments.trace_estimation`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..experiments.trace_estimation import TraceTrials, hutchinson_variance, trace_trials
+from ..experiments.trace_estimation import (MIN_PRODUCTS, TraceTrials, hutchinson_variance, too_few_products,
+                                           trace_trials)
 from .explorer import Explorer
 
 __all__ = ["TraceExplorer", "geometric_counts"]
@@ -29,7 +31,8 @@ def geometric_counts(low: int, high: int, num: int = 21) -> list[int]:
 
 class TraceExplorer(Explorer):
     """Number of products, method and probe distribution: a histogram of many independent
-    `hk.trace` estimates of tr(A), against the exact trace.
+    `hk.trace` estimates of tr(A), against the exact trace. A method that needs more products than
+    the slider's (XTrace at m = 3) draws a message saying so.
 
     `max_products` caps the products per render (trials = max_products // m, between
     `min_trials` and `num_trials`), so that a slider move answers in about a second.
@@ -53,7 +56,7 @@ class TraceExplorer(Explorer):
         super().__init__({
             "num_matvecs": widgets.SelectionSlider(options=options, value=start, description="products m",
                                                    continuous_update=False),
-            "method": widgets.ToggleButtons(options=["hutchinson", "hutch++"], value="hutchinson",
+            "method": widgets.ToggleButtons(options=list(MIN_PRODUCTS), value="hutchinson",
                                             description="method"),
             "distribution": widgets.ToggleButtons(options=["rademacher", "gaussian"], value="rademacher",
                                                   description="probes"),
@@ -63,6 +66,10 @@ class TraceExplorer(Explorer):
         return int(min(self.num_trials, max(self.min_trials, self.max_products // num_matvecs)))
 
     def compute(self, num_matvecs: int, method: str, distribution: str) -> dict:
+        message = too_few_products(num_matvecs, method, self.matrix.shape[0])
+        if message is not None:  # nothing to run: draw says why
+            return {"message": message, "num_matvecs": num_matvecs, "method": method, "distribution": distribution,
+                    "exact": self.exact, "num_trials": 0}
         key = (num_matvecs, method, distribution)
         if key not in self._cache:
             self._cache[key] = trace_trials(self.matrix, num_matvecs, method, distribution,
@@ -88,6 +95,8 @@ class TraceExplorer(Explorer):
 
         fig = Figure(figsize=(7.5, 4.6), layout="constrained")
         ax = fig.subplots()
+        if "message" in result:
+            return _draw_message(fig, ax, result, self.name)
         est, exact = result["estimates"], result["exact"]
         half = max(np.abs(est - exact).max(), 1e-12 * max(abs(exact), 1.0)) * 1.08
         num_bins = int(np.clip(round(2 * math.sqrt(len(est))), 10, 30))
@@ -106,6 +115,8 @@ class TraceExplorer(Explorer):
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="upper left", fontsize=8)
         se_text = f"{se:.3g}" if np.isfinite(se) else "n/a (1 Hutchinson sample)"
+        if result["method"] == "xtrace" and np.isfinite(se):
+            se_text += " (jackknife)"
         cov = result["coverage"]
         cov_text = f"{100 * cov:.0f}%" if np.isfinite(cov) else "n/a"
         ax.set_title(
@@ -114,3 +125,16 @@ class TraceExplorer(Explorer):
             f"95% CI coverage = {cov_text}\n"
             f"(Hutchinson theory at this m: std = {result['hutchinson_std']:.3g})", fontsize=10)
         return fig
+
+
+def _draw_message(fig, ax, result: dict, name: str):
+    """The explorer's figure when the method cannot run with the slider's budget: the reason, and
+    what to change."""
+    ax.set_axis_off()
+    ax.text(0.5, 0.55, result["message"], ha="center", va="center", fontsize=12, wrap=True, color="tab:red",
+            transform=ax.transAxes)
+    ax.text(0.5, 0.35, "move the slider to more products, or pick another method", ha="center", va="center",
+            fontsize=10, transform=ax.transAxes)
+    ax.set_title(f"{result['method']}, {result['distribution']} probes, m = {result['num_matvecs']} products: "
+                 f"no estimate of tr({name})", fontsize=10)
+    return fig

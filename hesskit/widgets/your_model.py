@@ -1,10 +1,12 @@
 """Notebook 15: the explorer of your own model's curvature, block group by block group.
 
 `YourModelExplorer` picks a block group of a Hugging Face model (embeddings, an attention, MLP or
-LayerNorm group of one layer, the head), an estimator and a budget of products, and draws the
-estimates; what it computes (`estimate_block`, `group_estimates`) and everything else the notebook
-measures (the task, the fine-tuning, per-block curvature, quantization, Sophia-G against AdamW)
-live in `hesskit.experiments.your_model`. `COLORS` are the groups' plot colours.
+LayerNorm group of one layer, the head), an estimator (a Hessian trace by XTrace, Hutch++ or
+Hutchinson, Lanczos' top eigenvalue, or the GGN diagonal by XDiag or Hutchinson) and a budget of
+products, and draws the estimates; what it computes (`estimate_block`, `group_estimates`) and
+everything else the notebook measures (the task, the fine-tuning, per-block curvature,
+quantization, Sophia-G against AdamW) live in `hesskit.experiments.your_model`. `COLORS` are the
+groups' plot colours.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..experiments.your_model import CRITERION, ESTIMATORS, block_group, block_sets, group_estimates
+from ..experiments.your_model import (CRITERION, DIAGONAL_METHODS, EIGENVALUE, ESTIMATORS, TRACE_METHODS, block_group,
+                                      block_sets, group_estimates)
 from .explorer import Explorer
 
 __all__ = ["COLORS", "YourModelExplorer"]
@@ -22,8 +25,8 @@ __all__ = ["COLORS", "YourModelExplorer"]
 COLORS = {"embeddings": "tab:purple", "attention": "tab:blue", "MLP": "tab:orange", "LayerNorm": "tab:green",
           "head": "tab:red", "other": "tab:gray"}
 # what each estimator estimates, for the axis labels
-QUANTITIES = {ESTIMATORS[0]: "Tr(H)", ESTIMATORS[1]: "Tr(H)", ESTIMATORS[2]: "λ_max(H)",
-              ESTIMATORS[3]: "Tr(GGN) = sum of its diagonal"}
+QUANTITIES = {**dict.fromkeys(TRACE_METHODS, "Tr(H)"), EIGENVALUE: "λ_max(H)",
+              **dict.fromkeys(DIAGONAL_METHODS, "Tr(GGN) = sum of its diagonal")}
 
 
 class YourModelExplorer(Explorer):
@@ -102,9 +105,9 @@ class YourModelExplorer(Explorer):
         ax, ax_right = fig.subplots(1, 2, width_ratios=[1.3, 1.0])
         est = result["estimator"]
         short = [n.replace("bert.", "").replace("encoder.", "").replace("attention.", "attn.") for n in result["names"]]
-        per = result["per_parameter"] and est != ESTIMATORS[2]
+        per = result["per_parameter"] and est != EIGENVALUE
         _draw_estimates(ax, result, short, per)
-        if est == ESTIMATORS[3]:
+        if est in DIAGONAL_METHODS:
             _draw_sorted_entries(ax_right, result, short)
         else:
             _draw_budget_path(ax_right, result, short, per)
@@ -119,7 +122,7 @@ def _draw_estimates(ax, result: dict, short: list[str], per: bool) -> None:
     y = np.arange(len(names))
     colors = [COLORS.get(block_group(n), "tab:gray") for n in names]
     err = np.where(np.isfinite(result["errors"]), result["errors"], 0.0)
-    xerr = None if est == ESTIMATORS[3] else 2 * err if est != ESTIMATORS[2] else err
+    xerr = None if est in DIAGONAL_METHODS else err if est == EIGENVALUE else 2 * err
     ax.barh(y, result["values"], xerr=xerr, color=colors, capsize=3)
     for i, ok in enumerate(result["converged"]):
         if not ok:
@@ -129,7 +132,7 @@ def _draw_estimates(ax, result: dict, short: list[str], per: bool) -> None:
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel(f"{QUANTITIES[est]}{' / parameters' if per else ''}  (loss units per squared parameter unit)")
-    bars = "± 2 stderr" if est in ESTIMATORS[:2] else "± residual" if est == ESTIMATORS[2] else "no error bar"
+    bars = "± 2 stderr" if est in TRACE_METHODS else "± residual" if est == EIGENVALUE else "no error bar"
     ax.set_title(f"{result['group']}: {est}, budget {result['products']} products per block ({bars})\n"
                  f"{result['num_matvecs']} products used, {result['seconds']:.1f} s", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
@@ -155,7 +158,7 @@ def _draw_budget_path(ax, result: dict, short: list[str], per: bool) -> None:
     b, v, e = result["path_matvecs"], result["path"], result["path_errors"]
     e = np.where(np.isfinite(e), e, 0.0)
     scale = result["sizes"][names.index(result["largest"])] if per else 1
-    ax.errorbar(b, v / scale, yerr=(2 if est != ESTIMATORS[2] else 1) * e / scale, marker="o", capsize=3,
+    ax.errorbar(b, v / scale, yerr=(1 if est == EIGENVALUE else 2) * e / scale, marker="o", capsize=3,
                 color=COLORS.get(block_group(result["largest"]), "tab:gray"))
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("Hessian-vector products used")

@@ -61,7 +61,7 @@ def test_hutchpp_is_unbiased_covers_and_beats_hutchinson_on_decaying_spectra():
 
 def test_hutchpp_is_exact_once_the_sketch_spans_the_space():
     A = random_symmetric(20, seed=3)
-    result = hk.trace(A, num_matvecs=3 * 20, seed=0)
+    result = hk.trace(A, num_matvecs=3 * 20, method="hutch++", seed=0)
     assert abs(result.value - A.trace().item()) < 1e-9
     assert result.stderr < 1e-9
 
@@ -71,9 +71,10 @@ def test_trace_of_curvature_operators(kind):
     case = make_case("cnn")
     op = KINDS[kind](case.model, case.criterion, case.batches)
     exact = op.dense().trace().item()
-    result = hk.trace(op, num_matvecs=90, seed=0)
-    assert abs(result.value - exact) <= 4 * result.stderr + 1e-10
-    assert result.num_matvecs == 90 and result.seed == 0
+    for method in ("xtrace", "hutch++", "hutchinson"):
+        result = hk.trace(op, num_matvecs=90, method=method, seed=0)
+        assert abs(result.value - exact) <= 4 * result.stderr + 1e-10
+        assert result.num_matvecs == 90 and result.seed == 0 and result.method == method
     assert 0 <= result.matvec_time <= result.wall_time and result.overhead_time >= 0
 
 
@@ -100,7 +101,7 @@ def test_confidence_interval_uses_the_t_quantile_of_its_samples():
 def test_diagonal_errors_match_their_stderr_and_the_theoretical_variance():
     A = random_symmetric(30, seed=4, decay=0.95)
     m = 2000
-    result = hk.diagonal(A, num_matvecs=m, seed=0)
+    result = hk.diagonal(A, num_matvecs=m, method="hutchinson", seed=0)
     z = (result.value - A.diag()) / result.stderr
     # 30 approximately normal z-scores: P(max |z| > 4.5) ~ 30 * 6.8e-6
     assert z.abs().max().item() < 4.5
@@ -112,7 +113,7 @@ def test_diagonal_errors_match_their_stderr_and_the_theoretical_variance():
 
 def test_diagonal_is_exact_on_diagonal_matrices_with_rademacher_probes():
     A = torch.diag(torch.linspace(-2, 3, 12, dtype=torch.float64))
-    result = hk.diagonal(A, num_matvecs=3, seed=0)
+    result = hk.diagonal(A, num_matvecs=3, method="hutchinson", seed=0)
     assert torch.allclose(result.value, A.diag()) and result.stderr.abs().max() < 1e-14  # rounding only
 
 
@@ -120,9 +121,10 @@ def test_diagonal_of_a_curvature_operator():
     case = make_case("layernorm")
     op = hk.HessianOperator(case.model, case.criterion, case.batches)
     exact = op.dense().diag()
-    result = hk.diagonal(op, num_matvecs=64, seed=1)
-    z = (result.value - exact) / result.stderr.clamp_min(1e-12)
-    assert result.value.shape == exact.shape and z.abs().max().item() < 5.5  # ~100 entries, 64 probes
+    for method in ("xdiag", "hutchinson"):
+        result = hk.diagonal(op, num_matvecs=64, method=method, seed=1)
+        z = (result.value - exact) / result.stderr.clamp_min(1e-12)
+        assert result.value.shape == exact.shape and z.abs().max().item() < 5.5  # ~100 entries, 64 probes
 
 
 # ---------------------------------------------------------------- eigenvalues
@@ -276,7 +278,7 @@ def test_estimators_reject_bad_arguments():
     with pytest.raises(TypeError, match="op"):
         hk.trace(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="nan"):
-        hk.trace(torch.full((4, 4), float("nan")), 3)
+        hk.trace(torch.full((4, 4), float("nan")), 3, method="hutchinson")
 
 
 def test_numpy_numbers_are_accepted_and_give_the_same_results():

@@ -174,7 +174,7 @@ def test_calls_leave_the_model_as_it_was(kind):
     op = KINDS[kind](model, case.criterion, case.batches, mode="eval")
     hk.trace(op, num_matvecs=6, seed=0)
     hk.eigenvalues(op, k=2, seed=0, max_matvecs=20)
-    hk.diagonal(op, num_matvecs=3, seed=0)
+    hk.diagonal(op, num_matvecs=4, seed=0)
     hk.spectral_density(op, num_runs=2, num_steps=4, seed=0)
     _assert_same(before, _snapshot(model))
 

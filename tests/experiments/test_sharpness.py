@@ -73,6 +73,24 @@ def test_train_is_seeded_and_validates():
         train(copy.deepcopy(model), criterion, data, 0.5, 64)
     with pytest.raises(ValueError, match="lr"):
         train(copy.deepcopy(model), criterion, data, 0.0)
+    with pytest.raises(ValueError, match="trace_matvecs: expected 0 .no trace. or at least 4"):
+        train(copy.deepcopy(model), criterion, data, 0.5, steps=2, trace_matvecs=3)  # before any step
+
+
+def test_the_trace_along_training_is_hk_trace_default():
+    model, criterion, data = digits_problem(**SMALL)
+    run = train(copy.deepcopy(model), criterion, data, 0.5, steps=4, measure_every=None, trace_every=2,
+                trace_matvecs=8, seed=3)
+    assert list(run.trace_steps) == [0, 2, 4] and run.trace_method == "xtrace"
+    final = copy.deepcopy(model)
+    torch.nn.utils.vector_to_parameters(run.params, final.parameters())
+    ref = hk.trace(hk.HessianOperator(final, criterion, data), 8, seed=3)  # the default method, same seed
+    assert ref.method == "xtrace"
+    assert run.trace[-1] == pytest.approx(ref.value, rel=1e-10)
+    assert run.trace_stderr[-1] == pytest.approx(ref.stderr, rel=1e-8) and run.trace_stderr[-1] > 0
+    assert run.num_matvecs > 3 * 8  # three traces of 8 products, and lambda_max at the end
+    none = train(copy.deepcopy(model), criterion, data, 0.5, steps=2, measure_every=None)
+    assert none.trace_method == "" and len(none.trace) == 0
 
 
 def test_sweep_marks_divergence_and_matches_train():

@@ -1,7 +1,8 @@
 import matplotlib; matplotlib.use("Agg")  # noqa: E702,I001  (first: no display needed)
 
 # Notebook 01's trace studies: the variance formulas, Hutch++'s tail norm, the repeated hk.trace
-# runs and the standard error of their spread. The explorer: tests/widgets/test_trace_estimation_explorer.py.
+# runs and the standard error of their spread, the fewest products each method accepts. The
+# explorer: tests/widgets/test_trace_estimation_explorer.py.
 
 import math  # noqa: E402
 
@@ -11,9 +12,11 @@ import torch  # noqa: E402
 
 import hesskit as hk  # noqa: E402
 from hesskit.experiments.trace_estimation import (  # noqa: E402
+    MIN_PRODUCTS,
     TraceTrials,
     deflated_tail_norm,
     hutchinson_variance,
+    too_few_products,
     trace_trials,
 )
 from fixtures.trace_estimation import spiked_matrix  # noqa: E402
@@ -52,6 +55,23 @@ def test_trace_trials_are_hk_trace_runs():
         r = hk.trace(A, 12, method="hutch++", distribution="gaussian", seed=3 + i)
         assert trials.estimates[i] == r.value and trials.stderrs[i] == r.stderr
     assert trials.exact == pytest.approx(A.trace().item(), rel=1e-12)
+
+
+def test_too_few_products():
+    assert too_few_products(3, "xtrace", 80).startswith("xtrace needs at least 4 products")
+    assert too_few_products(4, "xtrace", 80) is None
+    assert too_few_products(3, "xtrace", 3) is None  # m >= n: hk.trace computes the exact trace
+    assert hk.trace(torch.eye(3, dtype=torch.float64), 3, method="xtrace").method == "exact"
+    assert too_few_products(2, "hutch++", 80).startswith("hutch++ needs at least 3")
+    assert too_few_products(3, "hutch++", 80) is None
+    assert too_few_products(1, "hutchinson", 80) is None and too_few_products(0, "hutchinson", 80) is not None
+    A, _ = spiked_matrix()
+    for method, low in MIN_PRODUCTS.items():  # the table agrees with what hk.trace accepts
+        hk.trace(A, low, method=method, seed=0)
+        with pytest.raises(ValueError, match="num_matvecs"):
+            hk.trace(A, low - 1, method=method, seed=0)
+    with pytest.raises(ValueError, match="method"):
+        too_few_products(10, "exact", 80)
 
 
 def _trials(values: np.ndarray):

@@ -28,8 +28,12 @@ import transformers  # noqa: E402,F401 (a test dependency: never skipped)
 
 from hesskit.experiments.your_model import (  # noqa: E402
     CLS,
+    DIAGONAL_METHODS,
+    EIGENVALUE,
     ESTIMATORS,
+    MIN_PRODUCTS,
     PAD,
+    TRACE_METHODS,
     block_curvature,
     block_group,
     block_layer,
@@ -38,6 +42,7 @@ from hesskit.experiments.your_model import (  # noqa: E402
     encoder_layers,
     estimate_block,
     gptq_vs_rtn,
+    group_estimates,
     mixed_precision,
     quantize_bert,
     select,
@@ -233,6 +238,10 @@ def test_block_curvature_against_dense_blocks(task):
         dense = op.restrict([p for p in op.param_names if p.rpartition(".")[0] == name]).dense()
         exact = torch.linalg.eigvalsh(dense)
         assert abs(bc.trace[i] - dense.trace().item()) <= 5 * bc.trace_stderr[i] + 1e-8
+        block = dict(op.blocks())[name]  # hk.trace's default, XTrace; exact for blocks of at most 60 parameters
+        ref = hk.trace(block, 60, seed=0)
+        assert bc.trace[i] == ref.value and bc.trace_stderr[i] == ref.stderr
+        assert ref.method == ("exact" if dense.shape[0] <= 60 else "xtrace")
         assert bc.top[i] == pytest.approx(exact[-1].item(), rel=1e-4, abs=1e-8)
         assert bc.trace_per_param[i] == pytest.approx(bc.trace[i] / dense.shape[0])
     groups = bc.by_group()
@@ -370,20 +379,54 @@ def test_estimate_block_against_direct_calls(task):
     model, data = task.trained.model, task.curvature_batches(1, 32)
     params = ["classifier.weight", "classifier.bias"]
     op = hk.HessianOperator(model, CE, data, params=params)
+    ggn_op = hk.GGNOperator(model, CE, data, params=params)
+    assert ESTIMATORS == ("XTrace trace", "Hutch++ trace", "Hutchinson trace", EIGENVALUE, "GGN diagonal (XDiag)",
+                          "GGN diagonal (Hutchinson)")
+    assert op.shape[0] > 12  # no estimator falls back to the exact answer here
     for estimator in ESTIMATORS:
         got = estimate_block(model, data, params, estimator, 12, seed=3)
         assert got["num_matvecs"] <= 12 and got["seconds"] >= 0
-        if estimator == ESTIMATORS[0]:
-            ref = hk.trace(op, 12, method="hutchinson", seed=3)
-            assert got["value"] == ref.value and got["error"] == ref.stderr
-        elif estimator == ESTIMATORS[1]:
-            assert got["value"] == hk.trace(op, 12, method="hutch++", seed=3).value
-        elif estimator == ESTIMATORS[2]:
+        if estimator in TRACE_METHODS:
+            ref = hk.trace(op, 12, method=TRACE_METHODS[estimator], seed=3)
+            assert ref.method == TRACE_METHODS[estimator]
+            assert got["value"] == ref.value and got["error"] == ref.stderr and got["num_matvecs"] == 12
+        elif estimator == EIGENVALUE:
             exact = torch.linalg.eigvalsh(op.dense())[-1].item()
             assert got["value"] == pytest.approx(exact, rel=1e-3) and got["converged"]
         else:
-            ggn = hk.diagonal(hk.GGNOperator(model, CE, data, params=params), 12, seed=3).value
+            ref = hk.diagonal(ggn_op, 12, method=DIAGONAL_METHODS[estimator], seed=3)
+            assert ref.method == DIAGONAL_METHODS[estimator]
+            ggn = ref.value
             np.testing.assert_allclose(got["entries"], ggn.double().numpy())
             assert got["value"] == pytest.approx(ggn.sum().item(), rel=1e-5) and math.isnan(got["error"])
+    # XTrace's and XDiag's estimates differ from Hutchinson's with the same budget and seed
+    assert estimate_block(model, data, params, "XTrace trace", 12, seed=3)["value"] != \
+        estimate_block(model, data, params, "Hutchinson trace", 12, seed=3)["value"]
     with pytest.raises(ValueError, match="estimator"):
         estimate_block(model, data, params, "exact", 12)
+
+
+def test_a_budget_below_the_estimators_minimum_is_raised_to_it(task):
+    model, data = task.trained.model, task.curvature_batches(1, 16)
+    params = ["classifier.weight", "classifier.bias"]
+    op = hk.HessianOperator(model, CE, data, params=params)
+    assert MIN_PRODUCTS == {"XTrace trace": 4, "Hutch++ trace": 3, "Hutchinson trace": 1, EIGENVALUE: 1,
+                            "GGN diagonal (XDiag)": 4, "GGN diagonal (Hutchinson)": 1}
+    for estimator in ESTIMATORS:
+        got = estimate_block(model, data, params, estimator, 2, seed=0)  # hk.trace would refuse 2 for XTrace
+        assert np.isfinite(got["value"])
+        if estimator in ("XTrace trace", "GGN diagonal (XDiag)", "Hutch++ trace"):
+            assert got["num_matvecs"] == MIN_PRODUCTS[estimator]
+    assert estimate_block(model, data, params, "XTrace trace", 3, seed=0)["value"] == hk.trace(op, 4, seed=0).value
+    with pytest.raises(ValueError, match="num_matvecs"):
+        hk.trace(op, 3, seed=0)
+    # the budget path of group_estimates never goes below the minimum or above the budget
+    modules = {"bert.pooler.dense": ["bert.pooler.dense.weight", "bert.pooler.dense.bias"],
+               "classifier": params}
+    for estimator, products, budgets in (("XTrace trace", 3, [3]), ("XTrace trace", 4, [4]),
+                                         ("XTrace trace", 16, [4, 8, 16]), ("Hutchinson trace", 16, [4, 8, 16]),
+                                         ("Hutch++ trace", 8, [3, 4, 8]), ("GGN diagonal (XDiag)", 8, [8])):
+        found = group_estimates(model, data, modules, estimator, products, seed=0)
+        assert found["budgets"] == budgets and len(found["path"]) == len(budgets)
+        assert all(MIN_PRODUCTS[estimator] <= p["num_matvecs"] <= max(products, MIN_PRODUCTS[estimator])
+                   for p in found["path"])

@@ -30,6 +30,9 @@ def test_explorer_over_its_controls():
     run = first["run"]
     assert first["threshold"] == pytest.approx(2 / 0.1)
     assert len(run.loss) == 21 and list(run.steps) == [0, 5, 10, 15, 20] and list(run.trace_steps) == [0, 10, 20]
+    # the trace panel names the method that measured it: hk.trace's default
+    assert run.trace_method == "xtrace"
+    assert explorer.figure.axes[2].get_legend_handles_labels()[1] == ["tr H (xtrace, ±2 s.e.)"]
     model, criterion, data = explorer.model, explorer.criterion, explorer.data
     n = sum(p.numel() for p in model.parameters())
 

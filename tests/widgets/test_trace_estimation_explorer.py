@@ -9,6 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import hesskit as hk  # noqa: E402
 from hesskit.widgets.trace_estimation import TraceExplorer, geometric_counts  # noqa: E402
 from fixtures.trace_estimation import spiked_matrix  # noqa: E402
 
@@ -39,6 +40,9 @@ def test_trace_explorer_over_its_controls():
                 slider.value = m
                 r = explorer.result
                 assert (r["method"], r["distribution"], r["num_matvecs"]) == (method, distribution, m)
+                if method == "xtrace" and m < 4:  # too few products: a message, no runs
+                    assert "at least 4 products" in r["message"] and r["num_trials"] == 0
+                    continue
                 T = explorer.trials_for(m)
                 assert r["num_trials"] == T == len(r["estimates"]) and 15 <= T <= 30
                 assert r["exact"] == pytest.approx(exact, rel=1e-12)
@@ -53,19 +57,43 @@ def test_trace_explorer_over_its_controls():
                 ax = explorer.figure.axes[0]
                 assert ax.get_xlabel() == "estimate of tr(A)" and ax.get_ylabel() == "number of trials"
                 assert method in ax.get_title() and f"m = {m} " in ax.get_title()
+                assert ("(jackknife)" in ax.get_title()) == (method == "xtrace")
                 spread[method, distribution, m] = r["std"]
+    assert explorer.controls["method"].options == ("hutchinson", "hutch++", "xtrace")
     for method in ("hutchinson", "hutch++"):
         for distribution in ("rademacher", "gaussian"):
             assert spread[method, distribution, high] < spread[method, distribution, low]
-    # a sketch of 20 vectors removes the 4 spikes: Hutch++ is far better than Hutchinson at m = 60
+    # a sketch of 20 (Hutch++) or 29 (XTrace) vectors removes the 4 spikes: both are far better than
+    # Hutchinson at m = 60
     for distribution in ("rademacher", "gaussian"):
-        assert spread["hutch++", distribution, high] < 0.1 * spread["hutchinson", distribution, high]
+        for method in ("hutch++", "xtrace"):
+            assert spread[method, distribution, high] < 0.1 * spread["hutchinson", distribution, high]
     # results are cached per setting: going back returns the very same runs
     explorer.controls["method"].value = "hutchinson"
     first = explorer.result["estimates"]
     slider.value = low
     slider.value = high
     assert explorer.result["estimates"] is first
+
+
+def test_xtrace_below_four_products_draws_a_message_not_an_error():
+    A, _ = spiked_matrix()
+    explorer = TraceExplorer(A, counts=(3, 12), num_matvecs=3, num_trials=10, min_trials=10, max_products=200)
+    explorer.show()
+    explorer.controls["method"].value = "xtrace"  # m = 3: hk.trace would raise
+    r = explorer.result
+    assert r["message"].startswith("xtrace needs at least 4 products") and r["num_trials"] == 0
+    assert explorer.status.value == ""  # rendered, no error in the status line
+    ax = explorer.figure.axes[0]
+    assert "no estimate of tr(A)" in ax.get_title() and any("at least 4" in t.get_text() for t in ax.texts)
+    (output,) = explorer.output.outputs
+    assert output["data"]["image/png"].startswith("iVBOR")
+    slider = explorer.controls["num_matvecs"]
+    slider.value = next(c for c in slider.options if c >= 4)  # enough products: runs again
+    r = explorer.result
+    assert "message" not in r and r["num_trials"] == 10 and r["mean_stderr"] > 0
+    with pytest.raises(ValueError, match="num_matvecs"):  # what the message spares the student
+        hk.trace(A, 3, method="xtrace")
 
 
 def test_rademacher_hutchinson_is_exact_on_a_diagonal_matrix():

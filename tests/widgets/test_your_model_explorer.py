@@ -13,7 +13,7 @@ from hf_zoo import assert_unchanged, snapshot  # noqa: E402
 
 import transformers  # noqa: E402,F401 (a test dependency: never skipped)
 
-from hesskit.experiments.your_model import ESTIMATORS  # noqa: E402
+from hesskit.experiments.your_model import DIAGONAL_METHODS, EIGENVALUE, ESTIMATORS, TRACE_METHODS  # noqa: E402
 from hesskit.widgets.your_model import YourModelExplorer  # noqa: E402
 from fixtures.your_model import task  # noqa: E402,F401 (pytest fixtures)
 
@@ -23,6 +23,7 @@ def test_explorer_over_its_controls(task):
     snap = snapshot(model)
     explorer = YourModelExplorer(model, data, estimator=ESTIMATORS[0], products=4, max_products=6)
     explorer.show()
+    assert explorer.controls["estimator"].value == "XTrace trace"  # hk.trace's default comes first
     r = explorer.result
     assert r["group"] == "embeddings" and r["names"] == explorer.sets["embeddings"] and r["per_parameter"]
     assert len(explorer.figure.axes) == 2
@@ -39,16 +40,21 @@ def test_explorer_over_its_controls(task):
         explorer.controls["estimator"].value = estimator
         result = explorer.result
         assert result["estimator"] == estimator and len(result["values"]) == 2
-        if estimator == ESTIMATORS[3]:
+        title = explorer.figure.axes[0].get_title()
+        if estimator in DIAGONAL_METHODS:
             assert all(result["entries"][n] is not None for n in result["names"])
-            assert explorer.figure.axes[1].get_yscale() == "log"
+            assert explorer.figure.axes[1].get_yscale() == "log" and "no error bar" in title
         else:
             assert result["budgets"][-1] == 4 and len(result["path"]) == len(result["budgets"])
-    explorer.controls["estimator"].value = ESTIMATORS[2]
+            assert ("± 2 stderr" if estimator in TRACE_METHODS else "± residual") in title
+            assert explorer.figure.axes[1].get_xlabel() == "Hessian-vector products used"
+        quantity = "λ_max(H)" if estimator == EIGENVALUE else "Tr(GGN)" if estimator in DIAGONAL_METHODS else "Tr(H)"
+        assert explorer.figure.axes[0].get_xlabel().startswith(quantity)
+    explorer.controls["estimator"].value = EIGENVALUE
     top = explorer.result["values"].copy()
     explorer.controls["per_parameter"].value = False
     np.testing.assert_array_equal(explorer.result["values"], top)  # an eigenvalue is not divided by n
-    explorer.controls["estimator"].value = ESTIMATORS[1]
+    explorer.controls["estimator"].value = "Hutch++ trace"
     total = explorer.result["values"]
     explorer.controls["per_parameter"].value = True
     np.testing.assert_allclose(explorer.result["values"] * explorer.result["sizes"], total)
@@ -63,6 +69,14 @@ def test_explorer_over_its_controls(task):
     explorer.status.unobserve_all()
     slider.value = slider.max
     assert len(explorer._cache) == cached + 1  # the minimum is new, the maximum was cached
+    # XTrace and XDiag need 4 products: at the slider's 3 each module gets 4, and nothing fails
+    for estimator in ("XTrace trace", "GGN diagonal (XDiag)"):
+        explorer.controls["estimator"].value = estimator
+        slider.value = slider.min
+        result = explorer.result
+        assert result["products"] == 3 and result["num_matvecs"] == 2 * 4 and np.isfinite(result["values"]).all()
+        assert explorer.status.value == "" and "8 products used" in explorer.figure.axes[0].get_title()
+        slider.value = slider.max
     assert_unchanged(model, snap)
     (output,) = explorer.output.outputs
     assert output["data"]["image/png"].startswith("iVBOR")
