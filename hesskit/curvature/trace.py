@@ -219,6 +219,9 @@ def unit_diagonal(A: Counted) -> Tensor:
 
 
 _METHODS = {"xtrace": xtrace, "hutch++": hutchpp_trace, "hutchinson": hutchinson_trace}
+# the fewest products each method takes (XTrace/XDiag: 2 probes, each used twice; fewer only when
+# the budget reaches n, where the answer is exact)
+MIN_MATVECS = {"xtrace": 4, "hutch++": 3, "hutchinson": 1, "xdiag": 4}
 
 
 def block_indices(op: Any, n: int, blocks: Any) -> dict[str, Tensor]:
@@ -236,12 +239,7 @@ def block_indices(op: Any, n: int, blocks: Any) -> dict[str, Tensor]:
     if not isinstance(blocks, Mapping) or not blocks:
         raise TypeError(f"blocks: expected 'module', 'parameter' or a non-empty mapping {{name: parameter names or row "
                         f"indices}}, got {type(blocks).__name__}")
-    offsets: dict[str, range] = {}
-    if names is not None:
-        start = 0
-        for name, p in zip(names, op.params):
-            offsets[name] = range(start, start + p.numel())
-            start += p.numel()
+    offsets = {name: rows for name, (rows, _) in parameter_rows(op).items()}
     out = {}
     for block, members in blocks.items():
         if isinstance(members, str):
@@ -319,7 +317,7 @@ def _exchangeable_budget(A: Counted, num_matvecs: int, name: str) -> bool:
     answer with n products (cheaper than any sketch that size, and no error left)."""
     if num_matvecs >= A.n:
         return True
-    if num_matvecs < 4:
+    if num_matvecs < MIN_MATVECS["xtrace"]:
         raise ValueError(f"num_matvecs: {name} needs at least 4 products (2 probes, each used twice), or n = {A.n} "
                          f"for the exact answer; got {num_matvecs}. With fewer, use method='hutchinson'")
     return False
@@ -370,7 +368,7 @@ def trace(
     check_choice("method", method, tuple(_METHODS))
     check_choice("distribution", distribution, DISTRIBUTIONS)
     A = Counted(op)
-    check_count("num_matvecs", num_matvecs, {"hutch++": 3, "hutchinson": 1, "xtrace": 1}[method])
+    check_count("num_matvecs", num_matvecs, 1 if method == "xtrace" else MIN_MATVECS[method])
     if method == "xtrace" and _exchangeable_budget(A, num_matvecs, "XTrace"):
         method = "exact"
     A.bar = progress_bar(progress, A.n if method == "exact" else num_matvecs, f"trace ({method})", group=A.group)
@@ -424,7 +422,7 @@ def diagonal(
     rows = None if blocks is None else block_indices(op, A.n, blocks)
     seed, gen = make_generator(seed, A.group)
     if method == "hutchinson":
-        mean, stderr = hutchinson_diagonal(A, num_matvecs, distribution, gen)
+        mean, stderr = hutchinson_diag(A, num_matvecs, distribution, gen)
     elif method == "exact":
         mean = unit_diagonal(A)
         stderr = torch.zeros_like(mean)
@@ -436,7 +434,7 @@ def diagonal(
                           blocks=rows, block_shapes=None if rows is None else block_shapes(op, rows), **A.cost(seed))
 
 
-def hutchinson_diagonal(A: Counted, num_matvecs: int, distribution: str, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def hutchinson_diag(A: Counted, num_matvecs: int, distribution: str, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """The mean of z * (A z) over `num_matvecs` probes and its per-entry standard error (nan with one
     probe), merged chunk by chunk."""
     count, mean, m2 = 0, torch.zeros(A.n, dtype=torch.float64, device=A.device), None
@@ -454,13 +452,19 @@ def hutchinson_diagonal(A: Counted, num_matvecs: int, distribution: str, gen: to
     return mean, stderr
 
 
+def parameter_rows(op: Any) -> dict[str, tuple[range, tuple[int, ...]]]:
+    """{parameter name: (its rows of op, its shape)} for a curvature operator; {} for a matrix."""
+    out, start = {}, 0
+    for name, p in zip(getattr(op, "param_names", None) or (), getattr(op, "params", ())):
+        out[name] = (range(start, start + p.numel()), tuple(p.shape))
+        start += p.numel()
+    return out
+
+
 def block_shapes(op: Any, rows: dict[str, Tensor]) -> dict[str, tuple[int, ...] | None]:
     """Per block, the shape of the parameter it is, when it is exactly one parameter of op (else None)."""
-    names, shapes, start, spans = getattr(op, "param_names", None), {}, 0, {}
-    if names is not None:
-        for name, p in zip(names, op.params):
-            spans[(start, start + p.numel())] = tuple(p.shape)
-            start += p.numel()
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    spans = {(r.start, r.stop): shape for r, shape in parameter_rows(op).values()}
     for b, idx in rows.items():
         span = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else None
         contiguous = span is not None and len(idx) == span[1] - span[0] and bool((idx.diff() == 1).all())

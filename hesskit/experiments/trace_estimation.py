@@ -26,14 +26,13 @@ import torch
 from torch import Tensor
 
 from .. import progress
-from ..curvature.trace import trace
+from ..curvature.trace import MIN_MATVECS, trace
 
 __all__ = ["TraceTrials", "trace_trials", "hutchinson_variance", "deflated_tail_norm", "MIN_PRODUCTS",
            "too_few_products"]
 
-# the fewest products `hk.trace` accepts per method: one Hutchinson probe; Hutch++'s sketch, its
-# product and one remainder probe; XTrace's two probes, each used twice (or n, where it is exact)
-MIN_PRODUCTS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}
+# the fewest products `hk.trace` accepts per method (the core's table; XTrace: or n, where it is exact)
+MIN_PRODUCTS = {method: MIN_MATVECS[method] for method in ("hutchinson", "hutch++", "xtrace")}
 
 
 def hutchinson_variance(A: Tensor, distribution: str = "rademacher") -> float:

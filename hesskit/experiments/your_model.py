@@ -58,7 +58,7 @@ from .. import progress
 from ..curvature.density import spectral_density
 from ..curvature.eigen import eigenvalues
 from ..curvature.operators import GGNOperator, HessianOperator
-from ..curvature.trace import diagonal, trace
+from ..curvature.trace import MIN_MATVECS, diagonal, trace
 from ..data import sequences
 from ..optim import Sophia
 from ..optim.closures import make_closure
@@ -647,10 +647,10 @@ TRACE_METHODS = {"XTrace trace": "xtrace", "Hutch++ trace": "hutch++", "Hutchins
 DIAGONAL_METHODS = {"GGN diagonal (XDiag)": "xdiag", "GGN diagonal (Hutchinson)": "hutchinson"}
 EIGENVALUE = "top eigenvalue (Lanczos)"
 ESTIMATORS = (*TRACE_METHODS, EIGENVALUE, *DIAGONAL_METHODS)
-# the fewest products each estimator runs with (XTrace and XDiag: two probes, each used twice;
-# Hutch++: a sketch vector, its product and a remainder probe); a smaller budget is raised to it
-MIN_PRODUCTS = {"XTrace trace": 4, "Hutch++ trace": 3, "Hutchinson trace": 1, EIGENVALUE: 1,
-                "GGN diagonal (XDiag)": 4, "GGN diagonal (Hutchinson)": 1}
+# the fewest products each estimator runs with (the core's table, `MIN_MATVECS`); a smaller budget is
+# raised to it
+MIN_PRODUCTS = {label: MIN_MATVECS[method] for label, method in {**TRACE_METHODS, **DIAGONAL_METHODS}.items()}
+MIN_PRODUCTS[EIGENVALUE] = 1
 
 
 def estimate_block(model: nn.Module, data: Any, params: Sequence[str], estimator: str, num_matvecs: int,
