@@ -31,14 +31,31 @@ class MFAC(ClosureOptimizer):
     zero (the official convention): the first step is u_1 = (damping*I + g_1 g_1^T / m)^{-1} g_1.
     `opt.inverse` is the `hk.MFACInverseOperator` itself: after a step `opt.inverse @ x` gives F_t^{-1} x.
 
-    Defaults: lr 1e-3 and damping 1e-5 are the official code's (`optim.MFAC`, `main_optim.py`);
-    momentum 0 and weight decay 0 too. The window is m = 32 instead of the official 1024: the
-    window stores m copies of the model and each step reads it twice (about 4 m d flops, bound by
-    memory bandwidth), so m = 32 costs 32 model copies of memory and, measured on a busy shared
-    CPU, 2-3x an AdamW step on a 670k-parameter MLP, while m = 1024 needs a thousand copies (1.1 GB for a
-    0.27M-parameter ResNet-20). The HF BERT model cards use lr 1e-4, m 1024, damping 1e-6. With a
-    smaller window the Fisher term (1/m) sum g g^T weighs each gradient more, so damping and lr
-    may need retuning.
+    The update equals the official optimizer's for the same hyperparameters: 25 steps in float64 agree
+    to 1e-14 with the official semantics (`tests/optim/test_optim_mfac.py`). The defaults differ from
+    the official ones, deliberately and by measurement:
+
+    * num_grads m = 32 (official 1024): the window stores m copies of the model and each step reads
+      it twice (about 4 m d flops, bound by memory bandwidth), so m = 32 costs 32 model copies and
+      about one AdamW step on the benchmark's models, while m = 1024 needs a thousand copies (1.1 GB
+      for a 0.27M-parameter ResNet-20).
+    * lr = 0.03 (official 1e-3 with m = 1024): while gradients are far from parallel,
+      F^{-1} g ~ m g / |g|^2, so the step scales with lr * m; 0.03 * 32 = 0.96 keeps the official
+      lr * m = 1.02.
+    * damping = 0.01 (official 1e-5, the HF model cards 1e-6 with m = 1024): F >= damping * I bounds
+      the step along directions the window has not seen to lr / damping times the gradient, and
+      along the small differences between recent gradients (which F^{-1} magnifies by m / |g_i -
+      g_j|^2) likewise. With m = 32 the official 1e-5 makes M-FAC oscillate or diverge: measured
+      (seed 0) on the benchmark's digits CNN (batch 128, 300 steps) and char LM (batch 32, 400 steps)
+      over lr in {0.003, 0.01, 0.03, 0.1} x damping in {1e-5, 1e-3, 1e-2, 1e-1}, lr 0.03 with
+      damping 0.01 is best or near best on both (final training loss 0.0022 and 0.81; with damping
+      1e-5 at that lr 0.25 and 1.8; tuned AdamW 0.0031 and 0.66), and it trains a full-batch
+      12-48-3 tanh regression (300 steps, loss 0.37 -> 0.008, AdamW 0.007) on which damping 1e-5
+      diverges at every lr tried. Three times the lr (0.1) diverges there: lr <= 3 damping is the
+      safe side.
+    momentum 0 and weight decay 0 are the official defaults. If you change m, scale lr like 1/m as a
+    start and retune; with a larger window a smaller damping may pay off, since the Fisher term
+    (1/m) sum g g^T weighs each gradient less.
 
     The empirical Fisher is not the Hessian (Kunstner, Balles & Hennig, NeurIPS 2019): with
     full-batch (noise-free) gradients, which are nearly parallel from step to step, F^{-1} g
@@ -70,7 +87,7 @@ class MFAC(ClosureOptimizer):
 
     settings = ("num_grads", "damping")
 
-    def __init__(self, params, lr: float = 1e-3, num_grads: int = 32, damping: float = 1e-5, momentum: float = 0.0,
+    def __init__(self, params, lr: float = 0.03, num_grads: int = 32, damping: float = 0.01, momentum: float = 0.0,
                  weight_decay: float = 0.0, process_group: Any = None):
         lr = check_number("lr", lr, open_low=True)
         num_grads = check_count("num_grads", num_grads)

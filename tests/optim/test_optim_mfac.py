@@ -4,6 +4,7 @@ test_contract.py."""
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -159,3 +160,114 @@ def test_misuse_is_refused():
     other.requires_grad_(False)
     with pytest.raises(ValueError, match="trainable parameters changed"):
         opt2.step(lambda: (theta**2).sum())
+
+
+# --------------------------------------------------------------------------- the official optimizer's semantics
+class OfficialMFAC:
+    """The official M-FAC optimizer's update (IST-DASLab/M-FAC, `optim.py`), written from its semantics with the
+    inverse of its own naive reference (`HInvSlow`: Sherman-Morrison from I / damp, one row after the other):
+    a window of m rows starting at zero, filled as a ring buffer; `update_mul` puts g in the oldest row, then
+    multiplies g by (damp I + (1/m) sum_rows g_i g_i^T)^{-1}; momentum v = mu v + (1 - mu) u; coupled weight
+    decay added to the gradient first. Dense d x d matrices: small models only."""
+
+    def __init__(self, params, lr, ngrads, damp, momentum=0.0, weight_decay=0.0):
+        self.params, self.lr, self.m, self.damp, self.mu, self.wd = list(params), lr, ngrads, damp, momentum, weight_decay
+        d = sum(p.numel() for p in self.params)
+        self.rows, self.last, self.v = torch.zeros(ngrads, d, dtype=torch.float64), 0, torch.zeros(d, dtype=torch.float64)
+
+    def inverse_times(self, x):
+        H = torch.eye(self.rows.shape[1], dtype=torch.float64) / self.damp
+        for g in self.rows:
+            Hg = H @ g
+            H -= torch.outer(Hg, Hg) / (self.m + g @ Hg)
+        return H @ x
+
+    @torch.no_grad()
+    def step(self):
+        g = torch.cat([(p.grad + self.wd * p if self.wd > 0 else p.grad).reshape(-1) for p in self.params])
+        self.rows[self.last] = g
+        u = self.inverse_times(g)
+        self.last = (self.last + 1) % self.m
+        if self.mu > 0:
+            self.v = self.mu * self.v + (1 - self.mu) * u
+            u = self.v
+        start = 0
+        for p in self.params:
+            p.add_(u[start : start + p.numel()].view_as(p), alpha=-self.lr)
+            start += p.numel()
+
+
+@pytest.mark.parametrize("settings", [
+    dict(lr=1e-3, ngrads=8, damp=1e-5),                                     # the official lr and damping
+    dict(lr=1e-3, ngrads=8, damp=1e-3, momentum=0.9, weight_decay=1e-4),
+    dict(lr=1e-2, ngrads=16, damp=1e-4),                                    # the window wraps around
+    dict(lr=0.03, ngrads=32, damp=0.01),                                    # hesskit's defaults
+])
+def test_the_update_equals_the_official_optimizers_step_by_step(settings):
+    """25 mini-batch steps of an MLP from the same start on the same batches: the parameters after every step
+    agree with the official semantics to 1e-12 (relative, float64), whatever the window's fill state."""
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+    x, y = torch.randn(256, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (256,), generator=gen)
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    criterion = torch.nn.CrossEntropyLoss()
+    ours_settings = dict(lr=settings["lr"], num_grads=settings["ngrads"], damping=settings["damp"],
+                         momentum=settings.get("momentum", 0.0), weight_decay=settings.get("weight_decay", 0.0))
+    trajectories = []
+    for make in (lambda ps: OfficialMFAC(ps, **settings), lambda ps: hk.optim.MFAC(ps, **ours_settings)):
+        trained = copy.deepcopy(model)
+        opt, path = make(trained.parameters()), []
+        for t in range(25):
+            bx, by = batches[t % len(batches)]
+            trained.zero_grad()
+            criterion(trained(bx), by).backward()
+            opt.step()
+            path.append(torch.cat([p.detach().reshape(-1).clone() for p in trained.parameters()]))
+        trajectories.append(path)
+    moved = (trajectories[0][-1] - torch.cat([p.detach().reshape(-1) for p in model.parameters()])).norm()
+    assert moved > 1e-3  # the comparison is not between two parameter vectors that stayed put
+    for official, ours in zip(*trajectories):
+        assert (official - ours).norm() / official.norm() < 1e-12
+
+
+# --------------------------------------------------------------------------- the defaults (issue 16)
+def test_the_defaults_train_a_full_batch_regression_without_diverging():
+    """`MFAC(params)` alone on the held-out 12-48-3 tanh regression (full batch, deterministic gradients: the
+    empirical Fisher's worst case). With the official damping 1e-5 (at m = 32) this diverges at every lr from
+    1e-3 to 0.1; the default damping keeps every step a descent-sized step. Measured: 0.37 -> 0.008 in 300
+    steps (AdamW at its defaults: 0.007)."""
+    import heldout
+
+    p = heldout.regression()
+    opt = hk.optim.MFAC(p.model.parameters())
+    x, y = p.train
+    initial, losses = p.loss(), []
+    for _ in range(300):
+        opt.zero_grad()
+        loss = p.criterion(p.model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert max(losses) <= 2 * initial  # no blow-up on the way
+    assert p.loss() < 0.1 * initial
+    assert p.loss(split="test") < 0.2 * initial  # it fits the teacher, not only the 256 training points
+
+
+def test_the_defaults_train_a_minibatch_classifier():
+    """`MFAC(params)` alone on the held-out digits MLP from scratch: 8 epochs of mini-batches of 64 reach 90%
+    test accuracy (measured 95.5%; AdamW at its defaults 90.2%)."""
+    import heldout
+
+    p = heldout.untrained_classifier()
+    opt = hk.optim.MFAC(p.model.parameters())
+    x, y = p.train
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        for idx in torch.randperm(len(x), generator=gen).split(64):
+            opt.zero_grad()
+            p.criterion(p.model(x[idx]), y[idx]).backward()
+            opt.step()
+    assert p.accuracy() > 0.90
