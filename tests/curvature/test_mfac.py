@@ -186,3 +186,20 @@ def test_set_window_is_inserting_the_gradients_one_by_one(gradients):
         at_once.set_window(G[:3], G @ G.T, 4)
     with pytest.raises(ValueError, match="gram"):
         at_once.set_window(G.clone(), G[:3] @ G.T, 4)
+
+
+def test_from_model_with_only_the_required_arguments_is_the_exact_damped_fisher_inverse():
+    """Issue 16's defaults check on the held-out regression MLP (771 parameters, 256 samples): with only model,
+    criterion and data, the window holds every per-sample gradient and `inv @ x` is (1e-4 I + F_N)^{-1} x, F_N
+    the dense empirical Fisher, to float64 precision."""
+    import heldout
+
+    p = heldout.regression()
+    model = p.model.double()
+    data = tuple(t.double() for t in p.train)
+    inv = hk.MFACInverseOperator.from_model(model, p.criterion, data)
+    fisher = hk.EmpiricalFisherOperator(model, p.criterion, data).dense()
+    dense = inv.damping * torch.eye(fisher.shape[0], dtype=torch.float64) + fisher
+    x = torch.randn(fisher.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert inv.num_grads == 256 and inv.damping == 1e-4
+    assert (dense @ (inv @ x) - x).norm() / x.norm() < 1e-8
