@@ -2,7 +2,8 @@
 judged by exhaustive enumeration.
 
 The experiment: an equal-width deep MLP on the digits (64 -> five
-64 x 64 layers -> 10, ReLU), weight-only symmetric per-channel round-to-nearest quantization, widths
+64 x 64 layers -> 10, ReLU), weight-only symmetric per-channel round-to-nearest quantization (HAWQ-V3's
+grid, passed explicitly: `hk.quant`'s default grid is asymmetric), widths
 {2, 3, 4, 8} per layer, so 4^6 = 4,096 configurations, ALL of which are evaluated (a few seconds,
 thanks to prefix sharing: `enumerate_configs`). Against that ground truth:
 
@@ -77,13 +78,20 @@ class HAWQProblem:
     """A trained model (`trained`, a `tasks.TrainedModel`: model, train and test data, seed, training
     time) with what HAWQ measures it on: `criterion`, `calibration` (the Hessian and the measured
     losses, 256 training digits as in the pilot), `subsets` (Q-BERT's disjoint batches) and the
-    quantization `granularity`."""
+    quantizer: `granularity` and `symmetric` (default one symmetric range per output channel,
+    HAWQ-V3's weight grid, which these studies keep; `hk.quant`'s default is asymmetric)."""
 
     trained: TrainedModel
     criterion: nn.Module
     calibration: tuple[Tensor, Tensor]
     subsets: list[tuple[Tensor, Tensor]]
     granularity: str = "channel"
+    symmetric: bool = True
+
+    @property
+    def quantizer(self) -> dict[str, Any]:
+        """The keyword arguments of the quantizer every study here passes to `hk.quant`."""
+        return dict(granularity=self.granularity, symmetric=self.symmetric)
 
     @property
     def layers(self) -> list[str]:
@@ -96,12 +104,15 @@ class HAWQProblem:
 
 def digits_problem(seed: int = 0, width: int = 64, depth: int = 5, steps: int = 2000, lr: float = 1e-3,
                    batch_size: int = 64, calibration: int = 256, num_subsets: int = 5, subset_size: int = 128,
-                   activation: str = "relu", granularity: str = "channel", data_seed: int = 0) -> HAWQProblem:
+                   activation: str = "relu", granularity: str = "channel", symmetric: bool = True,
+                   data_seed: int = 0) -> HAWQProblem:
     """Train `tasks.digits_mlp((width,) * depth, activation, seed)` on the digits with
     `tasks.trained_classifier` (Adam, `steps` mini-batches of `batch_size` drawn with replacement,
     seeded by `seed`; the train/test split by `data_seed`; `trained.train_seconds` is its wall time)
     and pick the calibration data: the first `calibration` training digits, and `num_subsets`
-    disjoint batches of `subset_size` for Q-BERT (by default 256 samples and 5 x 128)."""
+    disjoint batches of `subset_size` for Q-BERT (by default 256 samples and 5 x 128).
+    `granularity` and `symmetric` are the quantizer of every study (default HAWQ-V3's symmetric
+    per-channel grid)."""
     (x, y), test = digits(flatten=True, seed=data_seed)
     if num_subsets * subset_size > len(x) or calibration > len(x):
         raise ValueError(f"calibration, num_subsets, subset_size: need at most the {len(x)} training digits")
@@ -110,7 +121,8 @@ def digits_problem(seed: int = 0, width: int = 64, depth: int = 5, steps: int = 
                                  data_seed=data_seed)
     subsets = [(x[i * subset_size:(i + 1) * subset_size], y[i * subset_size:(i + 1) * subset_size])
                for i in range(num_subsets)]
-    return HAWQProblem(trained, nn.CrossEntropyLoss(), (x[:calibration], y[:calibration]), subsets, granularity)
+    return HAWQProblem(trained, nn.CrossEntropyLoss(), (x[:calibration], y[:calibration]), subsets, granularity,
+                       symmetric)
 
 
 def all_sensitivities(problem: HAWQProblem, choices: Sequence[int] = CHOICES, num_matvecs: int = 100, seed: int = 0,
@@ -128,14 +140,14 @@ def all_sensitivities(problem: HAWQProblem, choices: Sequence[int] = CHOICES, nu
         "eigenvalue": lambda: sensitivities(m, c, problem.calibration, "eigenvalue", seed=seed),
         "qbert": lambda: sensitivities(m, c, problem.subsets, "qbert", num_subsets=len(problem.subsets), seed=seed),
         "measured": lambda: sensitivities(m, c, problem.calibration, "measured", bits=tuple(choices),
-                                          granularity=problem.granularity),
+                                          **problem.quantizer),
     }
     units = len(metrics) + bool(pairs)  # progress (shown while an explorer renders): one unit per metric
     out = {}
     for k, key in enumerate(metrics, start=1):
         out[key] = make[key]()
         progress.report(k, units, f"sensitivities ({key})")
-    interactions = pair_interactions(m, c, problem.calibration, choices, granularity=problem.granularity) \
+    interactions = pair_interactions(m, c, problem.calibration, choices, **problem.quantizer) \
         if pairs else None
     if pairs:
         progress.report(units, units, "sensitivities (adjacent pairs)")
@@ -146,7 +158,7 @@ def proxy_tables(problem: HAWQProblem, sens: Mapping[str, Sensitivities], pairs:
                  choices: Sequence[int] = CHOICES) -> dict[str, CostTable]:
     """The cost table of every proxy (keys of `PROXIES`' values): the four metrics, "weights"
     (c_i = 1: Omega = ||dW||^2) and, with `pairs`, "pairs" (measured + adjacent interactions)."""
-    kw = dict(granularity=problem.granularity)
+    kw = problem.quantizer
     tables = {key: cost_table(problem.trained.model, s, choices, **kw) for key, s in sens.items()}
     tables["weights"] = cost_table(problem.trained.model, {n: 1.0 for n in problem.layers}, choices, **kw)
     if pairs is not None and "measured" in sens:
@@ -217,7 +229,7 @@ def _enumerate_exhaustive(problem: HAWQProblem, choices: tuple[int, ...],
     def config_metrics(m):
         with torch.no_grad():
             return _config_metrics(problem.criterion, inputs, {k: m(x) for k, (x, _) in inputs.items()})
-    e = exhaustive(problem.trained.model, choices, config_metrics, granularity=problem.granularity)
+    e = exhaustive(problem.trained.model, choices, config_metrics, **problem.quantizer)
     e.values["delta"] = e.values["loss"] - e.baseline["loss"]
     return e
 
@@ -234,7 +246,7 @@ def _enumerate_prefixes(problem: HAWQProblem, choices: tuple[int, ...],
     names = [name for name, _ in work.named_children()]
     positions = [names.index(layer) for layer in layers]
     quantized = {(layer, b): fake_quantize(dict(work.named_children())[layer].weight.detach(), b,
-                                           granularity=problem.granularity) for layer in layers for b in choices}
+                                           **problem.quantizer) for layer in layers for b in choices}
     segments = [modules[positions[i]:(positions[i + 1] if i + 1 < len(layers) else len(modules))]
                 for i in range(len(layers))]
     results: list[dict[str, float]] = []

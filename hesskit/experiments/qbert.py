@@ -359,7 +359,7 @@ class QATRun:
 
 def qat_finetune(model: TinyTransformer, train: Pair, test: Pair, bits: int | Mapping[str, int],
                  group_size: int | None = None, outer_bits: int | None = 8, steps: int = 300, lr: float = 1e-3,
-                 batch_size: int = 128, eval_every: int = 25, seed: int = 0) -> QATRun:
+                 batch_size: int = 128, eval_every: int = 25, seed: int = 0, symmetric: bool = True) -> QATRun:
     """Quantization-aware fine-tuning with the straight-through estimator (Q-BERT fine-tunes the
     quantized BERT this way; STE: Bengio, Leonard & Courville 2013): a copy whose block matrices
     (and embedding and head, at `outer_bits`) compute with their fake-quantized weights
@@ -367,14 +367,16 @@ def qat_finetune(model: TinyTransformer, train: Pair, test: Pair, bits: int | Ma
     fine-tuning recipe, no weight decay) on random
     batches of `train`. The float weights are what the optimizer updates; the gradient passes the
     rounding unchanged. Every `eval_every` steps (and after the last) the frozen quantized model is
-    evaluated on `test`; the steps run in `training.training_steps`."""
+    evaluated on `test`; the steps run in `training.training_steps`. The grids are symmetric by
+    default, as `quantize_transformer`'s (Q-BERT's; `hk.quant`'s own default is asymmetric)."""
     if steps < 0 or eval_every < 1:
         raise ValueError(f"steps, eval_every: expected steps >= 0 and eval_every >= 1, got {steps}, {eval_every}")
     granularity, group_size = _granularity(group_size)
     ranges_per_matrix(model, group_size)
-    qat = quantization_aware(model, _encoder_bits(bits), granularity=granularity, group_size=group_size)
+    qat = quantization_aware(model, _encoder_bits(bits), granularity=granularity, group_size=group_size,
+                             symmetric=symmetric)
     if outer_bits is not None:
-        qat = quantization_aware(qat, {name: outer_bits for name in OUTER}, granularity="tensor")
+        qat = quantization_aware(qat, {name: outer_bits for name in OUTER}, granularity="tensor", symmetric=symmetric)
     qat.train()
     opt = torch.optim.AdamW(qat.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / max(steps, 1))

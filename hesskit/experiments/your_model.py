@@ -487,7 +487,7 @@ def mixed_precision(model: nn.Module, data: Any, test: Pair, head_dim: int, avg_
         raise ValueError(f"sensitivity: expected values for the encoder layers {layers}, got {list(sensitivity)}")
     else:
         sens, metric = sensitivity, getattr(sensitivity, "metric", metric)
-    grids = dict(granularity="rows", group_size=head_dim)
+    grids = dict(granularity="rows", group_size=head_dim, symmetric=True)  # quantize_bert's grids (Q-BERT's)
     allocation = allocate_bits(model, sens, avg_bits, tuple(choices), **grids)
     no_hessian = allocate_bits(model, dict.fromkeys(layers, 1.0), avg_bits, tuple(choices), **grids)
 

@@ -1,7 +1,7 @@
 """Hessian-aware quantization: fake quantization, sensitivities, bit allocation, GPTQ.
 
     import hesskit as hk
-    q = hk.quant.quantize_model(model, bits=4, granularity="channel")          # a quantized copy (RTN)
+    q = hk.quant.quantize_model(model, bits=4)                                 # a quantized copy (RTN)
     sens = hk.quant.sensitivities(model, criterion, data, metric="trace")      # HAWQ-V2: Tr(H_i) / n_i
     bits = hk.quant.allocate_bits(model, sens, avg_bits=2.5)                   # exact, under the size budget
     q = hk.quant.gptq(model, calibration_inputs, bits=3)                       # GPTQ, a quantized copy
@@ -15,6 +15,11 @@ the exhaustive ground truth `exhaustive`, `random_configs`, `fine_tuning_order`)
 (`gptq_layer`, `gptq_layers`, `layer_hessian`, `layer_inputs`, `round_to_nearest`): e.g.
 `from hesskit.quant.fake import grid`. No function modifies the model it is given: each returns a
 copy or a number.
+
+Every function that takes a quantizer has the same defaults, chosen by measurement (the docstring of
+`hesskit.quant.fake` gives it): one asymmetric min-max range per output channel
+(`granularity=None, symmetric=False`); `group_size=g` alone means GPTQ's groups of g input columns.
+HAWQ-V3 and Q-BERT used symmetric grids: `symmetric=True`.
 
 Hugging Face models work as they are: transformers' `Conv1D` (GPT-2) is quantized as the linear
 layer it is (`layer_weight`: its (out, in) view), inputs may be dicts (`model(**inputs)`), a

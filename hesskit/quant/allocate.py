@@ -145,7 +145,7 @@ class CostTable:
 
 
 def cost_table(model: nn.Module, sensitivities: Any, choices: Sequence[int] = (2, 3, 4, 8), *,
-               granularity: str = "tensor", group_size: int | None = None, symmetric: bool = True,
+               granularity: str | None = None, group_size: int | None = None, symmetric: bool = False,
                pairs: PairInteractions | None = None) -> CostTable:
     """HAWQ's costs Omega_i(b) = c_i ||Q_b(W_i) - W_i||^2 of each layer at each width.
 
@@ -154,7 +154,12 @@ def cost_table(model: nn.Module, sensitivities: Any, choices: Sequence[int] = (2
     cover every width in `choices`), a `CostTable` (returned, checked), or a plain {layer: c_i}
     mapping (e.g. all ones: the curvature-free ||dW||^2 baseline). The layers are those of the
     mapping, in model order. `pairs` adds measured interactions of adjacent layers (the layers and
-    choices must match)."""
+    choices must match).
+
+    Defaults: `choices` (2, 3, 4, 8), hesskit's: the weight widths of Q-BERT's tables (HAWQ-V3 mixes
+    4 and 8 only, for its integer kernels); `granularity`, `group_size`, `symmetric`:
+    `hk.quant.fake_quantize`'s (one asymmetric range per output channel), which `quantize_model`
+    uses too, so the costs are those of the model it will build."""
     choices = check_choices(choices, symmetric)
     if isinstance(sensitivities, CostTable):
         if sensitivities.choices != choices:
@@ -341,7 +346,7 @@ class ParetoFrontier:
 
 
 def pareto_frontier(model: nn.Module, sensitivities: Any, choices: Sequence[int] = (2, 3, 4, 8), *,
-                    granularity: str = "tensor", group_size: int | None = None, symmetric: bool = True,
+                    granularity: str | None = None, group_size: int | None = None, symmetric: bool = False,
                     pairs: PairInteractions | None = None) -> ParetoFrontier:
     """HAWQ-V2's Pareto frontier of (model size, Omega), exactly, in one DP pass.
 
@@ -349,7 +354,8 @@ def pareto_frontier(model: nn.Module, sensitivities: Any, choices: Sequence[int]
     n_i b) + Omega_i(b) at exact integer sizes s (weight bits), keeping only non-dominated sizes,
     so there is no binning error (the ZeroQ/HAWQ authors binned the size). The cost of layer i at
     width b is from `cost_table` (see there for `sensitivities`); `pairs` adds measured adjacent
-    interactions (then the DP tracks the last layer's width too). The model is not modified."""
+    interactions (then the DP tracks the last layer's width too). The model is not modified.
+    Defaults as `cost_table`'s."""
     table = cost_table(model, sensitivities, choices, granularity=granularity, group_size=group_size,
                        symmetric=symmetric, pairs=pairs)
     return frontier_from_table(table)
@@ -367,7 +373,7 @@ def frontier_from_table(table: CostTable, cap: int | None = None) -> ParetoFront
 
 
 def allocate_bits(model: nn.Module, sensitivities: Any, avg_bits: float, choices: Sequence[int] = (2, 3, 4, 8), *,
-                  granularity: str = "tensor", group_size: int | None = None, symmetric: bool = True,
+                  granularity: str | None = None, group_size: int | None = None, symmetric: bool = False,
                   pairs: PairInteractions | None = None) -> Allocation:
     """HAWQ-V2's allocation: the widths minimising sum_i Omega_i(b_i) subject to
     sum_i n_i b_i <= avg_bits * sum_i n_i, exactly (the knapsack DP of `pareto_frontier`,
@@ -375,8 +381,18 @@ def allocate_bits(model: nn.Module, sensitivities: Any, avg_bits: float, choices
 
     `avg_bits` counts weight bits per quantized weight, like `hk.quant.model_size(...).average_bits`
     (scales and zero points are extra). Pass the same `granularity`, `group_size` and `symmetric`
-    to `hk.quant.quantize_model` afterwards. Raises ValueError when `avg_bits` is below the
-    smallest choice (nothing fits)."""
+    to `hk.quant.quantize_model` afterwards (the defaults are the same: one asymmetric range per
+    output channel). Raises ValueError when `avg_bits` is below the smallest choice (nothing fits).
+
+    Defaults as `cost_table`'s (choices (2, 3, 4, 8)). Measured with them and `sensitivities`'
+    defaults (round-to-nearest, test loss): at 2.5 average bits the allocation beat uniform 2-bit
+    on all ten models tried (notebook 11's and 14's digits MLPs, a CNN, notebook 12's transformer,
+    a GPT-2 character LM, two seeds each) and on the held-out digits MLP; at 3 bits it beat
+    uniform 3-bit on 6 of the 10 and matched it on 2 (the additive cost model can misjudge
+    several layers at 2 bits at once: notebook 11). With the previous defaults (one symmetric
+    range per tensor) the allocation at 2.5 bits left the test loss 0.4-3.7 nats above the float
+    model's (now 0.04-0.24), and at 3 bits it lost to uniform 3-bit on 2 of the 10 models and on
+    three of three held-out seeds."""
     table = cost_table(model, sensitivities, choices, granularity=granularity, group_size=group_size,
                        symmetric=symmetric, pairs=pairs)
     return knapsack(table, avg_bits)
@@ -484,7 +500,11 @@ def allocate_bits_ilp(costs: CostTable, resources: Mapping[str, tuple[Any, float
     limit)} with a (layers, choices) table or {layer: {bits: value}}; `costs.size` and
     `size_limit(costs, avg_bits)` give the size constraint, `bops_table` the BOPs,
     `interpolated_limit` HAWQ-V3's limits. Every constraint is checked exactly on the rounded
-    solution; an infeasible problem raises ValueError naming the constraint."""
+    solution; an infeasible problem raises ValueError naming the constraint.
+
+    Defaults: no layer `fixed` (HAWQ-V3 keeps the first and last layers at 8 bits: pass
+    `fixed={first: 8, last: 8}`), no `ties`, no `time_limit` (HiGHS solves to optimality; measured
+    on random tables of 100-300 layers and four widths with one or two constraints: 0.1-1 s)."""
     _check_ilp_inputs(costs, resources)
     L, _ = costs.omega.shape
     tables = _resource_tables(costs, resources)
@@ -599,13 +619,14 @@ def _solve_ilp(costs: CostTable, tables: Mapping[str, tuple[np.ndarray, float]],
 
 # ----------------------------------------------------------------------------- HAWQ v1's order
 def fine_tuning_order(model: nn.Module, sensitivities: Any, bits: int | Mapping[str, int], *,
-                      granularity: str = "tensor", group_size: int | None = None, symmetric: bool = True) -> list[str]:
+                      granularity: str | None = None, group_size: int | None = None,
+                      symmetric: bool = False) -> list[str]:
     """HAWQ (v1)'s block-wise fine-tuning order: descending Omega_i = lambda_i ||Q(W_i) - W_i||^2,
     the layer that the quantization perturbs most in curvature-weighted terms first (it is
     quantized and fine-tuned first, then the next, ...). lambda_i is the `.curvature` of an
     "eigenvalue" `Sensitivities` (the top eigenvalue itself, not divided by n_i); a plain
     {layer: value} mapping is used as it is. `bits`: one width or {layer: width} (HAWQ's chosen
-    precisions)."""
+    precisions). The quantizer's defaults are `hk.quant.fake_quantize`'s."""
     layers = list(sensitivities) if isinstance(sensitivities, Mapping) else None
     if not layers:
         raise TypeError(f"sensitivities: expected a Sensitivities or non-empty {{layer: value}}, got {sensitivities!r}")
@@ -690,14 +711,15 @@ def _check_quantizer_model(model: nn.Module) -> None:
 
 
 def exhaustive(model: nn.Module, choices: Sequence[int], evaluate: Callable[[nn.Module], Any], *,
-               layers: Sequence[str] | None = None, granularity: str = "tensor", group_size: int | None = None,
-               symmetric: bool = True, max_configs: int = 10_000, mode: str | None = None) -> Enumeration:
+               layers: Sequence[str] | None = None, granularity: str | None = None, group_size: int | None = None,
+               symmetric: bool = False, max_configs: int = 10_000, mode: str | None = None) -> Enumeration:
     """Evaluate all |choices|^L configurations: the ground truth that allocators are judged by.
 
     `evaluate(quantized_model)` returns a number or a dict of numbers (e.g. {"loss": ..., "accuracy":
     ...}). It receives ONE working copy whose weights are swapped in place between calls (fast:
     every Q_b(W_i) is computed once), so it must not keep or modify that model. Raises ValueError
-    above `max_configs` configurations. The user's model is not modified."""
+    above `max_configs` configurations (default 10,000, hesskit's cap: each one costs an `evaluate`
+    call). The quantizer's defaults are `hk.quant.fake_quantize`'s. The user's model is not modified."""
     _check_quantizer_model(model)
     choices = check_choices(choices, symmetric)
     if not callable(evaluate):
@@ -765,8 +787,8 @@ class BisectionResult:
 
 def bisection_search(model: nn.Module, order: Sequence[str], evaluate: Callable[[nn.Module], float],
                      low_bits: int, high_bits: int, max_drop: float, *, min_drop: float | None = None,
-                     baseline: float | None = None, granularity: str = "tensor", group_size: int | None = None,
-                     symmetric: bool = True, mode: str | None = None) -> BisectionResult:
+                     baseline: float | None = None, granularity: str | None = None, group_size: int | None = None,
+                     symmetric: bool = False, mode: str | None = None) -> BisectionResult:
     """Schaefer et al. (2023)'s bisection: with layers sorted from least to most sensitive
     (`order`), put the first k at `low_bits` and the rest at `high_bits`, and binary-search the
     largest k whose drop = baseline - evaluate(quantized) is at most `max_drop`, in O(log L)
@@ -776,6 +798,9 @@ def bisection_search(model: nn.Module, order: Sequence[str], evaluate: Callable[
     drop grows with k (true for a good order; otherwise the result is a feasible cut, not the
     largest). If even k = 0 misses the window, returns k = 0 with `feasible=False`.
 
+    Defaults: `min_drop` None (no lower edge: the largest cut within `max_drop`, which is Schaefer
+    et al.'s search with the window [0, max_drop]); `baseline` None (the float model's score); the
+    quantizer's defaults are `hk.quant.fake_quantize`'s (one asymmetric range per output channel).
     Layers not in `order` stay in floating point; `evaluate` gets one reused working copy."""
     _check_quantizer_model(model)
     order = [order] if isinstance(order, str) else list(order)

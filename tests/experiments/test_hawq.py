@@ -48,12 +48,12 @@ def test_enumeration_equals_the_generic_exhaustive_search(problem, setup):
             accuracy = (m(xt).argmax(1) == yt).double().mean().item()
             return {"loss": problem.criterion(m(x), y).item(), "accuracy": accuracy}
 
-    generic = exhaustive(problem.trained.model, (2, 3, 4, 8), evaluate, granularity="channel")
+    generic = exhaustive(problem.trained.model, (2, 3, 4, 8), evaluate, granularity="channel", symmetric=True)
     np.testing.assert_array_equal(generic.configs, e.configs)
     np.testing.assert_allclose(e.values["loss"], generic.values["loss"], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(e.values["accuracy"], generic.values["accuracy"])
     np.testing.assert_allclose(e.values["delta"], e.values["loss"] - generic.baseline["loss"], atol=1e-6)
-    q = quantize_model(problem.trained.model, e.config(17), granularity="channel")
+    q = quantize_model(problem.trained.model, e.config(17), **problem.quantizer)
     assert e.values["accuracy"][17] == problem.accuracy(q)
     assert e.baseline["accuracy"] == problem.accuracy()
 

@@ -191,9 +191,9 @@ def test_qat_finetune(task):
     layers = dict(run.model.named_modules())
     for name in ENCODER:  # the result is on its 2-bit per-head grid, embedding and head on 8-bit grids
         w = layers[name].weight
-        assert torch.equal(w, hk.quant.fake_quantize(w, 2, granularity="rows", group_size=4))
-    for name in ("embed", "head"):
-        assert torch.equal(layers[name].weight, hk.quant.fake_quantize(layers[name].weight, 8))
+        assert torch.equal(w, hk.quant.fake_quantize(w, 2, True, granularity="rows", group_size=4))
+    for name in ("embed", "head"):  # symmetric grids, one range each (Q-BERT's, the experiment's default)
+        assert torch.equal(layers[name].weight, hk.quant.fake_quantize(layers[name].weight, 8, True, "tensor"))
     frozen = qat_finetune(model, task.train, task.test, {"attn.qkv": 3, "mlp.0": 2}, None, steps=3, lr=0.0)
     assert (frozen.accuracy == frozen.accuracy[0]).all()  # lr 0: the weights never move
     assert frozen.bits == {"attn.qkv": 3, "mlp.0": 2}

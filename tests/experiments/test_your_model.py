@@ -275,11 +275,12 @@ def test_quantize_bert_against_group_by_group_rounding(task):
     layers, qlayers = dict(model.named_modules()), dict(q.named_modules())
     for name, b in bits.items():
         w = layers[name].weight.detach()
-        ref = torch.cat([hk.quant.fake_quantize(w[r:r + 8], b) for r in range(0, w.shape[0], 8)])  # one range per head
+        ref = torch.cat([hk.quant.fake_quantize(w[r:r + 8], b, True, "tensor")  # one symmetric range per head
+                         for r in range(0, w.shape[0], 8)])
         torch.testing.assert_close(qlayers[name].weight, ref, rtol=0, atol=0)
     for name in ("bert.embeddings.word_embeddings", "bert.pooler.dense", "classifier"):
-        torch.testing.assert_close(qlayers[name].weight, hk.quant.fake_quantize(layers[name].weight.detach(), 8),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(qlayers[name].weight,
+                                   hk.quant.fake_quantize(layers[name].weight.detach(), 8, True, "tensor"), rtol=0, atol=0)
     assert torch.equal(qlayers["bert.encoder.layer.0.output.LayerNorm"].weight,
                        layers["bert.encoder.layer.0.output.LayerNorm"].weight)
     floating = quantize_bert(model, 3, task.head_dim, outer_bits=None)

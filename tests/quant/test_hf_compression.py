@@ -123,8 +123,8 @@ def test_per_channel_ranges_are_per_output_feature_and_rows_are_heads(lm):
     q = quant.quantize_model(model, 3, "rows", head_dim).get_submodule("transformer.h.0.attn.c_attn")
     for h in range(3 * HEADS):  # Q heads, K heads, V heads: one range each
         cols = slice(h * head_dim, (h + 1) * head_dim)
-        torch.testing.assert_close(q.weight[:, cols], quant.fake_quantize(c_attn.weight[:, cols].detach(), 3),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(q.weight[:, cols], quant.fake_quantize(c_attn.weight[:, cols].detach(), 3,
+                                                                          granularity="tensor"), rtol=0, atol=0)
 
 
 def test_quantization_aware_and_freeze_on_conv1d_and_the_tied_head(lm):
@@ -198,7 +198,7 @@ def test_the_tied_weight_is_one_layer_everywhere(lm):
     for metric in ("trace", "eigenvalue"):  # used to fail: "params[2]: no parameter named 'lm_head.weight'"
         s = quant.sensitivities(model, lm_loss, batches, metric, layers=["transformer.wte"])
         assert list(s) == ["transformer.wte"] and s.num_params["transformer.wte"] == tied.numel()
-    size = quant.model_size(model, 4)
+    size = quant.model_size(model, 4, "tensor", symmetric=True)  # one 16-bit scale per layer
     weights = sum(m.weight.numel() for m in quant.quantizable_layers(model).values())
     assert size.quantized_weights == weights == sum(p.numel() for p in model.parameters()) - sum(
         p.numel() for n, p in model.named_parameters() if n.endswith("bias") or ".ln_" in n)
@@ -270,13 +270,13 @@ def test_obs_dense_with_a_hessian_in_the_pruning_order(lm):
     assert_same_layers(pruned, pruned_twin, layer, atol=1e-12)
 
 
-def test_obd_on_a_language_model_picks_hutchinson_and_says_so(lm):
+def test_obd_on_a_language_model_picks_an_estimate_and_says_so(lm):
     model, twin, batches = lm
     start = time.perf_counter()
     pruned = prune.obd(model, lm_loss, batches, 0.5)  # C = T x V = 240 outputs per sample > 100 products
     assert time.perf_counter() - start < 30
     details = pruned.compression.details
-    assert details["diagonal"] == "hutchinson" and details["num_matvecs"] == 100
+    assert details["diagonal"] in ("hutchinson", "xdiag") and details["num_matvecs"] == 100  # an estimate, not exact
     assert details["outputs_per_sample"] == LENGTH * VOCAB
 
     # the last token only: C = V = 30 <= 100, so the exact GGN diagonal; output_fn picks it
@@ -291,7 +291,7 @@ def test_obd_on_a_language_model_picks_hutchinson_and_says_so(lm):
     diagonal = prune.obd_diagonal(model, nn.CrossEntropyLoss(), last, **pick)
     torch.testing.assert_close(diagonal, reference[pruning_order(model)], rtol=1e-10, atol=1e-14)
     forced = prune.obd(model, nn.CrossEntropyLoss(), last, 0.5, exact=False, num_matvecs=10, **pick)
-    assert forced.compression.details["diagonal"] == "hutchinson"
+    assert forced.compression.details["diagonal"] in ("hutchinson", "xdiag")  # estimated although exact is cheap
 
 
 # --------------------------------------------------------------------------- reports and warnings
@@ -418,7 +418,7 @@ def test_every_function_leaves_the_model_unchanged(name):
         "per_sample_gradients": lambda: prune.per_sample_gradients(model, criterion, batches, num_grads=2, seed=0),
         "obd": lambda: prune.obd(model, criterion, batches, 0.5, num_matvecs=5),
         "obs": lambda: prune.obs(model, criterion, batches, 0.5, num_grads=4, num_recomputations=2),
-        "gradual": lambda: prune.gradual(model, criterion, batches, [0.3], method="obd", num_matvecs=3,
+        "gradual": lambda: prune.gradual(model, criterion, batches, [0.3], method="obd", num_matvecs=4,
                                          finetune_steps=2),
     }
     for what, call in calls.items():

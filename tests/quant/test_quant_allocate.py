@@ -238,7 +238,9 @@ def test_allocation_bad_inputs(mlp):
     with pytest.raises(ValueError, match="choices"):
         allocate_bits(model, s, 3.0, (2, 2, 4))
     with pytest.raises(ValueError, match="choices"):
-        allocate_bits(model, s, 3.0, (1, 4))
+        allocate_bits(model, s, 3.0, (1, 4), symmetric=True)  # a symmetric grid needs 2 bits
+    with pytest.raises(ValueError, match="choices"):
+        allocate_bits(model, s, 3.0, (0, 4))
     with pytest.raises(TypeError, match="choices"):
         allocate_bits(model, s, 3.0, 4)
     with pytest.raises(ValueError, match="layers"):

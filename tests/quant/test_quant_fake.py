@@ -155,7 +155,7 @@ def test_float32_input_stays_float32_and_unmodified():
     out = Q.fake_quantize(w, 3, granularity="rows", group_size=2)
     assert out.dtype == torch.float32 and not out.requires_grad
     assert torch.equal(w.detach(), before)
-    expected, _ = reference_quantize(w, 3, True, "rows", 2)
+    expected, _ = reference_quantize(w, 3, False, "rows", 2)  # the default grid is asymmetric
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6)
 
 
@@ -260,7 +260,8 @@ def test_quantize_model_quantization_aware_and_freeze_leave_the_input_alone(name
 def test_freeze_equals_the_qat_model_with_activation_quantizers(name):
     model, x = _models()[name]
     granularity, group_size = ("rows", 1) if name != "transformer" else ("channel", None)
-    qat = Q.quantization_aware(model, 4, act_bits=6, granularity=granularity, group_size=group_size)
+    # symmetric grids: re-quantizing a value on its grid gives it back exactly (asymmetric ones to rounding)
+    qat = Q.quantization_aware(model, 4, act_bits=6, granularity=granularity, group_size=group_size, symmetric=True)
     qat.train()
     # a few optimizer steps, as in fine-tuning, so the float weights move off the grid
     opt = torch.optim.SGD(qat.parameters(), lr=0.1)
@@ -295,7 +296,7 @@ def test_quantize_model_bits_per_layer_and_float_layers():
     names = list(Q.quantizable_layers(model))
     assert names == ["1", "3"]
     q = Q.quantize_model(model, {"1": 2}, "tensor")
-    assert torch.equal(q[1].weight, Q.fake_quantize(model[1].weight, 2))
+    assert torch.equal(q[1].weight, Q.fake_quantize(model[1].weight, 2, granularity="tensor"))
     assert torch.equal(q[3].weight, model[3].weight)  # left out: stays float
     assert torch.equal(q[1].bias, model[1].bias)  # biases stay float
     assert layer_bits(model, 5) == {"1": 5, "3": 5}
@@ -358,9 +359,9 @@ def test_model_size_by_hand(granularity, group_size, symmetric, scale_bits):
 
 
 def test_model_size_float_layers_dtypes_and_embeddings():
-    size = Q.model_size(Net(), {"fc1": 3})  # conv and fc2 stay float
+    size = Q.model_size(Net(), {"fc1": 3}, "tensor", symmetric=True)  # conv and fc2 stay float
     assert (size.weight_bits, size.overhead_bits, size.float_bits) == (144, 16, (72 + 4 + 6 + 24) * 32)
-    size64 = Q.model_size(Net().double(), {"fc1": 3})
+    size64 = Q.model_size(Net().double(), {"fc1": 3}, "tensor", symmetric=True)
     assert size64.float_bits == (72 + 4 + 6 + 24) * 64
     emb = nn.ModuleDict({"emb": nn.Embedding(5, 3), "lin": nn.Linear(3, 2)})
     size = Q.model_size(emb, {"emb": 8, "lin": 4}, "channel", symmetric=False)
@@ -368,7 +369,7 @@ def test_model_size_float_layers_dtypes_and_embeddings():
     assert size.overhead_bits == 5 * (16 + 8) + 2 * (16 + 4)
     assert size.float_bits == 2 * 32
     tt = TinyTransformer(vocab=5, dim=8, heads=2, max_length=6, mlp_ratio=2)
-    qkv = Q.model_size(tt, {"attn.qkv": 2}, "rows", 4)  # one range per head: 24 rows / 4 = 6 groups
+    qkv = Q.model_size(tt, {"attn.qkv": 2}, "rows", 4, True)  # one range per head: 24 rows / 4 = 6 groups
     assert (qkv.weight_bits, qkv.overhead_bits) == (24 * 8 * 2, 6 * 16)
     total = sum(p.numel() for p in tt.parameters())
     assert qkv.float_bits == (total - 24 * 8) * 32
@@ -389,12 +390,14 @@ def test_bad_bits(bits):
 def test_one_bit_needs_an_asymmetric_grid():
     w = weights((4, 4))
     with pytest.raises(ValueError, match="bits.*symmetric"):
-        Q.fake_quantize(w, 1)
-    Q.fake_quantize(w, 1, symmetric=False)  # fine
+        Q.fake_quantize(w, 1, symmetric=True)
+    Q.fake_quantize(w, 1)  # fine: the default grid is asymmetric
     with pytest.raises(ValueError, match="bits"):
-        Q.fake_quantize(w, 0, symmetric=False)
+        Q.fake_quantize(w, 0)
     with pytest.raises(ValueError, match=r"bits\['fc1'\]"):
-        Q.quantize_model(Net(), {"fc1": 1})
+        Q.quantize_model(Net(), {"fc1": 1}, symmetric=True)
+    with pytest.raises(ValueError, match=r"bits\['fc1'\]"):
+        Q.quantize_model(Net(), {"fc1": 0})
     with pytest.raises(ValueError, match="act_bits"):
         Q.quantization_aware(MLP(4, (3,), 2), 4, act_bits=0)
 
@@ -416,6 +419,32 @@ def test_bad_granularity_and_group_size():
         Q.quantize_model(Net(), 4, "rows", -1)
     with pytest.raises(ValueError, match="group_size"):
         Q.quantization_aware(Net(), 4, granularity="rows", group_size=1.5)
+
+
+def test_the_default_grid_is_asymmetric_per_channel_and_group_size_means_column_groups():
+    """granularity=None: one range per output channel; with group_size, GPTQ's column groups; a vector
+    has no channels (one range); an explicit "channel" or "tensor" with a group size is refused, naming
+    the fix. symmetric=False by default. The same in every function that takes a quantizer."""
+    w = weights((6, 8), seed=3)
+    assert torch.equal(Q.fake_quantize(w, 3), Q.fake_quantize(w, 3, False, "channel"))
+    assert torch.equal(Q.fake_quantize(w, 3, group_size=4), Q.fake_quantize(w, 3, False, "columns", 4))
+    v = weights((6, 8), seed=5)[0]
+    assert torch.equal(Q.fake_quantize(v, 3), Q.fake_quantize(v, 3, False, "tensor"))
+    assert not torch.equal(Q.fake_quantize(v, 3), v)  # not one range per entry
+    assert Q.quantization_error(w, 2, group_size=4) == Q.quantization_error(w, 2, False, "columns", 4)
+    with pytest.raises(ValueError, match="group_size.*drop granularity="):
+        Q.fake_quantize(w, 4, granularity="channel", group_size=2)
+    net = Net()
+    q = Q.quantize_model(net, 2, group_size=8)  # the issue's call: column groups of 8
+    assert q.compression.details["granularity"] == "columns" and not q.compression.details["symmetric"]
+    assert torch.equal(q.fc1.weight, Q.fake_quantize(net.fc1.weight, 2, False, "columns", 8))
+    assert Q.quantize_model(net, 2).compression.details["granularity"] == "channel"
+    assert Q.model_size(net, 2, group_size=8) == Q.model_size(net, 2, "columns", 8, False)
+    assert Q.model_size(net, 3) == Q.model_size(net, 3, "channel", None, False)
+    qat = Q.quantization_aware(net, 3, group_size=8)
+    assert qat.compression.details["granularity"] == "columns"
+    assert {(m.granularity, m.group_size, m.symmetric) for m in qat.modules() if isinstance(m, QuantizedLayer)} == {
+        ("columns", 8, False)}
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
