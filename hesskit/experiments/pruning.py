@@ -148,7 +148,8 @@ def obs_path(model: nn.Module, criterion: Any, data: Any, test: tuple[Tensor, Te
     models, current = [], model
     for j, target in enumerate(targets):
         current = prune.obs(current, criterion, data, float(target), num_grads=num_grads, damping=damping,
-                            block_size=block_size, seed=seed + j, saliency=saliency, update=update)
+                            block_size=block_size, num_recomputations=1, seed=seed + j, saliency=saliency,
+                            update=update)
         models.append(current)
         progress.report(j + 1, len(targets), "OBS recomputation")  # shown while an explorer renders
     curve.add(label, targets, models, criterion, test, time.perf_counter() - start)

@@ -2,7 +2,7 @@
 the exact sequential OBS with a dense matrix, and gradual pruning with masked fine-tuning.
 
     import hesskit as hk
-    pruned = hk.prune.obs(model, nn.CrossEntropyLoss(), (x, y), sparsity=0.9, num_grads=256)
+    pruned = hk.prune.obs(model, nn.CrossEntropyLoss(), (x, y), sparsity=0.9)   # 54 OBS steps: M-FAC's schedule
     hk.prune.sparsity(pruned).overall        # 0.9
     pruned.compression.layers                # {layer name: type} of the layers pruned
 
@@ -13,7 +13,8 @@ may be dicts, and `output_fn=` (default: a ModelOutput's logits) picks what the 
 sparsities (`obd_diagonal` for `obd`, `FisherInverse` and the `per_sample_gradients` it is built
 from for `obs_with_inverse`), the layers and the sparsity report. The helpers stay in
 `hesskit.prune.pruning`: `pruning_order` (the operators' order of the weights to the pruning
-order, for Conv1D models), `sparsity_schedule` and `is_prunable`.
+order, for Conv1D models), `sparsity_schedule`, `default_recomputations` (the number of steps `obs`
+takes by default) and `is_prunable`.
 """
 
 from .pruning import (FisherInverse, GradualHistory, Sparsity, gradual, magnitude, obd, obd_diagonal, obs, obs_dense,

@@ -77,6 +77,7 @@ __all__ = [
     "is_prunable",
     "pruning_order",
     "sparsity_schedule",
+    "default_recomputations",
     "per_sample_gradients",
     "FisherInverse",
     "Sparsity",
@@ -243,6 +244,26 @@ def sparsity_schedule(zeros: int, size: int, target: float, steps: int) -> list[
     return counts + [final]
 
 
+RECOMPUTATIONS_PER_HALVING = 16  # M-FAC's README run: 16 recomputations per stage, each stage halving the density
+
+
+def default_recomputations(zeros: Sequence[int], sizes: Sequence[int], target: float,
+                           per_halving: float = RECOMPUTATIONS_PER_HALVING) -> int:
+    """The number of OBS steps `obs` takes by default: M-FAC's recomputation schedule scaled with the
+    sparsity, `per_halving` steps for every halving of the density,
+
+        ceil(per_halving * log2((1 - s_0) / (1 - target))),   at least 1,
+
+    with s_0 = zeros / size the sparsity the weights start from (the largest ratio over the ranked
+    groups `zeros[g]` of `sizes[g]`). M-FAC's README prunes a ResNet-20 in stages of 50, 75 and 87.5%,
+    each halving the density with `--nrecomps 16`; from a dense model this gives 16 steps to 50%,
+    28 to 70%, 54 to 90% and 70 to 95%."""
+    ratio = max(((1 - z / n) / (1 - target) for z, n in zip(zeros, sizes) if n > 0), default=1.0)
+    if ratio <= 1:
+        return 1
+    return max(1, math.ceil(per_halving * math.log2(ratio) - 1e-9))
+
+
 def _select(scores: Tensor, alive: Tensor, groups: Sequence[slice], counts: Sequence[int]) -> Tensor:
     """Indices to drop: in each group, the lowest-scoring alive weights until `count` are zero."""
     drop = []
@@ -295,10 +316,15 @@ def sparsity(model: nn.Module, layers: Any = None) -> Sparsity:
 def magnitude(model: nn.Module, sparsity: float, *, scope: str = "global", layers: Any = None) -> nn.Module:
     """Magnitude pruning: a copy of `model` with the smallest |w_q| set to zero, no other change.
 
-    `scope="global"` ranks all pruned weights together, so that exactly round(sparsity * n) of the
-    n weights are zero; `scope="layer"` prunes round(sparsity * n_l) weights in each layer. Zeros
-    already in the model count as pruned (M-FAC's `MagPruner`). The baseline of every pruning paper
-    (e.g. Han, Pool, Tran & Dally, "Learning both weights and connections", NeurIPS 2015).
+    `scope="global"` (default) ranks all pruned weights together, so that exactly
+    round(sparsity * n) of the n weights are zero (M-FAC's `MagPruner`); `scope="layer"` prunes
+    round(sparsity * n_l) weights in each layer. Measured on five trained models (the four of
+    `obs` and a 64-128-64-32-10 ReLU MLP; 50-95%), global ranking is as good or better in 32 of
+    36 cases, by up to 53 points (a SmallCNN at 90%), and at most 8 points worse: layers of
+    different widths need different sparsities. Zeros already in the model count as pruned. The
+    baseline of every pruning paper (e.g. Han, Pool, Tran & Dally, "Learning both weights and
+    connections", NeurIPS 2015); without a compensating update it collapses at high sparsity
+    (`obs` does not).
     """
     sparsity = _check_sparsity(sparsity)
     check_choice("scope", scope, SCOPES)
@@ -332,9 +358,10 @@ def per_sample_gradients(model: nn.Module, criterion: Any, data: Any, *, layers:
     biases and other parameters are held fixed), in the model's dtype. A sample is one entry along
     the batch's leading dimension: for a language model, one sequence, whose loss is the criterion
     on that sequence alone.
-    `num_grads=None` takes every sample of `data`. Otherwise m = num_grads samples: the first ones
-    in data order when `seed` is None, a seeded random subset of all samples when `seed` is an int
-    (then every sample's gradient is computed first). The model is left as it was.
+    `num_grads=None` (default) takes every sample of `data` (as `obs`, whose measurements favour
+    all samples over 64 or 256). Otherwise m = num_grads samples: the first ones in data order when
+    `seed` is None (default), a seeded random subset of all samples when `seed` is an int (then
+    every sample's gradient is computed first). The model is left as it was.
     """
     _check_model(model)
     num_grads = _check_count("num_grads", num_grads, allow_none=True)
@@ -394,8 +421,10 @@ class FisherInverse(MatrixFreeOperator):
 
     Args:
         grads: (m, n) gradients, one per row (`per_sample_gradients`).
-        damping: lambda > 0 (default 1e-5, WoodFisher's `--fisher-damp` and M-FAC's `--prundamp`).
-        block_size: c >= 1, or None for one block (default 128, M-FAC's `--blocksize`).
+        damping: lambda > 0 (default 1e-5, WoodFisher's `--fisher-damp` and M-FAC's `--prundamp`;
+            measured within a point of the best of 1e-7 to 1e-3 for `obs`).
+        block_size: c >= 1, or None for one block (default 128, M-FAC's `--blocksize`; measured for
+            `obs`: within 1.6 points of blocks of 512, far above blocks of 32 on one model).
     """
 
     kind = "fisher_inverse"
@@ -498,6 +527,11 @@ def obs_with_inverse(model: nn.Module, inverse: Any, sparsity: float, *, scope: 
     step is M-FAC's pruner (see `obs`). For ablations: `saliency="magnitude"` ranks by w_q^2 instead
     of w_q^2 / (2 [F^{-1}]_qq), and `update=False` drops without compensating (WoodFisher's
     `--scale-prune-update 0`). One inverse serves every sparsity, which makes curves cheap.
+
+    This is ONE step, M-FAC's pruner without recomputation (the step `obs` repeats): fine to
+    about 70% (on the held-out digits MLP of the tests: 94% at 70%, magnitude pruning 88%), but
+    at 90% it keeps far less than `obs`'s default schedule (58-70% against 94%). The defaults
+    (`saliency="obs"`, `update=True`, `scope="global"`) are OBS as WoodFisher and M-FAC run it.
     """
     sparsity = _check_sparsity(sparsity)
     check_choice("scope", scope, SCOPES)
@@ -513,9 +547,9 @@ def obs_with_inverse(model: nn.Module, inverse: Any, sparsity: float, *, scope: 
 
 
 def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_grads: int | None = None,
-        damping: float = 1e-5, block_size: int | None = 128, num_recomputations: int = 1, scope: str = "global",
-        layers: Any = None, seed: int | None = None, saliency: str = "obs", update: bool = True,
-        output_fn: Any = None, progress: bool = False) -> nn.Module:
+        damping: float = 1e-5, block_size: int | None = 128, num_recomputations: int | None = None,
+        scope: str = "global", layers: Any = None, seed: int | None = None, saliency: str = "obs",
+        update: bool = True, output_fn: Any = None, progress: bool = False) -> nn.Module:
     r"""Optimal Brain Surgeon with the damped empirical Fisher (WoodFisher / M-FAC): a pruned copy.
 
     Curvature: F = damping * I + (1/m) sum_i g_i g_i^T over m per-sample gradients g_i of the
@@ -536,20 +570,26 @@ def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_gra
     `num_recomputations` instead.
 
     Args:
-        num_grads: m, the number of per-sample gradients; None (default) uses every sample of `data`
-            (WoodFisher's MNIST test: 100 gradients of single samples; M-FAC: 64 mini-batch
-            gradients of 32 samples each, a coarser Fisher than this per-sample one).
-        damping: lambda (default 1e-5, both official codes).
+        num_recomputations: prune in this many steps (M-FAC's `--nrecomps`), the density shrinking
+            geometrically towards the target; the gradients and the inverse are recomputed at the
+            updated weights before each step, over the weights still alive. None (default): M-FAC's
+            recomputation schedule scaled with the sparsity (`default_recomputations`), 16 steps for
+            every halving of the density (M-FAC's README prunes in stages of 50, 75 and 87.5%, each
+            halving the density in 16 steps): 16 steps from a dense model to 50%, 28 to 70%, 54 to
+            90%, 70 to 95%, fewer from a model that is already sparse. 1 is the one-shot WoodFisher /
+            M-FAC step (`obs_with_inverse`), which collapses at high sparsity.
+        num_grads: m, the number of per-sample gradients per step; None (default) uses every sample
+            of `data`: the most accurate Fisher the data gives (WoodFisher's MNIST test: 100
+            gradients of single samples; M-FAC: 64 mini-batch gradients of 32 samples each).
+        damping: lambda (default 1e-5, both official codes: WoodFisher's `--fisher-damp`, M-FAC's
+            `--prundamp`).
         block_size: c (default 128, M-FAC's `--blocksize`); None for one block over all weights (the
             full damped-EF OBS; WoodFisher's blocks are 100-2000). Smaller blocks ignore more
             correlations but cost O(c n m) instead of O(n m^2).
-        num_recomputations: prune in this many steps (M-FAC's `--nrecomps`, 16 in its README), the
-            density shrinking geometrically towards the target; the gradients and the inverse are
-            recomputed at the updated weights before each step, over the weights still alive.
-        scope: "global" ranks all weights together (WoodFisher, M-FAC), "layer" prunes each layer
-            to the sparsity.
-        seed: None uses the first `num_grads` samples of `data`; an int draws them at random (a new
-            subset for each recomputation, seeds seed, seed + 1, ...).
+        scope: "global" (default) ranks all weights together (WoodFisher, M-FAC), "layer" prunes each
+            layer to the sparsity.
+        seed: None (default) uses the first `num_grads` samples of `data`; an int draws them at random
+            (a new subset for each recomputation, seeds seed, seed + 1, ...).
         saliency, update: ablation switches (default: OBS). `saliency="magnitude"` ranks by w_q^2
             instead of w_q^2 / (2 [F^{-1}]_qq); `update=False` drops without compensating (then
             the remaining weights never change; WoodFisher's `--scale-prune-update 0`).
@@ -557,9 +597,28 @@ def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_gra
         progress: show a progress bar of the phases (per-sample gradients, then inverse and
             surgery, for each recomputation).
 
+    Where the defaults come from (measured, test accuracy without fine-tuning, on four trained
+    models: the digits MLPs of notebook 13 and bench/compression.py, a `hk.models.SmallCNN` on the
+    digits and the `TinyTransformer` of notebook 12; two seeds each; the rest of the settings at
+    their defaults). One step loses up to 64 points at 90% and up to 87 at 95%. Against 1, 2, 4,
+    ..., 64 steps (seed 0) and 8 or 12 steps per halving of the density (both seeds), the default
+    schedule (16 per halving) is within 2.2 points of the best at each of 50, 70, 90 and 95% on
+    every model and seed (at 90%: 92.5-98.1%, dense 95-100%), where 8 per halving loses up to 5.5
+    points. With this schedule at 90%, m = all samples beats m = 64 by 3-12 points and m = 256 by
+    up to 2; blocks of 128 are within 1.6 points of blocks of 512 (blocks of 32 lose 30 points on
+    one model); damping 1e-5 is within a point of the best of 1e-7 to 1e-3, and at 95% neither
+    1e-4 nor a damping of 1% or 10% of the mean Fisher diagonal does better on average. At 95% the
+    result varies by several points from one schedule to the next: on the held-out digits MLP of
+    the tests it fell from about 93% (24, 48 or 100 steps) to 81% (70 steps, the default).
+
+    Cost: each step computes m per-sample gradients (m = num_grads, or all the samples), then
+    builds the block inverse in O(n c m) (c <= m) or O(n m^2) (c > m) float64 operations, so the
+    default costs 16 m gradients at 50% and 54 m at 90%. On a 64-128-64-32-10 MLP (18,752
+    weights, m = 1,348 digits) one step takes about 0.5 s on one CPU thread: 27 s to 90%; with
+    m = 256 it is 0.07 s (4 s to 90%).
+
     Zeros already in the model stay zero and count towards the sparsity; the per-sample gradients
-    are taken in eval mode. Cost per step: m per-sample gradients, then O(n c m) (c <= m) or
-    O(n m^2) (c > m) in float64.
+    are taken in eval mode.
 
     References: Hassibi & Stork, "Second order derivatives for network pruning: Optimal Brain
     Surgeon", NeurIPS 1993; Singh & Alistarh, "WoodFisher: Efficient second-order approximation for
@@ -571,12 +630,16 @@ def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_gra
     check_damping(damping)
     _check_count("block_size", block_size, allow_none=True)
     check_choice("saliency", saliency, ("obs", "magnitude"))
-    steps = _check_count("num_recomputations", num_recomputations)
+    steps = _check_count("num_recomputations", num_recomputations, allow_none=True)
     num_grads = _check_count("num_grads", num_grads, allow_none=True)
     pruned = model_copy(_check_model(model))
     chosen = _resolve_layers(pruned, layers)
     names = [name for name in chosen]
     groups = _groups(chosen, scope)
+    if steps is None:
+        w = _flat(chosen)
+        steps = default_recomputations([int((w[g] == 0).sum()) for g in groups], [g.stop - g.start for g in groups],
+                                       sparsity)
     bar = progress_bar(progress, 2 * steps, "OBS", unit="phase")
     for j, counts in enumerate(_targets(_flat(chosen), groups, sparsity, steps)):
         w = _flat(chosen)
@@ -599,27 +662,39 @@ def obs(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, num_gra
 
 
 def obs_dense(model: nn.Module, hessian: Tensor, sparsity: float, *, layers: Any = None,
-              damping: float = 0.0) -> nn.Module:
+              damping: float = 0.01) -> nn.Module:
     r"""The original OBS with a dense matrix, one weight at a time (Hassibi & Stork 1993): a pruned copy.
 
     `hessian` is the n x n curvature of the pruned weights in the pruning order, e.g. with
-    `H = hk.HessianOperator(model, criterion, data, params=[m.weight for m in
+    `H = hk.GGNOperator(model, criterion, data, params=[m.weight for m in
     hk.prune.prunable_layers(model).values()]).dense()` and `p = pruning_order(model)` (from
-    `hesskit.prune.pruning`), `H[p][:, p]` (p is the identity without Conv1D layers), plus
-    `damping * I`. With H^{-1} in float64, repeat until round(sparsity * n) weights are zero
-    (global ranking):
+    `hesskit.prune.pruning`), `H[p][:, p]` (p is the identity without Conv1D layers). It must be
+    positive definite once damped: a Gauss-Newton or Fisher matrix, not the indefinite Hessian of a
+    trained network (OBS's saliencies assume a minimum). With H_d = H + damping * mean|diag H| * I
+    inverted in float64, repeat until round(sparsity * n) weights are zero (global ranking):
 
-        q = argmin over remaining q of w_q^2 / (2 [H^{-1}]_qq)
-        w <- w - (w_q / [H^{-1}]_qq) H^{-1} e_q                  (w_q becomes 0)
-        H^{-1} <- H^{-1} - H^{-1}_{:,q} H^{-1}_{q,:} / [H^{-1}]_qq  (remove q; OBC's `trueobs.py`)
+        q = argmin over remaining q of w_q^2 / (2 [H_d^{-1}]_qq)
+        w <- w - (w_q / [H_d^{-1}]_qq) H_d^{-1} e_q                  (w_q becomes 0)
+        H_d^{-1} <- H_d^{-1} - H_d^{-1}_{:,q} H_d^{-1}_{q,:} / [H_d^{-1}]_qq  (remove q; OBC's `trueobs.py`)
 
-    The downdate makes H^{-1} the inverse of H with q constrained to zero, so later updates keep the
-    removed weights at zero, and each step is optimal given the earlier ones. Weights that are zero
-    at the start are removed first (downdate only). For tiny models: O(n^3) + O(n^2) per weight.
+    The downdate makes H_d^{-1} the inverse of H_d with q constrained to zero, so later updates keep
+    the removed weights at zero, and each step is optimal given the earlier ones. Weights that are
+    zero at the start are removed first (downdate only). For tiny models: O(n^3) + O(n^2) per weight.
+
+    `damping` is relative, a fraction of the mean |diagonal| of `hessian` (the mean diagonal of a
+    positive semi-definite one), as `hk.quant.gptq`'s. Default 0.01: OBC's and GPTQ's `percdamp`
+    (Frantar & Alistarh 2022). Measured on two trained tanh MLPs (a 5-24-1 regression and a
+    64-8-10 digits classifier, two seeds each) with their dense GGN: undamped (`damping=0`) the
+    GGN is singular on the digits (pixels that are always zero) and on the regression OBS at 50%
+    leaves a test loss 3-4x magnitude pruning's, while 0.01 leaves 5-6x less than magnitude's
+    there and keeps 93-96% digits accuracy against magnitude's 86-88%; 0.001-0.1 are within a few
+    points of 0.01 on the digits. Pass `damping=0` to use the matrix as it is (e.g. an exact
+    least-squares Hessian, where sequential OBS is exactly refitting).
     """
     sparsity = _check_sparsity(sparsity)
     if not is_real(damping) or not 0 <= damping < math.inf:
-        raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}")
+        raise ValueError(f"damping: expected a finite number >= 0 (a fraction of mean|diag(hessian)|, e.g. 0.01), "
+                         f"got {damping!r}")
     pruned = model_copy(_check_model(model))
     chosen = _resolve_layers(pruned, layers)
     w = _flat(chosen).double()
@@ -627,11 +702,17 @@ def obs_dense(model: nn.Module, hessian: Tensor, sparsity: float, *, layers: Any
     if not isinstance(hessian, Tensor) or hessian.shape != (n, n):
         raise ValueError(f"hessian: expected an ({n}, {n}) tensor over the pruned weights, got "
                          f"{tuple(hessian.shape) if isinstance(hessian, Tensor) else type(hessian).__name__}")
-    H = hessian.detach().to(w.device, torch.float64) + damping * torch.eye(n, dtype=torch.float64, device=w.device)
-    Hinv = torch.linalg.inv((H + H.T) / 2)
-    if not (Hinv.diagonal() > 0).all():
-        raise ValueError("hessian: its inverse has a diagonal entry <= 0 (the matrix is not positive definite); "
-                         "add damping")
+    H = hessian.detach().to(w.device, torch.float64)
+    if not torch.isfinite(H).all():
+        raise ValueError("hessian: contains nan or inf")
+    H = (H + H.T) / 2
+    H.diagonal().add_(damping * H.diagonal().abs().mean())
+    factor, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError(f"hessian: not positive definite after damping={damping:g} x mean|diag| (OBS needs a "
+                         "positive definite curvature: pass a Gauss-Newton or Fisher matrix rather than an indefinite "
+                         "Hessian, or raise damping, e.g. 0.1)")
+    Hinv = torch.cholesky_inverse(factor)
     removed = torch.zeros(n, dtype=torch.bool, device=w.device)
     for _ in range(round(sparsity * n)):
         d = Hinv.diagonal()
@@ -662,19 +743,26 @@ def _outputs_per_sample(model: nn.Module, data: Any, output_fn: Any) -> int:
 def _ggn_diagonal(model: nn.Module, criterion: Any, data: Any, layers: Mapping[str, nn.Module], num_matvecs: int,
                   seed: int | None, exact: bool | None, output_fn: Any) -> tuple[Tensor, dict[str, Any]]:
     """diag(GGN) over the layers' weights (pruning order) and how it was obtained: exactly when
-    `exact`, or when `exact` is None and C <= num_matvecs (see `obd`), else by Hutchinson."""
+    `exact`, or when `exact` is None and C <= num_matvecs (see `obd`), else estimated by XDiag."""
     outputs = _outputs_per_sample(model, data, output_fn)
     op = GGNOperator(model, criterion, data, _weights(layers), mode="eval", output_fn=output_fn)
     if (outputs <= num_matvecs) if exact is None else exact:
         try:
             exact_diagonal = op.exact_diagonal()
         except ValueError as error:
-            raise ValueError(f"{error}. OBD: pass exact=False for the Hutchinson estimate of the GGN diagonal, which "
+            raise ValueError(f"{error}. OBD: pass exact=False for the XDiag estimate of the GGN diagonal, which "
                              "needs no per-sample losses") from error
         return exact_diagonal[_positions(layers)], dict(diagonal="exact", outputs_per_sample=outputs)
-    estimate = diagonal(_InPruningOrder(op, _positions(layers)), num_matvecs=num_matvecs, seed=seed,
-                        method="hutchinson").value
-    return estimate, dict(diagonal="hutchinson", num_matvecs=num_matvecs, seed=seed, outputs_per_sample=outputs)
+    estimate, details = _estimated_diagonal(op, layers, num_matvecs, seed)
+    return estimate, dict(details, outputs_per_sample=outputs)
+
+
+def _estimated_diagonal(op: Any, layers: Mapping[str, nn.Module], num_matvecs: int,
+                        seed: int | None) -> tuple[Tensor, dict[str, Any]]:
+    """diag(op) over the layers' weights (pruning order) from `num_matvecs` products by `hk.diagonal`'s
+    default estimator, XDiag (exact when num_matvecs >= n), and how it was obtained."""
+    result = diagonal(_InPruningOrder(op, _positions(layers)), num_matvecs=num_matvecs, seed=seed)
+    return result.value, dict(diagonal=result.method, num_matvecs=num_matvecs, seed=seed)
 
 
 def _obd_diagonal(model: nn.Module, criterion: Any, data: Any, curvature: str, layers: Any, num_matvecs: int,
@@ -694,9 +782,7 @@ def _obd_diagonal(model: nn.Module, criterion: Any, data: Any, curvature: str, l
             diag, details = _ggn_diagonal(model, criterion, data, chosen, num_matvecs, seed, exact, output_fn)
         else:
             op = HessianOperator(model, criterion, data, _weights(chosen), mode="eval", output_fn=output_fn)
-            diag = diagonal(_InPruningOrder(op, _positions(chosen)), num_matvecs=num_matvecs, seed=seed,
-                            method="hutchinson").value
-            details = dict(diagonal="hutchinson", num_matvecs=num_matvecs, seed=seed)
+            diag, details = _estimated_diagonal(op, chosen, num_matvecs, seed)
     return diag.double(), dict(curvature=curvature, **details)
 
 
@@ -704,9 +790,9 @@ def obd_diagonal(model: nn.Module, criterion: Any, data: Any, curvature: str = "
                  num_matvecs: int = 100, seed: int | None = 0, exact: bool | None = None,
                  output_fn: Any = None) -> Tensor:
     """The diagonal that `obd` ranks by, over the pruned weights in the pruning order (float64):
-    "ggn" exactly or by Hutchinson, chosen by cost (`exact`), "hessian" from `num_matvecs` Hutchinson
-    probes, "empirical_fisher" exactly (see `obd`). Computed once, it serves a whole curve of
-    sparsities via `obd(curvature=diag)`."""
+    "ggn" exactly or by XDiag, chosen by cost (`exact`), "hessian" from `num_matvecs` XDiag
+    products, "empirical_fisher" exactly (see `obd`, also for where the defaults come from).
+    Computed once, it serves a whole curve of sparsities via `obd(curvature=diag)`."""
     return _obd_diagonal(model, criterion, data, curvature, layers, num_matvecs, seed, exact, output_fn)[0]
 
 
@@ -718,30 +804,43 @@ def obd(model: nn.Module, criterion: Any, data: Any, sparsity: float, *, scope: 
     No compensating update: OBD assumes H is diagonal, so removing q changes nothing else.
     `curvature` says where diag(H) comes from:
 
-    * "ggn" (default): the Gauss-Newton diagonal. OBD itself used a Gauss-Newton
+    * "ggn" (default; the paper's): the Gauss-Newton diagonal. OBD itself used a Gauss-Newton
       ("Levenberg-Marquardt") diagonal, computed by a second backward pass. Two ways, chosen by
       cost unless `exact` says which:
       - exactly, by `hk.GGNOperator.exact_diagonal`: C per-sample-gradient passes over the data,
         C = model outputs per sample, and an N x C x C tensor of output Hessians;
-      - estimated, by `hk.diagonal` on the GGN with `num_matvecs` Rademacher probes (`seed`), each
-        a GGN product (at least one backward pass over the data).
+      - estimated, by `hk.diagonal`'s default estimator, XDiag (Epperly, Tropp & Webber 2024), on
+        the GGN with `num_matvecs` Rademacher probes (`seed`), each a GGN product (at least one
+        backward pass over the data).
       With `exact=None` the exact diagonal is used when C <= num_matvecs, i.e. when it takes no
       more passes over the data than the estimate would. At the default num_matvecs = 100
       (PyHessian's maxIter, also the "hessian" default here) that is every classifier with up to
       100 classes, but not a language model: its C is T x V (sequence length times vocabulary), so
       a tiny GPT-2 with T = 8 and V = 30 has C = 240, and a real one millions. `exact=True` forces
       the exact diagonal, `exact=False` the estimate. The copy's `.compression.details` says which
-      ran (`diagonal`: "exact" or "hutchinson", `outputs_per_sample`, `num_matvecs`).
-    * "hessian": the loss Hessian's diagonal, estimated by `hk.diagonal` with `num_matvecs`
-      Rademacher probes (`seed`). Each entry has variance sum_{j != q} H_qj^2 / num_matvecs: on a
-      64-wide ReLU MLP, 100 probes leave a median relative error above 100% and a third of the
-      entries negative (which ranks those weights first), so prefer "ggn" unless the model is tiny.
-      The Hutchinson estimate of the GGN's diagonal has the same kind of error, with G for H.
+      ran (`diagonal`: "exact" or "xdiag", `outputs_per_sample`, `num_matvecs`).
+    * "hessian": the loss Hessian's diagonal, estimated by XDiag with `num_matvecs` Rademacher
+      probes (`seed`). It can be negative (a trained network's Hessian is indefinite), which ranks
+      such a weight first; prefer "ggn".
     * "empirical_fisher": (1/N) sum_i g_i^2 over all per-sample gradients, exactly (WoodFisher's
       "diagonal Fisher" baseline; no probes; N per-sample gradients whatever C is).
     * a tensor: the diagonal itself (shape (n,)), or an n x n matrix whose diagonal is used (e.g. a
       dense Hessian from `op.dense()`), over the pruned weights in the pruning order (see
       `pruning_order` for models with Conv1D layers).
+
+    Why XDiag for the estimates (measured, 100 products, four trained models: two digits MLPs, a
+    `hk.models.SmallCNN` and a `TinyTransformer`): the median relative error of the estimated GGN
+    diagonal is 2-47% with XDiag against 136-257% with Hutchinson, whose estimate leaves 30-38% of
+    the entries negative (XDiag 0.7-15%); pruned to 50%, OBD with the XDiag estimate stays within
+    half a point of the exact diagonal's test accuracy, with Hutchinson's it loses 3-25 points.
+
+    `scope="global"` (default) ranks all weights together, as OBD's saliencies (loss increases)
+    are comparable across layers; "layer" prunes each layer to the sparsity.
+
+    What to expect: no method without compensation survives high sparsity, OBD included. On those
+    four models OBD with the exact GGN diagonal is within 1 point of magnitude pruning at 50%,
+    and at 90% below it on three of them (9-43% test accuracy; a diagonal saliency only reorders
+    the same damage); `obs` keeps 95-98% there.
 
     Zeros already in the model count as pruned; curvature is evaluated in eval mode. `output_fn`
     picks the tensor the criterion sees (see the module docstring).
@@ -837,6 +936,14 @@ def gradual(model: nn.Module, criterion: Any, data: Any, sparsities: Sequence[fl
     carries `.compression` (method "gradual"; `details["method"]` is the pruning method), with one
     `UncompressedWarning` per call (not one per stage) when `layers` is not given. `output_fn` picks
     the tensor the criterion sees, for the losses, the fine-tuning and the pruning method.
+
+    Where the defaults come from: `method="obs"` with `obs`'s own defaults, whose schedule counts
+    from the sparsity each stage starts at, so the stages 50, 70, 90% take 16 + 12 + 26 OBS steps,
+    as many as one `obs` call to 90%; SGD with momentum 0.9 as M-FAC's `gradual_prun` (its README:
+    lr 0.005), lr 0.01 and 100 full-batch steps per stage measured on the four models of `obs`
+    (stages 50, 70, 90%): after fine-tuning at 90%, 93.9-97.8% test accuracy (dense 95-100%),
+    within 0.5 points of the best of lr 0.005, lr 0.05 and Adam at lr 0.001, and 3-12 points above
+    gradual magnitude pruning (which the fine-tuning lifts by 14-66 points at 90%).
     """
     schedule, batch_size = _check_gradual(model, data, sparsities, method, finetune_steps, lr, optimizer, batch_size,
                                           evaluate, prune_kwargs)

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import fit
 import hesskit as hk
 from hesskit import prune
-from hesskit.prune.pruning import sparsity_schedule
+from hesskit.prune.pruning import default_recomputations, sparsity_schedule
 
 
 def small_mlp(seed=0, hidden=5, dtype=torch.float64):
@@ -114,7 +114,7 @@ def test_obs_one_weight_is_the_closed_form(problem):
         if name.endswith("bias"):
             assert torch.equal(a, b)
     # the dense sequential OBS with the same matrix takes the same first step
-    same = prune.obs_dense(model, damped_fisher(reference_gradients(model, criterion, data), damping), 1 / n)
+    same = prune.obs_dense(model, damped_fisher(reference_gradients(model, criterion, data), damping), 1 / n, damping=0)
     torch.testing.assert_close(weights(same), expected, rtol=1e-9, atol=1e-12)
 
 
@@ -139,7 +139,7 @@ def test_obs_blocked_update_is_the_block_diagonal_formula(problem, scope):
     u[drop] = -w[drop] / Finv.diagonal()[drop]
     expected = w + Finv @ u
     expected[drop] = 0
-    pruned = prune.obs(model, criterion, data, s, damping=damping, block_size=block, scope=scope)
+    pruned = prune.obs(model, criterion, data, s, damping=damping, block_size=block, scope=scope, num_recomputations=1)
     torch.testing.assert_close(weights(pruned), expected, rtol=1e-9, atol=1e-12)
     # the same step through a hand-made inverse
     again = prune.obs_with_inverse(model, prune.FisherInverse(G, damping, block), s, scope=scope)
@@ -161,7 +161,7 @@ def test_obs_dense_is_refitting_least_squares():
     torch.testing.assert_close(H, 2 * X.T @ X / N)
     loss = lambda m: criterion(m(X), y).item()  # noqa: E731
     for k in range(1, d):
-        pruned = prune.obs_dense(model, H, k / d)
+        pruned = prune.obs_dense(model, H, k / d, damping=0)  # the exact Hessian, undamped
         w = pruned.weight.detach()[0]
         keep = w != 0
         assert int((~keep).sum()) == k
@@ -171,7 +171,7 @@ def test_obs_dense_is_refitting_least_squares():
     w = model.weight.detach()[0]
     Hinv = torch.linalg.inv(H)
     rho = w**2 / (2 * Hinv.diagonal())
-    assert loss(prune.obs_dense(model, H, 1 / d)) - loss(model) == pytest.approx(rho.min().item(), rel=1e-8)
+    assert loss(prune.obs_dense(model, H, 1 / d, damping=0)) - loss(model) == pytest.approx(rho.min().item(), rel=1e-8)
 
 
 # --------------------------------------------------------------------------- OBD and magnitude
@@ -252,6 +252,11 @@ def test_recomputation_schedule_and_conv_layers():
     assert sparsity_schedule(0, 1000, 0.875, 3) == [500, 750, 875]  # density halves each step (M-FAC nrecomps)
     assert sparsity_schedule(100, 1000, 0.05, 4) == [100] * 4  # already sparser than the target: nothing to do
     assert sparsity_schedule(0, 10, 0.5, 1) == [5]
+    # obs's default number of steps: 16 per halving of the density (M-FAC's README), from the sparsity reached
+    assert [default_recomputations([0], [1000], s) for s in (0.5, 0.7, 0.9, 0.95)] == [16, 28, 54, 70]
+    assert default_recomputations([500], [1000], 0.75) == 16  # zeros already there count
+    assert default_recomputations([900], [1000], 0.5) == 1  # already sparser: one (empty) step
+    assert default_recomputations([0, 300], [1000, 1000], 0.65) == default_recomputations([0], [1000], 0.65)
     torch.manual_seed(0)
     cnn = hk.models.SmallCNN((2, 3)).double()
     (x, y), _ = hk.data.digits(seed=0)
@@ -342,6 +347,10 @@ def test_bad_inputs_raise_clear_errors(problem):
         prune.obs_dense(model, torch.eye(7), 0.5)
     with pytest.raises(ValueError, match="positive definite"):
         prune.obs_dense(model, -torch.eye(35, dtype=torch.float64), 0.5)
+    with pytest.raises(ValueError, match="hessian: not positive definite"):  # singular, undamped
+        prune.obs_dense(model, torch.zeros(35, 35, dtype=torch.float64), 0.5, damping=0)
+    with pytest.raises(ValueError, match="damping"):
+        prune.obs_dense(model, torch.eye(35, dtype=torch.float64), 0.5, damping=-1)
     with pytest.raises(ValueError, match="sparsities"):
         prune.gradual(model, criterion, data, [0.7, 0.5])
     with pytest.raises(ValueError, match="sparsities"):
