@@ -9,10 +9,13 @@ import torch
 
 from .probes import DISTRIBUTIONS, Counted, make_generator, probes
 from .._checks import check_choice, check_count
+from ..progress import progress_bar
 from .eigen import lanczos_step
 from .results import SpectralDensityResult
 
 __all__ = ["spectral_density"]
+
+DEFAULT_STEPS = 80  # Lanczos steps per run unless n is smaller (see spectral_density)
 
 
 def lanczos_quadrature(A: Counted, v: torch.Tensor, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,8 +47,8 @@ def lanczos_quadrature(A: Counted, v: torch.Tensor, num_steps: int) -> tuple[np.
 
 
 def spectral_density(
-    op: Any, num_runs: int = 10, num_steps: int = 80, distribution: str = "rademacher", seed: int | None = None,
-    progress: bool = False,
+    op: Any, num_runs: int = 10, num_steps: int | None = None, distribution: str = "rademacher",
+    seed: int | None = None, progress: bool = False,
 ) -> SpectralDensityResult:
     """The eigenvalue density of a symmetric operator by SLQ (Ubaru, Chen & Saad 2017;
     Ghorbani, Krishnan & Xiao 2019), with `num_runs * num_steps` products.
@@ -55,10 +58,20 @@ def spectral_density(
     `result.estimate_trace(f)` estimates tr f(A) with a standard error over runs.
     `result.density(grid, sigma)` and `result.plot()` smooth it with a Gaussian.
     `progress=True` shows a bar of the products, with the runs done and the largest node so far.
+
+    Defaults (800 products on an operator with n >= 80). num_runs 10: enough runs for the
+    standard error over runs that `estimate_trace` reports (PyHessian's `density` runs 1, with
+    none). num_steps min(80, n): n steps make each run exact (the nodes are the eigenvalues),
+    and measured on the held-out problems of tests/curvature/test_curvature_defaults.py (the
+    Hessian, GGN and empirical Fisher of a 12-48-3 tanh regression MLP, n = 771; the Hessian and
+    empirical Fisher of a trained digits MLP, n = 18,986), 80 steps put the extreme nodes on
+    lambda_min and lambda_max to 4 digits and the estimates of tr A and tr A^2 within 1.7 standard
+    errors of the exact values (PyHessian: 100 steps). seed None draws one (reported).
     """
     check_count("num_runs", num_runs)
-    check_count("num_steps", num_steps)
-    A = Counted(op, progress, num_runs * num_steps, "spectral density")
+    A = Counted(op)
+    num_steps = min(DEFAULT_STEPS, A.n) if num_steps is None else check_count("num_steps", num_steps)
+    A.bar = progress_bar(progress, num_runs * num_steps, "spectral density", group=A.group)
     if num_steps > A.n:
         raise ValueError(f"num_steps: expected at most n = {A.n} Lanczos steps, got {num_steps}")
     check_choice("distribution", distribution, DISTRIBUTIONS)

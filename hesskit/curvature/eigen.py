@@ -392,6 +392,15 @@ def eigenvalues(
     vectors, kept twice (the basis and its products), so mind memory on large models; the copy
     check keeps its basis and products within the basis_size + 1 vectors of the first run.
 
+    Defaults k=1, which="largest": the sharpness lambda_max that most uses of a Hessian's
+    spectrum start from. tol 1e-3 (PyHessian's tolerance; there on the relative change of the
+    eigenvalue): the README's eigenvalue benchmarks reach an error of 1e-3 * ||A|| or better with
+    it, and on the held-out problems of tests/curvature/test_curvature_defaults.py lambda_max
+    came out within 1e-6 relative, in 6-19 products. basis_size: this module's choice, about
+    twice scipy's eigsh default (ncv = max(2k + 1, 20)), so that restarts are rare for small k.
+    max_matvecs 20 * basis_size: a cap that only slow convergence reaches (then a warning).
+    seed None draws one (reported in the result).
+
     A residual bounds the distance to *some* eigenvalue; with a loose tol and nearly equal top
     eigenvalues, check a second seed before trusting which one was found.
     `progress=True` shows a bar of the products (up to the budget; convergence ends it early) with
@@ -438,7 +447,7 @@ def eigenvalues(
 
 
 def power_iteration(
-    op: Any, k: int = 1, max_iters: int = 100, tol: float = 1e-3, seed: int | None = None,
+    op: Any, k: int = 1, max_iters: int = 1000, tol: float = 1e-3, seed: int | None = None,
     progress: bool = False,
 ) -> EigenResult:
     """The k eigenpairs of largest magnitude by power iteration with deflation (as PyHessian).
@@ -447,6 +456,19 @@ def power_iteration(
     eigenvectors already found and normalised, until ||A v - (v^T A v) v|| <= tol * ||A|| or
     `max_iters` products. Kept for teaching and comparison: Lanczos needs far fewer products.
     `progress=True` shows a bar of the products (up to k * max_iters) with the current estimate.
+
+    Defaults. tol 1e-3 is PyHessian's and `eigenvalues`'. The test is the residual, as in
+    `eigenvalues`: stricter than PyHessian's, which stops when the eigenvalue changes by less than
+    tol relatively (a residual r bounds the eigenvalue's error by about r^2 / gap). max_iters 1000
+    per eigenvalue, measured: power iteration needs about log(tol) / log|lambda_2 / lambda_1|
+    products, and on 20 operators (Hessian, GGN and empirical Fisher of the 12-48-3 tanh
+    regression MLP over 3 seeds, of a trained 64-128-64-32-10 digits MLP, of a trained digits MLP
+    and SmallCNN; the Hessian of the last two at initialisation) it took 6-315 products at tol
+    1e-3, with seeds 0 and 1, the most where |lambda_2 / lambda_1| > 0.95 (untrained networks;
+    the regression MLP's GGN: 0.987). PyHessian's 100 missed tol on 4 of the 20 with either seed
+    (a warning and converged=False; the regression MLP initialised in float64 had a GGN
+    eigenvalue 2.5e-3 off after 100 products). Products beyond
+    convergence are never spent: the iteration stops at tol. seed None draws one (reported).
     """
     check_count("k", k)
     check_count("max_iters", max_iters)

@@ -464,7 +464,11 @@ def kfac_factors(model: nn.Module, criterion: Callable[[Any, Any], Tensor], data
             Tensor inputs are passed as `model(inputs)`, a dict as `model(**inputs)`.
         fisher: "empirical" (output gradients of `criterion` on the targets) or "mc" (the true
             Fisher: labels drawn from the model's softmax, outputs = logits with classes last,
-            (N, C) or (N, T, V); Martens & Grosse 2015).
+            (N, C) or (N, T, V); Martens & Grosse 2015). Default "empirical", as
+            gpauloski/kfac-pytorch: it needs only the criterion, so it holds for any loss (a
+            regression's MSE included), where "mc", the paper's, assumes a softmax cross-entropy.
+            On one sample A (x) G is exactly that sample's empirical Fisher block
+            (tests/curvature/test_curvature_defaults.py checks both held-out problems).
         seed: the label sampler's seed for "mc" (None draws one).
         output_fn: `output_fn(model outputs) -> tensor`, what the criterion sees; default: a
             tensor as it is, a Hugging Face ModelOutput's `logits`.

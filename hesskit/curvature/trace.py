@@ -351,7 +351,12 @@ def trace(
     indefinite (a BatchNorm CNN's at initialisation) and a low-rank (an MLP's GGN) curvature
     matrix at 30, 99 and 300 products, 50 seeds each: XTrace is within 1.16x of the best
     everywhere, Hutch++ within 1.73x, Hutchinson up to 32x off. 100 products: about 1% error on
-    a trained network's Hessian (README) for the cost of 100 Hessian-vector products.
+    a trained network's Hessian (README) for the cost of 100 Hessian-vector products; on the
+    held-out problems of tests/curvature/test_curvature_defaults.py 0.2-4% on an untrained tanh
+    regression MLP's indefinite Hessian (n = 771) and 0.05-0.2% on a trained digits MLP's
+    (n = 18,986), each within 1 standard error. distribution "rademacher": the probe whose
+    z^T A z has the least variance among i.i.d. unit-variance probes (Hutchinson 1989). seed None
+    draws a fresh seed, reported in `result.seed`.
 
     `op` is a curvature operator or any square tensor. `progress=True` shows a bar of the
     products with the running estimate.
@@ -406,6 +411,11 @@ def diagonal(
     XDiag's worst case is 1.31x the best (the flat indefinite spectrum at 30 products: with
     nothing for the sketch to capture, XDiag is Hutchinson on half the probes, at most sqrt(2)
     worse); Hutchinson's is 26x on a trained CNN's Hessian and far more on a low-rank GGN.
+    On the held-out problems of tests/curvature/test_curvature_defaults.py the relative error
+    ||estimate - diag|| / ||diag|| at 100 products is about 0.4 on the untrained regression
+    MLP's flat, indefinite Hessian (n = 771: the sketch has nothing to capture) and 0.04 on the
+    trained digits MLP's (256 digits), with standard errors that cover it (the root mean square
+    of error / stderr is 0.97 and 0.80). distribution and seed as `trace`'s.
 
     `blocks` ("module", "parameter" or {name: parameter names or row indices}, as `trace`'s)
     labels the estimate's entries by block: `result.block(name)` is that block's (value, stderr),
@@ -490,17 +500,35 @@ def sampled_label_loss(logits: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def gauss_newton_bartlett(
-    logits: Tensor, params: Any, num_samples: int = 1, seed: int | None = None
+    logits: Tensor, params: Any, num_samples: int = 100, seed: int | None = None
 ) -> DiagonalResult:
     """Estimate the diagonal of the Gauss-Newton matrix of the mean cross-entropy of `logits`
     by the Gauss-Newton-Bartlett estimator (Liu et al. 2023, Sophia, Algorithm 2).
 
     For the N predictions in `logits` (shape (..., C), with their graph to `params`), draw
     labels y_i from the model's own softmax, take g = grad of (1/N) sum_i CE(logits_i, y_i),
-    and return N * g * g. Since E[(p - e_y)(p - e_y)^T] = diag(p) - p p^T is the Hessian of the
-    cross-entropy in the logits, N E[g g^T] = (1/N) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i is
-    exactly the GGN: the estimate is unbiased and never negative. Each sample costs one
-    backward pass (counted in `num_matvecs`); the graph of `logits` is kept for the caller.
+    and return N * g * g, averaged over `num_samples` draws. Since E[(p - e_y)(p - e_y)^T] =
+    diag(p) - p p^T is the Hessian of the cross-entropy in the logits, N E[g g^T] =
+    (1/N) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i is exactly the GGN: the estimate is unbiased
+    and never negative. Each sample costs one backward pass (counted in `num_matvecs`); the
+    graph of `logits` is kept for the caller. Only for a softmax cross-entropy: the labels are
+    drawn from softmax(logits), whatever loss the caller trains.
+
+    num_samples default 100, measured: Sophia's Algorithm 2 draws one sample per estimate and
+    averages estimates over steps (an EMA; `hk.optim.Sophia` passes num_samples=1), but one
+    sample alone is noise: against the exact GGN diagonal (`GGNOperator.exact_diagonal`) of 256
+    digits on six classifiers (digits MLPs and a SmallCNN, trained and at initialisation), the
+    relative error ||estimate - diag|| / ||diag|| was 0.79-1.76 with 1 sample, 0.33-0.49 with 10
+    and 0.11-0.19 with 100 (median of 3 seeds), and one sample has no standard error (nan). 100
+    is also `hk.diagonal`'s default budget; on the same GGNs `hk.diagonal(hk.GGNOperator(...))`
+    with its 100 products (each about three backward passes) was within 0.004-0.085. seed None
+    draws one (reported).
+
+    `stderr` is the spread over the draws. Where the model is confident the estimate is
+    heavy-tailed (the curvature comes from rare labels, which a few draws may never pick), and
+    the spread understates the error of such entries: on the trained digits MLP of
+    tests/curvature/test_curvature_defaults.py 1-2% of the entries were beyond 4 standard errors
+    with 128 digits, and with 32 digits 3% of them had the same value in all 100 draws.
     """
     from .._checks import check_graph_params
 

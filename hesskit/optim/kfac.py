@@ -227,12 +227,20 @@ class KFAC(_KroneckerOptimizer):
             0.14-0.22; bench/optimizers.py's protocol (3 seeds, final training loss): char LM
             0.89 -> 0.71 at lr 0.1 (best over its lr grid 0.83 -> 0.70), digits CNN 4e-4 -> 2e-3
             at lr 0.1 (best over the grid 4e-4 -> 5e-5, at lr 0.033).
+            With only `model` given (final training loss over the initial, median of 3 seeds; 300
+            full-batch steps or 5 epochs of minibatches of 64): a 12-48-3 tanh regression MLP 0.0072,
+            a 10-32-1 MLP on scikit-learn's diabetes 0.0012, a 64-128-64-32-10 and a 64-64-10 digits
+            MLP 0.072 and 0.036 (AdamW at its defaults: 0.020, 0.46, 0.23, 0.40).
         factor_decay: EMA weight of the old factors, in [0, 1).
         kl_clip: bound on the predicted KL change per step; None turns clipping off.
         fisher: "empirical" (factors from the training loss's output gradients, as
             gpauloski/kfac-pytorch) or "mc" (true Fisher: labels drawn from the model's softmax and
             one extra backward on factor steps, as alecwangcq and the paper; the closure returns
             (loss, outputs), outputs the logits (N, C) or (N, T, V), or a ModelOutput holding them).
+            Default "empirical": it holds for any loss (MSE included) and takes the plain loss
+            closure; measured against "mc" with only `model` otherwise (5 seeds, 5 epochs of
+            minibatches of 64), final training loss over the initial 0.113 vs 0.107 on a
+            64-128-64-32-10 digits MLP and 0.036 vs 0.034 on a 64-64-10 one: equal within seeds.
         seed: seeds the label sampling of fisher="mc" (step_seed(seed, step): restorable).
         params: None, or parameters / param groups of `model` (a layer's weight and bias in one group).
         max_factor_size: a layer with a factor of more rows than this takes the fallback step
@@ -356,7 +364,12 @@ class MKOR(_KroneckerOptimizer):
             step has the raw gradient's norm; the public code takes it from its inner SGD), momentum 0.9,
             inverse_every 10 (inv_freq), stabilization 0.1 (stabilization_factor), clip 100
             (clipping_value), stabilization_threshold 2 (hard-coded there), factor_decay 0.95,
-            all from the public code Mohammad-Mozaffari/mkor.
+            all from the public code Mohammad-Mozaffari/mkor. With only `model` given (final
+            training loss over the initial, median of 3 seeds; 300 full-batch steps or 5 epochs of
+            minibatches of 64): a 12-48-3 tanh regression MLP 0.012, a 10-32-1 MLP on scikit-learn's
+            diabetes 0.10, a 64-128-64-32-10 and a 64-64-10 digits MLP 0.052 and 0.034 (AdamW at its
+            defaults: 0.020, 0.46, 0.23, 0.40); at 3 x lr the 64-128-64-32-10 MLP diverged in 1 of 3
+            seeds, at 9 x lr it and the diabetes MLP in all 3.
         factor_decay: weight of the old factor in (0, 1).
 
     Where this and the public code (mkor 0.1.2) differ:

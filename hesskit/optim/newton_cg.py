@@ -110,7 +110,19 @@ class NewtonCG(ClosureOptimizer):
     (Martens 2010 and Schraudolph 2002: positive semi-definite, so CG is well-posed), damping 1
     (the initial lambda; LM adapts it), max_cg_iters 100 and warm_start_decay 0.95 (as
     fmeirinhos/pytorch-hessianfree and Martens' 0.95), cg_tol 1e-5 (scipy.sparse.linalg.cg's
-    default rtol).
+    default rtol), adapt_damping True (Martens 2010), min_damping 1e-6 (this implementation's
+    safeguard, below).
+
+    Measured with only the required arguments (final training loss over the initial, median of
+    3 seeds): 300 full-batch steps on a 12-48-3 tanh regression MLP 1.3e-7 and on a 10-32-1 MLP
+    on scikit-learn's diabetes 2e-13 (AdamW at its defaults: 0.020 and 0.46; both fit their
+    training set far past the test optimum); 5 epochs of minibatches of 64 on a 64-128-64-32-10
+    and a 64-64-10 digits MLP 0.073 and 0.026 (AdamW: 0.23 and 0.40). A full step on a small
+    minibatch overfits it: there lr 1/9 reached 0.004 and 0.008 (bench/optimizers.py's digits
+    SmallCNN alike), while on full batches lr 1/3 to 1 reached 1e-7 or less and on bench's char LM
+    lr 1 was the best of a 3x grid. curvature="hessian" on the same minibatches: the ReLU MLP ended
+    at 52-58% test accuracy (against 90-94% with the GGN), its accuracy swinging between 50% and 89%
+    as CG met negative curvature and the damping rejected steps; the tanh MLP at 0.080 (GGN 0.026).
 
     Where public implementations differ:
       * CG stopping: Martens stops on the relative progress of the quadratic

@@ -42,7 +42,24 @@ class Sophia(ClosureOptimizer):
         script runs a second forward pass on the next batch instead).
 
     Defaults: lr 6e-4, betas (0.965, 0.99), weight decay 0.1 and k = 10 from the official GPT-2
-    small configuration; gamma 0.01 for Sophia-H and 0.05 for Sophia-G (paper, levanter); eps 1e-12.
+    small configuration; gamma 0.01 for Sophia-H and 0.05 for Sophia-G (paper, levanter); eps 1e-12,
+    a guard against division by zero only (the official code's is 1e-15, levanter's 1e-8: where
+    gamma h is that small the step is clipped to lr anyway). bias_correction True and the first
+    estimate on step 1: this implementation's (below). distribution "gaussian": the paper's and
+    levanter's. seed 0: this implementation's (probes and sampled labels are reproducible).
+
+    lr 6e-4, measured on small problems: with only the required arguments Sophia ends about
+    where AdamW at its default lr 1e-3 does, ahead on regression and behind on the digits MLPs
+    (final training loss over the initial, median of 3 seeds). Sophia-H / AdamW: a 12-48-3 tanh
+    regression MLP, 300 full-batch steps, 0.014 / 0.020; a 10-32-1 MLP on scikit-learn's
+    diabetes 0.45 / 0.46. Sophia-H / Sophia-G / AdamW, 5 epochs of minibatches of 64 on the
+    digits: a 64-128-64-32-10 MLP 0.42 / 0.41 / 0.23, a 64-64-10 MLP 0.54 / 0.54 / 0.40;
+    bench/optimizers.py's digits SmallCNN and char LM 95.8-96.7% / 95.8-96.4% / 96.4-96.7% test
+    accuracy and 1.82-1.90 / 1.82-1.89 / 1.88-1.95 bits per character. On every one of these
+    short runs the best lr of a 3x grid was 3-9 times the default, and AdamW's 9 times its own:
+    small models and short budgets take larger steps than GPT-2 pre-training, for both
+    optimizers alike. Raise lr for such problems; the default stays the paper's. (Sophia-G is for
+    a softmax cross-entropy only: its labels are drawn from softmax(outputs).)
 
     Where public implementations disagree:
       * Parametrisation: the official SophiaG code steps lr * sign(m) * min(|m| / (rho * bs * h), 1)
@@ -102,7 +119,7 @@ class Sophia(ClosureOptimizer):
             return self._average(hutchinson_diagonal(ev.loss, params, ev.grads, 1, self.distribution, seed),
                                  "the Hessian diagonal")
         if self._collective is None:
-            return split_like(gauss_newton_bartlett(ev.outputs, params, seed=seed).value, params)
+            return split_like(gauss_newton_bartlett(ev.outputs, params, num_samples=1, seed=seed).value, params)
         return self._distributed_gnb(ev.outputs, params, seed)
 
     def _distributed_gnb(self, logits: Tensor, params: list[Tensor], seed: int) -> list[Tensor]:

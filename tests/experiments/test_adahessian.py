@@ -162,8 +162,8 @@ def test_bad_input(digits):
 def test_implementations_are_adahessian_settings():
     defaults = inspect.signature(hk.optim.AdaHessian).parameters
     official = IMPLEMENTATIONS["official (amirgholami/adahessian)"]
-    for key, value in official.items():
-        assert defaults[key].default == value  # hesskit's defaults are the official ones
+    for key, value in official.items():  # hesskit's defaults are the official ones, but eps (measured: see its docstring)
+        assert defaults[key].default == (1e-3 if key == "eps" else value)
     assert IMPLEMENTATIONS["torch-optimizer 0.3.0 defaults"]["hessian_power"] == 0.5
     assert IMPLEMENTATIONS["pytorch-optimizer 4.1.0 defaults"]["eps"] == 1e-16
     for settings in IMPLEMENTATIONS.values():

@@ -272,7 +272,7 @@ def test_sophia_g_uses_gnb_on_the_closure_outputs():
     logits = ref(x)
     params = list(ref.parameters())
     g = torch.autograd.grad(nn.functional.cross_entropy(logits, y), params, retain_graph=True)
-    h = hk.gauss_newton_bartlett(logits, params, seed=step_seed(5, 1)).value
+    h = hk.gauss_newton_bartlett(logits, params, num_samples=1, seed=step_seed(5, 1)).value
     g = torch.cat([t.reshape(-1) for t in g])
     w0 = torch.cat([s.reshape(-1) for s in start])
     expected = w0 * (1 - 0.01 * 0.1) - 0.01 * (g / (0.05 * h).clamp(min=1e-12)).clamp(-1, 1)
