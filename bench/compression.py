@@ -12,22 +12,28 @@ reuses the tested experiment functions of the notebooks (`hesskit.experiments.ha
     `hk.data.sequences` (label = the most frequent token; `qbert.train_tiny_transformer`); six quantizable layers:
     embedding, qkv, attention output, two MLP layers and the head.
 * Calibration: 256 training samples; Q-BERT's statistic over 5 disjoint batches of 128. Weights: symmetric
-  per-output-channel grids unless stated. Accuracy is test accuracy in %, mean +- standard deviation over the
-  seeds; seconds are the method's own wall time (curvature included), median over seeds, one thread.
+  per-output-channel grids (HAWQ-V3's) unless stated; `hk.quant`'s default grid is asymmetric per output channel.
+  Accuracy is test accuracy in %, mean +- standard deviation over the seeds; seconds are the method's own wall time
+  (curvature included), median over seeds, one thread.
 * Allocation at 2.5 average bits (choices 2, 3, 4, 8 bits per layer), each proxy minimised exactly under the size
   budget (`hk.quant.allocate_bits`'s knapsack): HAWQ-V2 (Tr(H_i)/n_i from 100 joint Hutchinson probes), HAWQ
   (lambda_max), Q-BERT (|mean| + std of lambda_max), ||dW||^2 alone (no Hessian), measured single-layer loss changes,
   and measured + adjacent-pair interactions; against uniform 2-bit, the median over all configurations that use
   85-100% of the budget, and the exhaustive best of all 4^6 = 4,096 configurations (an oracle: best test accuracy).
-* Group-wise quantization at 2 and 3 bits: one range per matrix, per output channel, Q-BERT row groups of 4 rows
-  (one head of the transformer's qkv), and GPTQ-style column groups of 16 and 8; the bits per weight include the
-  fp16 scales (`hk.quant.model_size`).
+  Two more rows use `hk.quant`'s defaults throughout (asymmetric per-channel grids, `sensitivities` and
+  `allocate_bits` with only their required arguments): the HAWQ-V2 allocation and uniform 2-bit.
+* Group-wise quantization at 2 and 3 bits, symmetric and asymmetric grids: one range per matrix, per output channel
+  (asymmetric: `hk.quant`'s default), Q-BERT row groups of 4 rows (one head of the transformer's qkv), and
+  GPTQ-style column groups of 16 and 8; the bits per weight include the fp16 scales and, asymmetric, the zero
+  points (`hk.quant.model_size`).
 * GPTQ vs round-to-nearest at 2, 3 and 4 bits (asymmetric per-channel grids, the official default; sequential over
   the Linear layers; 256 calibration inputs).
 * Pruning at 50/70/90% global sparsity of the Linear weights: magnitude, OBD (the exact Gauss-Newton diagonal, as LeCun et
   al.: `hk.GGNOperator.exact_diagonal`) and OBS with the M-FAC/WoodFisher inverse of the damped empirical Fisher (256
-  per-sample gradients, blocks of 128, damping 1e-5), one shot and with M-FAC's 16 recomputations (gradients
-  recomputed at the pruned weights between steps).
+  per-sample gradients, blocks of 128, damping 1e-5), one shot, with M-FAC's 16 recomputations (gradients
+  recomputed at the pruned weights between steps), and as `hk.prune.obs(model, criterion, calibration, s)` runs
+  it by default: M-FAC's schedule scaled with the sparsity, 16 steps per halving of the density (16, 28 and 54 steps
+  to 50, 70 and 90%), on all 256 calibration samples.
 * Reference implementations: HAWQ's released code ships hard-coded traces and needs CUDA; Q-BERT has no code; the
   official GPTQ and M-FAC need CUDA. So the one reference run here is PyHessian's trace per layer, the route HAWQ-V2
   users take (one PyHessian `trace()` per layer), against hesskit's joint Hutchinson pass over all layers and its
@@ -105,13 +111,12 @@ def allocation_rows(problem: HAWQProblem, avg_bits: float, quick: bool) -> dict[
             "eigenvalue": lambda: sensitivities(m, c, problem.calibration, "eigenvalue", seed=0),
             "qbert": lambda: sensitivities(m, c, problem.subsets, "qbert", num_subsets=len(problem.subsets), seed=0),
             "measured": lambda: sensitivities(m, c, problem.calibration, "measured", bits=choices,
-                                              granularity=problem.granularity),
+                                              **problem.quantizer),
         }
         sens, seconds = {}, {"weights": 0.0}
         for key, run in runs.items():
             sens[key], seconds[key] = timed(run)
-        pairs, extra = timed(lambda: pair_interactions(m, c, problem.calibration, choices,
-                                                        granularity=problem.granularity))
+        pairs, extra = timed(lambda: pair_interactions(m, c, problem.calibration, choices, **problem.quantizer))
     seconds["pairs"] = seconds["measured"] + extra
     tables = hawq.proxy_tables(problem, sens, pairs, choices)
     enumeration, enum_seconds = timed(lambda: hawq.enumerate_configs(problem, choices))
@@ -125,19 +130,53 @@ def allocation_rows(problem: HAWQProblem, avg_bits: float, quick: bool) -> dict[
     return out
 
 
+def default_allocation_rows(problem: HAWQProblem, avg_bits: float, quick: bool) -> dict[str, tuple[float, float]]:
+    """{method: (test accuracy %, seconds)} of `hk.quant`'s defaults throughout (asymmetric per-channel grids):
+    HAWQ-V2's allocation from `sensitivities` and `allocate_bits` with only their required arguments (choices
+    2/8 in quick mode), and uniform 2-bit."""
+    m, c = problem.trained.model, problem.criterion
+    choices = (2, 8) if quick else (2, 3, 4, 8)
+
+    def allocate():
+        return hk.quant.allocate_bits(m, sensitivities(m, c, problem.calibration), avg_bits, choices)
+
+    allocation, seconds = timed(allocate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hk.quant.UncompressedWarning)  # the transformer's norms and positions
+        uniform = hk.quant.quantize_model(m, 2)
+    return {"HAWQ-V2, `hk.quant`'s defaults (asymmetric grids)": (accuracy(problem, hk.quant.quantize_model(
+                m, dict(allocation))), seconds),
+            "uniform 2-bit, asymmetric grids (`quantize_model(model, 2)`)": (accuracy(problem, uniform), 0.0)}
+
+
 # ------------------------------------------------------------------ groups
-def group_rows(problem: HAWQProblem, bits: int) -> dict[str, tuple[float, float]]:
-    """{grouping: (test accuracy %, bits per weight including the scales)} at `bits`."""
+GROUPINGS = {"one range per matrix": ("tensor", None), "per output channel": ("channel", None),
+             "row groups of 4 (Q-BERT; one head of the qkv)": ("rows", 4),
+             "column groups of 16 (GPTQ g16)": ("columns", 16), "column groups of 8 (GPTQ g8)": ("columns", 8)}
+
+
+def group_rows(problem: HAWQProblem, bits: int, symmetric: bool) -> dict[str, tuple[float, float]]:
+    """{grouping: (test accuracy %, bits per weight including the scales and zero points)} at `bits`."""
     model = problem.trained.model
-    schemes = {"one range per matrix": ("tensor", None), "per output channel": ("channel", None),
-               "row groups of 4 (Q-BERT; one head of the qkv)": ("rows", 4),
-               "column groups of 16 (GPTQ g16)": ("columns", 16), "column groups of 8 (GPTQ g8)": ("columns", 8)}
     out = {}
-    for label, (granularity, group_size) in schemes.items():
-        q = hk.quant.quantize_model(model, bits, granularity=granularity, group_size=group_size)
-        size = hk.quant.model_size(model, bits, granularity=granularity, group_size=group_size)
+    for label, (granularity, group_size) in GROUPINGS.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hk.quant.UncompressedWarning)  # the transformer's norms and positions
+            q = hk.quant.quantize_model(model, bits, granularity, group_size, symmetric)
+        size = hk.quant.model_size(model, bits, granularity, group_size, symmetric)
         out[label] = (accuracy(problem, q), size.bits_per_weight)
     return out
+
+
+def group_table(name: str, problems: list[HAWQProblem]) -> None:
+    """The group-wise table: accuracy at 2 and 3 bits on symmetric and asymmetric grids, and the storage."""
+    runs = {(b, sym): collect([group_rows(p, b, sym) for p in problems]) for b in (2, 3) for sym in (True, False)}
+    print_table(f"{name}: group-wise quantization (the same bits everywhere; symmetric grids as HAWQ and Q-BERT, "
+                "asymmetric as GPTQ; asymmetric per output channel is `hk.quant`'s default)",
+                ["grouping", "2-bit symmetric %", "2-bit asymmetric %", "3-bit symmetric %", "3-bit asymmetric %",
+                 "bits per weight at 3 bits, symmetric / asymmetric"],
+                {k: [cell(runs[b, sym][k][0]) for b in (2, 3) for sym in (True, False)]
+                 + [f"{runs[3, True][k][1][0]:.3f} / {runs[3, False][k][1][0]:.3f}"] for k in GROUPINGS})
 
 
 # ------------------------------------------------------------------ GPTQ and pruning
@@ -167,6 +206,13 @@ def pruning_rows(problem: HAWQProblem, quick: bool) -> dict[str, dict[float, tup
     out[label] = {}
     for s in sparsities:
         pruned, seconds = timed(lambda: hk.prune.obs(m, c, calib, s, num_grads=grads, num_recomputations=steps, seed=0))
+        out[label][s] = (accuracy(problem, pruned), seconds)
+    # the default call: every calibration sample, M-FAC's 16 steps per halving of the density (16/28/54 steps)
+    label = "OBS, `hk.prune.obs` defaults (16 steps per halving of the density)"
+    out[label] = {}
+    for s in sparsities:
+        data = (calib[0][:grads], calib[1][:grads])
+        pruned, seconds = timed(lambda: hk.prune.obs(m, c, data, s, num_recomputations=2 if quick else None))
         out[label][s] = (accuracy(problem, pruned), seconds)
     return out
 
@@ -231,14 +277,11 @@ def print_table(title: str, columns: list[str], rows: dict[str, list[str]], text
 
 def report_task(name: str, problems: list[HAWQProblem], quick: bool) -> None:
     print(f"\n## {name}: float test accuracy {cell([accuracy(p) for p in problems])} %")
-    alloc = collect([allocation_rows(p, 2.5, quick) for p in problems])
-    print_table(f"{name}: bit allocation at 2.5 average bits (choices {'2/8' if quick else '2/3/4/8'}, per-channel "
-                "grids)", ["method", "test accuracy %", "seconds"],
+    alloc = collect([{**allocation_rows(p, 2.5, quick), **default_allocation_rows(p, 2.5, quick)} for p in problems])
+    print_table(f"{name}: bit allocation at 2.5 average bits (choices {'2/8' if quick else '2/3/4/8'}, symmetric "
+                "per-channel grids unless stated)", ["method", "test accuracy %", "seconds"],
                 {k: [cell(v), seconds_cell(t) if any(t) else "-"] for k, (v, t) in alloc.items()})
-    groups = {b: collect([group_rows(p, b) for p in problems]) for b in (2, 3)}
-    print_table(f"{name}: group-wise quantization (the same bits everywhere, symmetric grids)",
-                ["grouping", "2-bit accuracy %", "3-bit accuracy %", "bits per weight at 3 bits, fp16 scales counted"],
-                {k: [cell(groups[2][k][0]), cell(groups[3][k][0]), f"{groups[3][k][1][0]:.3f}"] for k in groups[2]})
+    group_table(name, problems)
     gptq = {b: collect([gptq_rows(p, b) for p in problems]) for b in (2, 3, 4)}
     print_table(f"{name}: GPTQ vs round-to-nearest (asymmetric per-channel grids, "
                 f"{len(problems[0].calibration[1])} calibration inputs)",
