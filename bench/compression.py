@@ -18,8 +18,10 @@ reuses the tested experiment functions of the notebooks (`hesskit.experiments.ha
 * Allocation at 2.5 average bits (choices 2, 3, 4, 8 bits per layer), each proxy minimised exactly under the size
   budget (`hk.quant.allocate_bits`'s knapsack): HAWQ-V2 (Tr(H_i)/n_i from 100 joint Hutchinson probes), HAWQ
   (lambda_max), Q-BERT (|mean| + std of lambda_max), ||dW||^2 alone (no Hessian), measured single-layer loss changes,
-  and measured + adjacent-pair interactions; against uniform 2-bit, the median over all configurations that use
-  85-100% of the budget, and the exhaustive best of all 4^6 = 4,096 configurations (an oracle: best test accuracy).
+  and measured + adjacent-pair interactions; CLADO (Deng et al., DAC 2025): measured terms for every pair of
+  layers, its integer quadratic program solved exactly (`hk.quant.allocate_bits_iqp`, a MILP), with and without the
+  official code's PSD projection; against uniform 2-bit, the median over all configurations that use 85-100% of the
+  budget, and the exhaustive best of all 4^6 = 4,096 configurations (an oracle: best test accuracy).
   Two more rows use `hk.quant`'s defaults throughout (asymmetric per-channel grids, `sensitivities` and
   `allocate_bits` with only their required arguments): the HAWQ-V2 allocation and uniform 2-bit.
 * Group-wise quantization at 2 and 3 bits, symmetric and asymmetric grids: one range per matrix, per output channel
@@ -57,7 +59,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hesskit as hk  # noqa: E402
 from hesskit.quant.gptq import round_to_nearest  # noqa: E402
-from hesskit.quant import pair_interactions, sensitivities  # noqa: E402
+from hesskit.quant import (allocate_bits_iqp, cost_table, cross_layer_interactions, pair_interactions,  # noqa: E402
+                           sensitivities)
 from hesskit.experiments import hawq, pruning, qbert  # noqa: E402
 from hesskit.experiments.hawq import HAWQProblem  # noqa: E402
 
@@ -117,12 +120,19 @@ def allocation_rows(problem: HAWQProblem, avg_bits: float, quick: bool) -> dict[
         for key, run in runs.items():
             sens[key], seconds[key] = timed(run)
         pairs, extra = timed(lambda: pair_interactions(m, c, problem.calibration, choices, **problem.quantizer))
+        cross, cross_seconds = timed(lambda: cross_layer_interactions(m, c, problem.calibration, choices,
+                                                                      **problem.quantizer))
     seconds["pairs"] = seconds["measured"] + extra
     tables = hawq.proxy_tables(problem, sens, pairs, choices)
     enumeration, enum_seconds = timed(lambda: hawq.enumerate_configs(problem, choices))
     result = hawq.compare_at_budget(tables, enumeration, avg_bits)
     names = {v: k for k, v in hawq.PROXIES.items()}
     out = {names[key]: (100 * result.chosen[key][1], seconds[key]) for key in PROXIES}
+    clado = cost_table(m, cross, choices, **problem.quantizer)  # CLADO: every pair of layers, its exact IQP
+    for label, psd in (("CLADO: measured terms of every pair, exact IQP", False),
+                       ("CLADO + PSD projection (official code)", True)):
+        allocation, solve = timed(lambda: allocate_bits_iqp(clado, avg_bits, psd=psd))
+        out[label] = (100 * enumeration.value(allocation, "accuracy"), cross_seconds + solve)
     out["uniform 2-bit"] = (100 * enumeration.value({n: 2 for n in enumeration.layers}, "accuracy"), 0.0)
     out[f"random configurations, 85-100% of the budget (median of {result.num_random})"] = (100 * result.random_median,
                                                                                           0.0)

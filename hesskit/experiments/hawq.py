@@ -13,7 +13,13 @@ thanks to prefix sharing: `enumerate_configs`). Against that ground truth:
   interactions of adjacent layers (`all_sensitivities`, `proxy_tables`);
 - what the allocation at a budget buys (`compare_at_budget`): against uniform precision, the median
   of random configurations of the same size, and the exhaustive best;
-- the whole pipeline over several seeds (`seed_study`).
+- the whole pipeline over several seeds (`seed_study`);
+- cross-layer terms (`cross_layer_tables`, `oracle_comparison`, `cross_layer_study`): CLADO's
+  measured terms for every pair of layers and its integer quadratic program, against the
+  per-layer additive model and the adjacent-pair model, each minimised exactly under the same
+  size budget and judged by the exhaustive oracle (the configuration of least measured loss), on
+  the digits MLP and on notebook 12's tiny transformer (`transformer_problem`, whose 4^6
+  configurations `enumerate_configs` also shares prefixes for).
 
 Everything here is a pure function of its arguments (seeded), so `bench/` can reuse it; the
 explorer is `hesskit.widgets.hawq.HAWQExplorer`.
@@ -23,15 +29,15 @@ ICCV 2019; Dong et al., "HAWQ-V2: Hessian aware trace-weighted quantization of n
 NeurIPS 2020; Yao et al., "HAWQ-V3: Dyadic neural network quantization", ICML 2021; Shen et al.,
 "Q-BERT: Hessian based ultra low precision quantization of BERT", AAAI 2020; Schaefer et al.,
 "Augmenting Hessians with inter-layer dependencies for mixed-precision post-training
-quantization", arXiv:2306.04879, 2023.
+quantization", arXiv:2306.04879, 2023; Deng, Sharify, Wang & Orshansky, "Mixed-precision quantization for
+deep vision models with integer quadratic programming" (CLADO), arXiv:2307.05657, DAC 2025.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +47,12 @@ from torch import Tensor, nn
 
 from .. import progress
 from ..data import digits
-from ..quant.allocate import CostTable, Enumeration, cost_table, exhaustive, knapsack
-from ..quant.fake import fake_quantize, quantizable_layers
-from ..quant.sensitivity import PairInteractions, Sensitivities, pair_interactions, rank_correlation, sensitivities
+from ..models import TinyTransformer
+from ..quant.allocate import CostTable, Enumeration, allocate_bits_iqp, cost_table, exhaustive, knapsack
+from ..quant.fake import LayerSwapper, quantizable_layers
+from ..quant.sensitivity import (CrossLayerInteractions, PairInteractions, Sensitivities, cross_layer_interactions,
+                                 pair_interactions, rank_correlation, sensitivities)
+from .qbert import train_tiny_transformer
 from .tasks import TrainedModel, digits_mlp, evaluate, trained_classifier
 
 __all__ = [
@@ -59,6 +68,12 @@ __all__ = [
     "BudgetComparison",
     "compare_at_budget",
     "seed_study",
+    "transformer_problem",
+    "CROSS_LAYER_MODELS",
+    "cross_layer_tables",
+    "OracleComparison",
+    "oracle_comparison",
+    "cross_layer_study",
 ]
 
 CHOICES = (2, 3, 4, 8)
@@ -69,6 +84,12 @@ PROXIES = {  # display name: key of all_sensitivities() / proxy_tables()
     "‖ΔW‖² only (no Hessian)": "weights",
     "measured, per layer": "measured",
     "measured + adjacent pairs": "pairs",
+}
+CROSS_LAYER_MODELS = {  # display name: key of cross_layer_tables(); every one measured, minimised exactly
+    "per-layer additive": "additive",
+    "adjacent pairs": "adjacent",
+    "CLADO: all pairs": "clado",
+    "CLADO + PSD (official code)": "clado_psd",
 }
 
 
@@ -125,6 +146,26 @@ def digits_problem(seed: int = 0, width: int = 64, depth: int = 5, steps: int = 
                        symmetric)
 
 
+def transformer_problem(seed: int = 0, steps: int = 1000, calibration: int = 256, num_test: int = 512,
+                        num_subsets: int = 5, subset_size: int = 128, granularity: str = "channel",
+                        symmetric: bool = True, data_seed: int = 0) -> HAWQProblem:
+    """Notebook 12's tiny transformer as a HAWQ problem: `qbert.train_tiny_transformer(seed, steps=steps,
+    num_test=num_test, data_seed=data_seed)` (one pre-LN block on "which token is most frequent",
+    AdamW, 1,000 steps by default) with its six quantizable layers (embedding, fused qkv, attention
+    output, the two MLP layers, head: 4^6 configurations), the first `calibration` training
+    sequences as calibration data and `num_subsets` disjoint batches of `subset_size` for Q-BERT.
+    The test set is 512 sequences by default (notebook 12 uses 2,048), so that the enumeration of
+    every configuration takes seconds; the quantizer is notebook 11's (symmetric, per channel)."""
+    trained = train_tiny_transformer(seed=seed, steps=steps, num_test=num_test, data_seed=data_seed)
+    x, y = trained.train
+    if num_subsets * subset_size > len(x) or calibration > len(x):
+        raise ValueError(f"calibration, num_subsets, subset_size: need at most the {len(x)} training sequences")
+    subsets = [(x[i * subset_size:(i + 1) * subset_size], y[i * subset_size:(i + 1) * subset_size])
+               for i in range(num_subsets)]
+    return HAWQProblem(trained, nn.CrossEntropyLoss(), (x[:calibration], y[:calibration]), subsets, granularity,
+                       symmetric)
+
+
 def all_sensitivities(problem: HAWQProblem, choices: Sequence[int] = CHOICES, num_matvecs: int = 100, seed: int = 0,
                       metrics: Sequence[str] = ("trace", "eigenvalue", "qbert", "measured"), pairs: bool = True
                       ) -> tuple[dict[str, Sensitivities], PairInteractions | None]:
@@ -170,36 +211,92 @@ def restrict(table: CostTable, choices: Sequence[int]) -> CostTable:
     """The same costs for a subset of the widths."""
     cols = [table.choices.index(b) for b in sorted(choices)]
     pairs = None if table.pairs is None else table.pairs[:, cols][:, :, cols]
+    cross = None if table.cross is None else table.cross[:, :, cols][:, :, :, cols]
     return CostTable(list(table.layers), tuple(sorted(choices)), table.omega[:, cols], table.num_params, pairs,
-                     table.metric)
+                     table.metric, cross)
 
 
 # --------------------------------------------------------------------------- ground truth
-def _sequential_plan(model: nn.Module, layers: list[str]) -> list[nn.Module] | None:
-    """The top-level modules of an nn.Sequential whose quantizable layers are direct children."""
+Stage = Callable[[Any], Any]
+
+
+def _sequential_plan(model: nn.Module, layers: list[str]) -> list[Stage] | None:
+    """Stages of an nn.Sequential whose quantizable layers are direct children: stage i runs the
+    children from layer i (from the input, for i = 0) up to layer i + 1 (to the output, for the last)."""
     if not isinstance(model, nn.Sequential):
         return None
     children = list(model.named_children())
     names = [name for name, _ in children]
     if not all(layer in names for layer in layers):
         return None
-    return [m for _, m in children]
+    modules = [m for _, m in children]
+    bounds = [0] + [names.index(layer) for layer in layers[1:]] + [len(modules)]
+
+    def segment(a: int, b: int) -> Stage:
+        def run(h):
+            for m in modules[a:b]:
+                h = m(h)
+            return h
+        return run
+
+    return [segment(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+TRANSFORMER_LAYERS = ["embed", "attn.qkv", "attn.out", "mlp.0", "mlp.2", "head"]
+
+
+def _transformer_plan(model: nn.Module, layers: list[str]) -> list[Stage] | None:
+    """Stages of `hk.models.TinyTransformer` (non-causal attention, its six layers in order), each
+    ending where the next layer's weight is first used, written with the model's own modules:
+    embedding + positions; LN1 and qkv; attention and its output projection with the residual;
+    LN2, the first MLP layer and GELU; the second MLP layer, the residual, the final LN and the mean
+    over positions; the head. The prefix enumeration's test checks them against the full forward."""
+    if not isinstance(model, TinyTransformer) or layers != TRANSFORMER_LAYERS or model.attn.causal:
+        return None
+    m = model
+
+    def embed(tokens):
+        return m.embed(tokens) + m.position[: tokens.shape[1]]
+
+    def qkv(h):
+        return h, m.attn.qkv(m.norm1(h))
+
+    def attention(state):
+        h, projected = state
+        b, t, d = h.shape
+        q, k, v = projected.reshape(b, t, 3, m.attn.heads, d // m.attn.heads).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // m.attn.heads), dim=-1)
+        return h + m.attn.out((weights @ v).transpose(1, 2).reshape(b, t, d))
+
+    def mlp_in(h):
+        return h, m.mlp[1](m.mlp[0](m.norm2(h)))
+
+    def mlp_out(state):
+        h, u = state
+        return m.norm_out(h + m.mlp[2](u)).mean(dim=1)
+
+    return [embed, qkv, attention, mlp_in, mlp_out, m.head]
 
 
 def enumerate_configs(problem: HAWQProblem, choices: Sequence[int] = CHOICES) -> Enumeration:
     """Every configuration's calibration loss ("loss", and "delta" = its change from the float
     model) and test accuracy ("accuracy").
 
-    For an nn.Sequential it shares prefixes: the output of layers 1..i for a prefix of widths is
-    computed once for all |B|^(L-i) configurations that start with it (depth-first), so 4^6
-    configurations cost about 1/10 of 4,096 full forward passes, with results identical to
-    `hesskit.quant.allocate.exhaustive` (the same modules applied to the same tensors). Other models go through
-    `hesskit.quant.allocate.exhaustive`."""
+    For an nn.Sequential (the digits MLP) and `hk.models.TinyTransformer` (notebook 12's) it shares
+    prefixes: the model runs in stages, one per quantizable layer, and the state after layers
+    1..i for a prefix of widths is computed once for all |B|^(L-i) configurations that start with
+    it (depth-first), so 4^6 configurations cost about 1/10 of 4,096 full forward passes (the
+    transformer's head, applied last to the pooled features, is nearly free), with results equal to
+    `hesskit.quant.allocate.exhaustive` (tested: the same modules on the same tensors). Other models
+    go through `hesskit.quant.allocate.exhaustive`."""
     choices = tuple(sorted(choices))
     inputs = {"loss": problem.calibration, "test": problem.trained.test}
-    if _sequential_plan(problem.trained.model, problem.layers) is None:
+    plans = (_sequential_plan, _transformer_plan)
+    if all(plan(problem.trained.model, problem.layers) is None for plan in plans):
         return _enumerate_exhaustive(problem, choices, inputs)
-    return _enumerate_prefixes(problem, choices, inputs)
+    swapper = LayerSwapper(problem.trained.model, problem.layers, choices, mode="eval", **problem.quantizer)
+    stages = next(s for s in (plan(swapper.model, problem.layers) for plan in plans) if s is not None)
+    return _enumerate_prefixes(problem, choices, inputs, swapper, stages)
 
 
 def _config_metrics(criterion: nn.Module, inputs: Mapping[str, tuple[Tensor, Tensor]],
@@ -234,51 +331,41 @@ def _enumerate_exhaustive(problem: HAWQProblem, choices: tuple[int, ...],
     return e
 
 
-def _enumerate_prefixes(problem: HAWQProblem, choices: tuple[int, ...],
-                        inputs: Mapping[str, tuple[Tensor, Tensor]]) -> Enumeration:
-    """`enumerate_configs` for an nn.Sequential: depth-first over the layers' widths, each
-    prefix's outputs computed once."""
-    model, criterion = problem.trained.model, problem.criterion
-    layers = problem.layers
-    work = copy.deepcopy(model)
-    work.eval()
-    modules = list(work.children())
-    names = [name for name, _ in work.named_children()]
-    positions = [names.index(layer) for layer in layers]
-    quantized = {(layer, b): fake_quantize(dict(work.named_children())[layer].weight.detach(), b,
-                                           **problem.quantizer) for layer in layers for b in choices}
-    segments = [modules[positions[i]:(positions[i + 1] if i + 1 < len(layers) else len(modules))]
-                for i in range(len(layers))]
+def _enumerate_prefixes(problem: HAWQProblem, choices: tuple[int, ...], inputs: Mapping[str, tuple[Tensor, Tensor]],
+                        swapper: LayerSwapper, stages: list[Stage]) -> Enumeration:
+    """`enumerate_configs` by stages: depth-first over the layers' widths on the swapper's working
+    copy, the state after each prefix computed once."""
+    criterion, layers = problem.criterion, problem.layers
     results: list[dict[str, float]] = []
 
-    def run(segment, h):
-        for m in segment:
-            h = m(h)
-        return h
+    def run(i: int, states: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: stages[i](h) for k, h in states.items()}
 
     with torch.no_grad():
-        heads = {k: run(modules[:positions[0]], x) for k, (x, _) in inputs.items()}
-        baseline = _config_metrics(criterion, inputs, {k: run(modules[positions[0]:], h) for k, h in heads.items()})
+        swapper.apply({})
+        start = {k: x for k, (x, _) in inputs.items()}
+        out = start
+        for i in range(len(stages)):
+            out = run(i, out)
+        baseline = _config_metrics(criterion, inputs, out)
 
-        def descend(i: int, hs: dict[str, Tensor]) -> None:
-            layer = modules[positions[i]]
-            original = layer.weight.detach().clone()
+        def descend(i: int, prefix: dict[str, int], states: Mapping[str, Any]) -> None:
             leaves = []
             for b in choices:
-                layer.weight.copy_(quantized[(layers[i], b)])
-                out = {k: run(segments[i], h) for k, h in hs.items()}
+                swapper.apply({**prefix, layers[i]: b})
+                out = run(i, states)
                 if i + 1 == len(layers):
                     leaves.append(out)
                 else:
-                    descend(i + 1, out)
-            layer.weight.copy_(original)
+                    descend(i + 1, {**prefix, layers[i]: b}, out)
             results.extend(_leaf_metrics(criterion, inputs, leaves) if leaves else [])
 
-        descend(0, heads)
+        descend(0, {}, start)
     configs = np.array(list(itertools.product(choices, repeat=len(layers))), dtype=np.int64)
     values = {key: np.array([r[key] for r in results]) for key in results[0]}
     values["delta"] = values["loss"] - baseline["loss"]
-    n = np.array([m.weight.numel() for m in quantizable_layers(model).values()], dtype=np.int64)
+    modules = quantizable_layers(problem.trained.model)
+    n = np.array([modules[name].weight.numel() for name in layers], dtype=np.int64)
     return Enumeration(layers, choices, configs, values, configs @ n, int(n.sum()), baseline)
 
 
@@ -336,13 +423,16 @@ def compare_at_budget(tables: Mapping[str, CostTable], enumeration: Enumeration,
 
 def seed_study(seeds: Sequence[int], avg_bits: Sequence[float] = (2.5, 3.0),
                proxies: Sequence[str] = ("trace", "pairs"), num_matvecs: int = 100,
-               **problem_kwargs: Any) -> dict[str, np.ndarray]:
+               cross_layer_bits: Sequence[float] = (), **problem_kwargs: Any) -> dict[str, Any]:
     """Repeat train -> sensitivities -> enumeration -> `compare_at_budget` for several seeds.
     Seed s trains `digits_problem(seed=s, **problem_kwargs)` and draws the probes of
     `all_sensitivities(..., num_matvecs, seed=s)`, so a walk-through of one seed that does the same
     reproduces its row exactly. Returns arrays (seeds, budgets): "float", "uniform", "random",
-    "best" and one per proxy, plus "rho_<proxy>" (seeds,) rank correlations and "seeds" (seeds,)."""
+    "best" and one per proxy, plus "rho_<proxy>" (seeds,) rank correlations and "seeds" (seeds,).
+    With `cross_layer_bits` (budgets), "cross_layer" holds what `cross_layer_study("digits", seeds,
+    cross_layer_bits, **problem_kwargs)` returns, from the same trained models and enumerations."""
     rows: dict[str, list] = {}
+    cross_rows: dict[str, list] = {}
     seeds = list(seeds)
     for j, seed in enumerate(seeds):
         progress.report(j, len(seeds), "seed")  # shown while an explorer renders
@@ -353,6 +443,8 @@ def seed_study(seeds: Sequence[int], avg_bits: Sequence[float] = (2.5, 3.0),
                                         pairs="pairs" in proxies)
         tables = proxy_tables(problem, sens, pairs)
         e = enumerate_configs(problem)
+        if cross_layer_bits:
+            _cross_layer_rows(cross_rows, problem, e, cross_layer_bits, CHOICES)
         rho = correlations(tables, e)
         for p in proxies:
             rows.setdefault(f"rho_{p}", []).append(rho[p])
@@ -368,6 +460,119 @@ def seed_study(seeds: Sequence[int], avg_bits: Sequence[float] = (2.5, 3.0),
         for k, v in per_budget.items():
             rows.setdefault(k, []).append(v)
     progress.report(len(seeds), len(seeds), "seed")
-    out = {k: np.array(v) for k, v in rows.items()}
+    out: dict[str, Any] = {k: np.array(v) for k, v in rows.items()}
     out["seeds"] = np.array(seeds)
+    if cross_layer_bits:
+        out["cross_layer"] = _cross_layer_result(cross_rows, seeds, cross_layer_bits)
+    return out
+
+
+# --------------------------------------------------------------------------- cross-layer terms (CLADO)
+def cross_layer_tables(problem: HAWQProblem, choices: Sequence[int] = CHOICES
+                       ) -> tuple[CrossLayerInteractions, dict[str, CostTable]]:
+    """CLADO's measurements on the problem's calibration data (`hk.quant.cross_layer_interactions`:
+    every layer alone and every pair of layers together, at every width) and the three models they
+    give, keyed as `CROSS_LAYER_MODELS`: "additive" (the measured single-layer losses alone),
+    "adjacent" (plus the terms of consecutive layers: `PairInteractions`, the same numbers) and
+    "clado" (plus the terms of every pair); "clado_psd" is the "clado" table, which
+    `oracle_comparison` minimises after CLADO's PSD projection."""
+    model = problem.trained.model
+    cross = cross_layer_interactions(model, problem.criterion, problem.calibration, tuple(choices),
+                                     **problem.quantizer)
+    full = cost_table(model, cross, tuple(choices), **problem.quantizer)
+    additive = CostTable(list(full.layers), full.choices, full.omega, full.num_params, metric="measured")
+    adjacent = cost_table(model, cross.adjacent(), tuple(choices), **problem.quantizer)
+    return cross, {"additive": additive, "adjacent": adjacent, "clado": full, "clado_psd": full}
+
+
+@dataclass
+class OracleComparison:
+    """Each model's exact allocation at one budget against the exhaustive oracle: the configuration
+    of least measured calibration loss among the `num_feasible` that fit `avg_bits` (what every
+    model predicts and minimises). `chosen[key]` = (config, rank, delta, accuracy): its rank among
+    the feasible configurations by measured loss (1 = the oracle's loss; ties share the better
+    rank), its measured loss change and test accuracy; `oracle` = (config, delta, accuracy);
+    `predicted[key]` the model's value at its choice."""
+
+    avg_bits: float
+    num_feasible: int
+    oracle: tuple[dict[str, int], float, float]
+    chosen: dict[str, tuple[dict[str, int], int, float, float]]
+    predicted: dict[str, float] = field(default_factory=dict)
+
+    def rank(self, key: str) -> int:
+        return self.chosen[key][1]
+
+    def gap(self, key: str) -> float:
+        """Test accuracy of the model's choice minus the oracle's (a fraction; 0 when it is the oracle)."""
+        return self.chosen[key][3] - self.oracle[2]
+
+
+def oracle_comparison(tables: Mapping[str, CostTable], enumeration: Enumeration, avg_bits: float,
+                      psd: Sequence[str] = ("clado_psd",)) -> OracleComparison:
+    """Minimise every table exactly under `avg_bits` (`hk.quant.allocate_bits_iqp`, a MILP; with
+    CLADO's PSD projection for the keys in `psd`, without it for the others, which is the exact
+    minimiser of the table: the knapsack DP's for additive and adjacent tables) and look each choice
+    up in the enumeration (see `OracleComparison`)."""
+    delta, accuracy = enumeration.values["delta"], enumeration.values["accuracy"]
+    mask = enumeration.feasible(avg_bits)
+    if not mask.any():
+        raise ValueError(f"avg_bits: no configuration fits {avg_bits} bits per weight")
+    k = int(np.argmin(np.where(mask, delta, np.inf)))
+    chosen, predicted = {}, {}
+    for key, table in tables.items():
+        allocation = allocate_bits_iqp(table, avg_bits, psd=key in psd)
+        i = enumeration.index(allocation)
+        chosen[key] = (dict(allocation), int((delta[mask] < delta[i]).sum()) + 1, float(delta[i]), float(accuracy[i]))
+        predicted[key] = allocation.predicted
+    return OracleComparison(float(avg_bits), int(mask.sum()), (enumeration.config(k), float(delta[k]),
+                                                               float(accuracy[k])), chosen, predicted)
+
+
+def cross_layer_study(task: str, seeds: Sequence[int], avg_bits: Sequence[float] = (2.5, 2.75, 3.0, 3.25, 3.5),
+                      choices: Sequence[int] = CHOICES, **problem_kwargs: Any) -> dict[str, np.ndarray]:
+    """For every seed: train the `task`'s model ("digits": `digits_problem`, "transformer":
+    `transformer_problem`, with `problem_kwargs`), measure CLADO's terms (`cross_layer_tables`),
+    enumerate all configurations and compare every model with the oracle at every budget
+    (`oracle_comparison`). Returns arrays (seeds, budgets) "rank_<key>" and "gap_<key>" (test
+    accuracy minus the oracle's, a fraction) per key of `CROSS_LAYER_MODELS`, "num_feasible",
+    "oracle_accuracy"; (seeds,) "rho_<key>" (Spearman rho of the model's prediction against the
+    measured loss change over every configuration; "clado_psd" has none: it ranks nothing, it only
+    changes what is minimised), "float_accuracy", "evaluations" (the loss evaluations CLADO's
+    measurement took) and "seeds"; "avg_bits" (budgets,)."""
+    make = {"digits": digits_problem, "transformer": transformer_problem}
+    if task not in make:
+        raise ValueError(f"task: expected one of {sorted(make)}, got {task!r}")
+    seeds = list(seeds)
+    rows: dict[str, list] = {}
+    for j, seed in enumerate(seeds):
+        progress.report(j, len(seeds), "seed")  # shown while an explorer renders
+        problem = make[task](seed=seed, **problem_kwargs)
+        _cross_layer_rows(rows, problem, enumerate_configs(problem, choices), avg_bits, choices)
+    progress.report(len(seeds), len(seeds), "seed")
+    return _cross_layer_result(rows, seeds, avg_bits)
+
+
+def _cross_layer_rows(rows: dict[str, list], problem: HAWQProblem, enumeration: Enumeration,
+                      avg_bits: Sequence[float], choices: Sequence[int]) -> None:
+    """Append one seed's row of `cross_layer_study` to `rows`."""
+    cross, tables = cross_layer_tables(problem, choices)
+    truth = enumeration.values["delta"]
+    for key in CROSS_LAYER_MODELS.values():
+        if key != "clado_psd":
+            rows.setdefault(f"rho_{key}", []).append(rank_correlation(tables[key].predict(enumeration.configs), truth))
+    comparisons = [oracle_comparison(tables, enumeration, b) for b in avg_bits]
+    for key in CROSS_LAYER_MODELS.values():
+        rows.setdefault(f"rank_{key}", []).append([c.rank(key) for c in comparisons])
+        rows.setdefault(f"gap_{key}", []).append([c.gap(key) for c in comparisons])
+    rows.setdefault("num_feasible", []).append([c.num_feasible for c in comparisons])
+    rows.setdefault("oracle_accuracy", []).append([c.oracle[2] for c in comparisons])
+    rows.setdefault("float_accuracy", []).append(enumeration.baseline["accuracy"])
+    rows.setdefault("evaluations", []).append(cross.num_evaluations)
+
+
+def _cross_layer_result(rows: Mapping[str, list], seeds: Sequence[int], avg_bits: Sequence[float]
+                        ) -> dict[str, np.ndarray]:
+    out = {k: np.array(v) for k, v in rows.items()}
+    out["seeds"], out["avg_bits"] = np.array(list(seeds)), np.array([float(b) for b in avg_bits])
     return out

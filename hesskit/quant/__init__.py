@@ -4,6 +4,8 @@
     q = hk.quant.quantize_model(model, bits=4)                                 # a quantized copy (RTN)
     sens = hk.quant.sensitivities(model, criterion, data, metric="trace")      # HAWQ-V2: Tr(H_i) / n_i
     bits = hk.quant.allocate_bits(model, sens, avg_bits=2.5)                   # exact, under the size budget
+    cross = hk.quant.cross_layer_interactions(model, criterion, data)          # CLADO: every pair of layers
+    bits = hk.quant.allocate_bits_iqp(hk.quant.cost_table(model, cross), 2.5)  # its IQP, exactly (a MILP)
     q = hk.quant.gptq(model, calibration_inputs, bits=3)                       # GPTQ, a quantized copy
 
 `hk.quant` holds what a user calls and the results handed back. The helpers stay in their modules:
@@ -11,7 +13,8 @@
 `QuantizedLayer`, `ActivationQuantizer`, `layer_weight`, `layer_bits`, and `LayerSwapper`, the
 working copy every measured loss runs on), `sensitivity` (`rank_correlation`), `allocate` (the
 resources of HAWQ-V3's program, `layer_macs`, `bops_table`, `interpolated_limit`, `size_limit`;
-the exhaustive ground truth `exhaustive`, `random_configs`, `fine_tuning_order`) and `gptq`
+CLADO's PSD projection `psd_part`; the exhaustive ground truth `exhaustive`, `random_configs`,
+`fine_tuning_order`) and `gptq`
 (`gptq_layer`, `gptq_layers`, `layer_hessian`, `layer_inputs`, `round_to_nearest`): e.g.
 `from hesskit.quant.fake import grid`. No function modifies the model it is given: each returns a
 copy or a number.
@@ -31,11 +34,12 @@ weights left alone; functions that choose the layers themselves also name the la
 """
 
 from .allocate import (Allocation, BisectionResult, CostTable, ParetoFrontier, allocate_bits, allocate_bits_ilp,
-                       bisection_search, cost_table, pareto_frontier)
+                       allocate_bits_iqp, bisection_search, cost_table, pareto_frontier)
 from .fake import (GRANULARITIES, CompressionReport, ModelSize, UncompressedWarning, fake_quantize, freeze, model_size,
                    observe_activations, quantizable_layers, quantization_aware, quantization_error, quantize_model)
 from .gptq import gptq
-from .sensitivity import PairInteractions, Sensitivities, pair_interactions, sensitivities
+from .sensitivity import (CrossLayerInteractions, PairInteractions, Sensitivities, cross_layer_interactions,
+                          pair_interactions, sensitivities)
 
 __all__ = [
     # quantize a model
@@ -58,6 +62,8 @@ __all__ = [
     "Sensitivities",
     "pair_interactions",
     "PairInteractions",
+    "cross_layer_interactions",
+    "CrossLayerInteractions",
     # which width for each layer
     "allocate_bits",
     "Allocation",
@@ -66,6 +72,7 @@ __all__ = [
     "cost_table",
     "CostTable",
     "allocate_bits_ilp",
+    "allocate_bits_iqp",
     "bisection_search",
     "BisectionResult",
 ]

@@ -16,6 +16,9 @@ sum_i MACs_i b_i b_a (HAWQ-V3's BOPs), a latency table.
   far, at exact integer sizes; one pass gives the whole frontier.
 - `allocate_bits_ilp`: several constraints, as HAWQ-V3 (Yao et al., ICML 2021), an integer linear
   program with one-hot x_i^b solved by `scipy.optimize.milp` (HiGHS) instead of PuLP/GLPK.
+- `allocate_bits_iqp`: CLADO (Deng et al., arXiv:2307.05657), the objective with measured terms for
+  EVERY pair of layers, x^T G x over one-hot x, an integer quadratic program; solved exactly as a
+  MILP with one product variable per pair of choices of two layers, or by enumeration.
 - `bisection_search`: Schaefer et al. (2023)'s search for a cut point in a sensitivity order whose
   accuracy drop lies inside a user's window, O(log L) evaluations.
 - `exhaustive`: every one of the |B|^L configurations (ground truth, when that is ~1e4 or fewer).
@@ -40,7 +43,7 @@ from .._model import call_model, eval_mode
 from ..layers import is_linear, linear_weight
 from .fake import (LayerSwapper, check_bits, check_choices, check_layers, layer_weight, quantizable_layers,
                    quantization_error, weight_users)
-from .sensitivity import PairInteractions, Sensitivities
+from .sensitivity import CrossLayerInteractions, PairInteractions, Sensitivities
 
 __all__ = [
     "CostTable",
@@ -55,6 +58,8 @@ __all__ = [
     "layer_macs",
     "bops_table",
     "allocate_bits_ilp",
+    "allocate_bits_iqp",
+    "psd_part",
     "fine_tuning_order",
     "Enumeration",
     "exhaustive",
@@ -71,7 +76,10 @@ class CostTable:
 
     `omega[i, j]` is the cost of layer i at width choices[j]; `pairs[i][j, k]`, when present, is
     added for layer i at choices[j] and layer i + 1 at choices[k] (measured interactions,
-    `hk.quant.pair_interactions`). `size[i, j] = n_i choices[j]`, exact integers (weight bits)."""
+    `hk.quant.pair_interactions`); `cross[i, l][j, k]`, when present, is added for EVERY pair of
+    layers i < l (CLADO's cross-layer terms, `hk.quant.cross_layer_interactions`; symmetric, zero
+    blocks on the diagonal; only `allocate_bits_iqp` minimises it). `size[i, j] = n_i choices[j]`,
+    exact integers (weight bits)."""
 
     layers: list[str]
     choices: tuple[int, ...]
@@ -79,6 +87,7 @@ class CostTable:
     num_params: np.ndarray  # (L,) int64
     pairs: np.ndarray | None = None  # (L - 1, B, B)
     metric: str = ""
+    cross: np.ndarray | None = None  # (L, L, B, B)
 
     def __post_init__(self):
         self.choices = tuple(int(b) for b in self.choices)
@@ -97,16 +106,27 @@ class CostTable:
             if self.pairs.shape != (max(L - 1, 0), B, B) or not np.isfinite(self.pairs).all():
                 raise ValueError(f"pairs: expected finite values of shape ({max(L - 1, 0)}, {B}, {B}), "
                                  f"got {self.pairs.shape}")
+        if self.cross is not None:
+            if self.pairs is not None:
+                raise ValueError("pairs, cross: expected adjacent pair terms or all-pairs terms, not both "
+                                 "(all pairs include the adjacent ones)")
+            self.cross = np.asarray(self.cross, dtype=float)
+            if self.cross.shape != (L, L, B, B) or not np.isfinite(self.cross).all():
+                raise ValueError(f"cross: expected finite values of shape ({L}, {L}, {B}, {B}), got {self.cross.shape}")
+            if not np.allclose(self.cross, self.cross.transpose(1, 0, 3, 2), rtol=1e-12, atol=0):
+                raise ValueError("cross: expected symmetric terms, cross[i, l][j, k] = cross[l, i][k, j]")
+            if L and np.abs(self.cross[np.arange(L), np.arange(L)]).max() > 0:
+                raise ValueError("cross: expected zero blocks cross[i, i] (a layer has one width)")
 
     @classmethod
     def from_arrays(cls, omega: Any, choices: Sequence[int], num_params: Sequence[int],
-                    layers: Sequence[str] | None = None, pairs: Any = None) -> CostTable:
+                    layers: Sequence[str] | None = None, pairs: Any = None, cross: Any = None) -> CostTable:
         """A table from plain arrays (layers named "0", "1", ... unless given)."""
         omega = np.asarray(omega, dtype=float)
         if omega.ndim != 2:
             raise ValueError(f"omega: expected a 2-D (layers, choices) array, got shape {omega.shape}")
         names = [str(i) for i in range(omega.shape[0])] if layers is None else list(layers)
-        return cls(names, tuple(choices), omega, np.asarray(num_params), pairs)
+        return cls(names, tuple(choices), omega, np.asarray(num_params), pairs, cross=cross)
 
     @property
     def size(self) -> np.ndarray:
@@ -137,7 +157,26 @@ class CostTable:
         total = self.omega[rows[None, :], idx].sum(axis=1)
         if self.pairs is not None and len(self.layers) > 1:
             total = total + self.pairs[rows[None, :-1], idx[:, :-1], idx[:, 1:]].sum(axis=1)
+        if self.cross is not None and len(self.layers) > 1:
+            i, j = np.triu_indices(len(self.layers), 1)
+            total = total + self.cross[i[None, :], j[None, :], idx[:, i], idx[:, j]].sum(axis=1)
         return total
+
+    def matrix(self) -> np.ndarray:
+        """The objective as CLADO's quadratic form: the symmetric (L |B|, L |B|) matrix G with
+        x^T G x = `predict` for the one-hot vector x of a configuration (x[i |B| + j] = 1 when layer
+        i takes choices[j]). Diagonal: omega; the block of layers (i, l): half their pair terms
+        (adjacent or all pairs); other entries of a layer's own block: 0. CLADO's official code
+        builds 2 G (the diagonal 2 D_i, the blocks the full terms), the same minimiser."""
+        L, B = self.omega.shape
+        G = np.diag(self.omega.ravel()).reshape(L, B, L, B)
+        if self.cross is not None:
+            G = G + 0.5 * self.cross.transpose(0, 2, 1, 3)
+        if self.pairs is not None:
+            for i in range(L - 1):
+                G[i, :, i + 1, :] += 0.5 * self.pairs[i]
+                G[i + 1, :, i, :] += 0.5 * self.pairs[i].T
+        return G.reshape(L * B, L * B)
 
     def weight_bits(self, configs: Any) -> np.ndarray:
         idx = self.indices(configs)
@@ -146,15 +185,19 @@ class CostTable:
 
 def cost_table(model: nn.Module, sensitivities: Any, choices: Sequence[int] = (2, 3, 4, 8), *,
                granularity: str | None = None, group_size: int | None = None, symmetric: bool = False,
-               pairs: PairInteractions | None = None) -> CostTable:
+               pairs: PairInteractions | CrossLayerInteractions | None = None) -> CostTable:
     """HAWQ's costs Omega_i(b) = c_i ||Q_b(W_i) - W_i||^2 of each layer at each width.
 
     `sensitivities`: a `Sensitivities` (c_i is its `.curvature`: Tr(H_i)/n_i, lambda_max(H_i), or
     Q-BERT's statistic; a "measured" one gives Omega_i(b) = the measured loss change, which must
     cover every width in `choices`), a `CostTable` (returned, checked), or a plain {layer: c_i}
     mapping (e.g. all ones: the curvature-free ||dW||^2 baseline). The layers are those of the
-    mapping, in model order. `pairs` adds measured interactions of adjacent layers (the layers and
-    choices must match).
+    mapping, in model order. `pairs` adds measured interactions: of adjacent layers
+    (`hk.quant.pair_interactions`, minimised exactly by the DP) or of every pair (CLADO,
+    `hk.quant.cross_layer_interactions`, minimised by `allocate_bits_iqp`); the layers and choices
+    must match. A `PairInteractions` or `CrossLayerInteractions` passed as `sensitivities` is both:
+    its measured single-layer losses are Omega and its terms the pairs (CLADO's objective:
+    `cost_table(model, hk.quant.cross_layer_interactions(model, criterion, data))`).
 
     Defaults: `choices` (2, 3, 4, 8), hesskit's: the weight widths of Q-BERT's tables (HAWQ-V3 mixes
     4 and 8 only, for its integer kernels); `granularity`, `group_size`, `symmetric`:
@@ -165,6 +208,10 @@ def cost_table(model: nn.Module, sensitivities: Any, choices: Sequence[int] = (2
         if sensitivities.choices != choices:
             raise ValueError(f"choices: the cost table has {sensitivities.choices}, got {choices}")
         return sensitivities
+    if isinstance(sensitivities, (PairInteractions, CrossLayerInteractions)):
+        if pairs is not None and pairs is not sensitivities:
+            raise ValueError("pairs: the sensitivities are measured interactions already; pass them once")
+        return _interaction_table(model, sensitivities, choices)
     if not isinstance(sensitivities, Mapping) or not sensitivities:
         raise TypeError(f"sensitivities: expected a Sensitivities or {{layer: value}} mapping, got {sensitivities!r}")
     modules = check_layers(model, list(sensitivities))
@@ -186,16 +233,33 @@ def cost_table(model: nn.Module, sensitivities: Any, choices: Sequence[int] = (2
         errors = np.array([[quantization_error(layer_weight(modules[n]), b, symmetric, granularity, group_size)
                             for b in choices] for n in names])
         omega = c[:, None] * errors
-    pair_terms = None
+    pair_terms = cross = None
     if pairs is not None:
-        if not isinstance(pairs, PairInteractions):
-            raise TypeError(f"pairs: expected a PairInteractions (hk.quant.pair_interactions), "
-                            f"got {type(pairs).__name__}")
+        if not isinstance(pairs, (PairInteractions, CrossLayerInteractions)):
+            raise TypeError(f"pairs: expected a PairInteractions (hk.quant.pair_interactions) or a "
+                            f"CrossLayerInteractions (hk.quant.cross_layer_interactions), got {type(pairs).__name__}")
         if list(pairs.layers) != names or tuple(pairs.choices) != choices:
             raise ValueError(f"pairs: measured for layers {pairs.layers} and choices {pairs.choices}, "
                              f"but the table has {names} and {choices}")
-        pair_terms = pairs.terms
-    return CostTable(names, choices, omega, sizes, pair_terms, metric)
+        if isinstance(pairs, CrossLayerInteractions):
+            cross = pairs.terms
+        else:
+            pair_terms = pairs.terms
+    return CostTable(names, choices, omega, sizes, pair_terms, metric, cross)
+
+
+def _interaction_table(model: nn.Module, measured: PairInteractions | CrossLayerInteractions,
+                       choices: tuple[int, ...]) -> CostTable:
+    """The table of measured interactions: their single-layer losses as Omega, their terms as pairs."""
+    if tuple(measured.choices) != choices:
+        raise ValueError(f"choices: the interactions were measured for {measured.choices}, got {choices}")
+    modules = check_layers(model, list(measured.layers))
+    if list(modules) != list(measured.layers):
+        raise ValueError(f"sensitivities: layers {measured.layers} are not in model order {list(modules)}")
+    sizes = np.array([modules[n].weight.numel() for n in modules])
+    cross = isinstance(measured, CrossLayerInteractions)
+    return CostTable(list(modules), choices, measured.singles, sizes, None if cross else measured.terms, "measured",
+                     measured.terms if cross else None)
 
 
 # ----------------------------------------------------------------------------- exact DP
@@ -214,6 +278,9 @@ def _pareto_dp(table: CostTable, cap: int | None = None):
     the next pair term depends on it); states that cannot fit under `cap` are dropped.
 
     Returns (sizes, omegas, choice indices (P, L)) of the final envelope."""
+    if table.cross is not None:
+        raise ValueError("costs: terms for every pair of layers (CLADO) are not a chain, which the DP needs; "
+                         "minimise them with allocate_bits_iqp")
     L = len(table.layers)
     S, O, P = table.size, table.omega, table.pairs
     min_rest = np.concatenate([np.cumsum(S.min(axis=1)[::-1])[::-1], [0]])  # smallest size of layers i..L-1
@@ -251,7 +318,7 @@ def _pareto_dp(table: CostTable, cap: int | None = None):
 
 class Allocation(dict):
     """{layer: bits} chosen by an allocator, with `predicted` (its Omega), `weight_bits`
-    (sum n_i b_i), `average_bits` and, for the ILP, `resources` {name: (used, limit)}."""
+    (sum n_i b_i), `average_bits` and, for the ILP and the IQP, `resources` {name: (used, limit)}."""
 
     def __init__(self, config: Mapping[str, int] = (), *, predicted: float = math.nan, weight_bits: int = 0,
                  average_bits: float = math.nan, resources: Mapping[str, tuple[float, float]] | None = None,
@@ -392,9 +459,15 @@ def allocate_bits(model: nn.Module, sensitivities: Any, avg_bits: float, choices
     several layers at 2 bits at once: notebook 11). With the previous defaults (one symmetric
     range per tensor) the allocation at 2.5 bits left the test loss 0.4-3.7 nats above the float
     model's (now 0.04-0.24), and at 3 bits it lost to uniform 3-bit on 2 of the 10 models and on
-    three of three held-out seeds."""
+    three of three held-out seeds.
+
+    `pairs`: measured interactions of adjacent layers (`hk.quant.pair_interactions`: the DP stays
+    exact) or of every pair (`hk.quant.cross_layer_interactions`: the objective is then minimised
+    exactly by `allocate_bits_iqp(..., psd=False)`, CLADO's program without its PSD projection)."""
     table = cost_table(model, sensitivities, choices, granularity=granularity, group_size=group_size,
                        symmetric=symmetric, pairs=pairs)
+    if table.cross is not None:  # CLADO's terms for every pair: not a chain, the exact IQP instead
+        return allocate_bits_iqp(table, avg_bits, psd=False)
     return knapsack(table, avg_bits)
 
 
@@ -524,9 +597,9 @@ def _check_ilp_inputs(costs: Any, resources: Any) -> None:
     """A CostTable without pair terms, and at least one resource."""
     if not isinstance(costs, CostTable):
         raise TypeError(f"costs: expected a CostTable (hk.quant.cost_table), got {type(costs).__name__}")
-    if costs.pairs is not None:
-        raise ValueError("costs: pair terms make the objective quadratic; use allocate_bits / pareto_frontier "
-                         "(exact DP) for a pair-augmented objective")
+    if costs.pairs is not None or costs.cross is not None:
+        raise ValueError("costs: pair terms make the objective quadratic; use allocate_bits_iqp (any pairs, "
+                         "several constraints) or allocate_bits / pareto_frontier (adjacent pairs: exact DP)")
     if not isinstance(resources, Mapping) or not resources:
         raise ValueError("resources: expected at least one {name: (table, limit)} constraint")
 
@@ -583,38 +656,185 @@ def _check_reachable(tables: Mapping[str, tuple[np.ndarray, float]], allowed: np
 
 def _solve_ilp(costs: CostTable, tables: Mapping[str, tuple[np.ndarray, float]], allowed: np.ndarray,
                tie_rows: list[np.ndarray], time_limit: float | None, ties: Any, fixed: Any):
-    """Solve the program with HiGHS and check every constraint exactly on the rounded solution; where
-    HiGHS' tolerance let one slip, tighten its limit by the excess and solve again (up to 4 times).
-    Returns (the chosen width index of each layer, {resource: total used}, milp's status)."""
+    """Solve HAWQ-V3's program with HiGHS (`_solve_one_hot`). Returns (the chosen width index of
+    each layer, {resource: total used}, milp's status)."""
+    L, B = costs.omega.shape
+    extra = "" if not (ties or fixed) else " and the ties/fixed widths"
+    return _solve_one_hot(costs.omega.ravel(), L, B, tables, allowed, list(tie_rows), 0, time_limit, {}, extra)
+
+
+def _solve_one_hot(objective: np.ndarray, L: int, B: int, tables: Mapping[str, tuple[np.ndarray, float]],
+                   allowed: np.ndarray, equal_rows: list[np.ndarray], num_extra: int, time_limit: float | None,
+                   options: Mapping[str, Any], what: str):
+    """min objective @ z over z = (x, extra variables in [0, 1]), x binary and one-hot per layer
+    (x[i B + j] = 1: layer i takes width j, only where `allowed`), with `equal_rows` r @ z = 0 and
+    every resource sum_i T_i^{b_i} <= limit, by `scipy.optimize.milp` (HiGHS). Every limit is
+    checked exactly on the rounded solution; where HiGHS' tolerance let one slip, the limit is
+    tightened by the excess and the program solved again (up to 4 times). Returns (the chosen width
+    index of each layer, {resource: total used}, milp's status)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    L, B = costs.omega.shape
-    one_hot = np.kron(np.eye(L), np.ones(B))
+    pad = np.zeros(num_extra)
+    one_hot = np.hstack([np.kron(np.eye(L), np.ones(B)), np.zeros((L, num_extra))])
     constraints = [LinearConstraint(one_hot, 1, 1)]
-    if tie_rows:
-        constraints.append(LinearConstraint(np.array(tie_rows), 0, 0))
+    if equal_rows:
+        constraints.append(LinearConstraint(np.array(equal_rows), 0, 0))
+    integrality = np.concatenate([np.ones(L * B), pad])
+    bounds = Bounds(0, np.concatenate([allowed.ravel().astype(float), pad + 1]))
+    options = {**options, **({} if time_limit is None else {"time_limit": float(time_limit)})}
     shrink = {name: 0.0 for name in tables}
     for _ in range(4):
         rows = []
         for name, (t, limit) in tables.items():
             scale = max(np.abs(t).max(), abs(limit), 1e-300)  # relative feasibility tolerance
-            rows.append(LinearConstraint(t.ravel()[None, :] / scale, -np.inf, (limit - shrink[name]) / scale))
-        result = milp(costs.omega.ravel(), constraints=constraints + rows, integrality=np.ones(L * B),
-                      bounds=Bounds(0, allowed.ravel().astype(float)),
-                      options={} if time_limit is None else {"time_limit": float(time_limit)})
+            rows.append(LinearConstraint(np.concatenate([t.ravel(), pad])[None, :] / scale, -np.inf,
+                                         (limit - shrink[name]) / scale))
+        result = milp(objective, constraints=constraints + rows, integrality=integrality, bounds=bounds,
+                      options=options)
         if result.status == 2 or result.x is None:
             raise ValueError(f"resources: infeasible: no configuration satisfies every constraint "
-                             f"({', '.join(tables)}){' and the ties/fixed widths' if ties or fixed else ''}")
+                             f"({', '.join(tables)}){what}")
         if result.status not in (0, 1):
             raise RuntimeError(f"scipy.optimize.milp failed: {result.message}")
-        idx = np.round(result.x).reshape(L, B).argmax(axis=1)
+        idx = np.round(result.x[:L * B]).reshape(L, B).argmax(axis=1)
         used = {name: float(t[np.arange(L), idx].sum()) for name, (t, _) in tables.items()}
         over = {name: used[name] - limit for name, (_, limit) in tables.items() if used[name] > limit}
         if not over:
             return idx, used, result.status
         for name, excess in over.items():  # HiGHS' tolerance let a constraint slip: tighten and re-solve
             shrink[name] += excess
-    raise RuntimeError(f"allocate_bits_ilp: could not satisfy {sorted(over)} exactly")
+    raise RuntimeError(f"could not satisfy {sorted(over)} exactly")
+
+
+# ----------------------------------------------------------------------------- CLADO's IQP
+IQP_METHODS = ("milp", "enumerate")
+
+
+def psd_part(G: np.ndarray) -> np.ndarray:
+    """The positive semi-definite part of a symmetric matrix, its negative eigenvalues set to 0:
+    the nearest PSD matrix in Frobenius norm. CLADO's official code (`qip_optimizer`,
+    `MIQCP_optimize` in JamesTuna/CLADO_MPQ) applies it to its cross-layer matrix before the solve."""
+    values, vectors = np.linalg.eigh((G + G.T) / 2)
+    P = (vectors * np.clip(values, 0, None)) @ vectors.T
+    return (P + P.T) / 2
+
+
+def _quadratic_values(G: np.ndarray, idx: np.ndarray, B: int) -> np.ndarray:
+    """x^T G x of the one-hot vectors of configurations given as width indices (K, L)."""
+    flat = idx + B * np.arange(idx.shape[1])[None, :]
+    return G[flat[:, :, None], flat[:, None, :]].sum(axis=(1, 2))
+
+
+def _iqp_milp(G: np.ndarray, L: int, B: int, tables, allowed, time_limit):
+    """min x^T G x over one-hot x as a MILP: for every two layers i < l whose block of G is not zero,
+    product variables y_ac = x_ia x_lc (continuous in [0, 1]) tied to x by the marginal equations
+    sum_c y_ac = x_ia and sum_a y_ac = x_lc, exact for one-hot x: a row a with x_ia = 0 forces its
+    y to 0, the one with x_ia = 1 must put y_ac = x_lc. The objective: diag(G) @ x (x^2 = x; two
+    widths of one layer never meet) + sum_{i<l} 2 G[(i, a), (l, c)] y_ac. Solved to a zero
+    relative optimality gap, the objective scaled to at most 1 in magnitude (HiGHS' absolute gap
+    tolerance, 1e-6, is then relative to the largest coefficient)."""
+    blocks = G.reshape(L, B, L, B)
+    pairs = [(i, l) for i, l in itertools.combinations(range(L), 2) if np.any(blocks[i, :, l, :] != 0)]
+    n = L * B + len(pairs) * B * B
+    objective = np.concatenate([np.diag(G)] + [2 * blocks[i, :, l, :].ravel() for i, l in pairs])
+    rows = []
+    for k, (i, l) in enumerate(pairs):
+        y = L * B + k * B * B + np.arange(B * B).reshape(B, B)  # y[a, c]: layer i at a, layer l at c
+        for a in range(B):
+            row = np.zeros(n)
+            row[y[a, :]], row[i * B + a] = 1, -1
+            rows.append(row)
+        for c in range(B):
+            row = np.zeros(n)
+            row[y[:, c]], row[l * B + c] = 1, -1
+            rows.append(row)
+    scale = max(np.abs(objective).max(), 1e-300)
+    return _solve_one_hot(objective / scale, L, B, tables, allowed, rows, len(pairs) * B * B, time_limit,
+                          {"mip_rel_gap": 0.0}, "")
+
+
+def _iqp_enumeration(G: np.ndarray, L: int, B: int, tables, allowed, max_configs: int):
+    """min x^T G x by evaluating every configuration of allowed widths (in chunks): the check."""
+    options = [np.flatnonzero(row) for row in allowed]
+    count = math.prod(len(o) for o in options)
+    if count > max_configs:
+        raise ValueError(f"max_configs: {count:,} configurations exceed {max_configs:,}; use method='milp' "
+                         "(or raise max_configs)")
+    rows = np.arange(L)
+    best, best_value = None, math.inf
+    configs = itertools.product(*options)
+    while chunk := list(itertools.islice(configs, 65536)):
+        idx = np.array(chunk, dtype=np.int64).reshape(len(chunk), L)
+        ok = np.ones(len(idx), dtype=bool)
+        for t, limit in tables.values():
+            ok &= t[rows[None, :], idx].sum(axis=1) <= limit
+        if not ok.any():
+            continue
+        values = np.where(ok, _quadratic_values(G, idx, B), np.inf)
+        k = int(np.argmin(values))
+        if values[k] < best_value:
+            best, best_value = idx[k], float(values[k])
+    if best is None:
+        raise ValueError(f"resources: infeasible: no configuration satisfies every constraint ({', '.join(tables)})")
+    return best, {name: float(t[rows, best].sum()) for name, (t, _) in tables.items()}, 0
+
+
+def allocate_bits_iqp(costs: CostTable, avg_bits: float | None = None, *,
+                      resources: Mapping[str, tuple[Any, float]] | None = None, fixed: Mapping[str, int] | None = None,
+                      psd: bool = True, method: str = "milp", time_limit: float | None = None,
+                      max_configs: int = 1_000_000) -> Allocation:
+    """CLADO's integer quadratic program (Deng, Sharify, Wang & Orshansky, arXiv:2307.05657), solved
+    exactly:
+
+        minimise   x^T G x                                x_i^b in {0, 1}, one-hot per layer
+        s.t.       sum_i n_i b x_i^b <= avg_bits sum_i n_i  (with `avg_bits`; CLADO's size bound)
+                   sum_i sum_b T_i^b x_i^b <= limit_T       for every resource T (e.g. BOPs)
+
+    G = `costs.matrix()`: the measured single-layer loss changes on the diagonal and half of the
+    cross-layer terms D_il - D_i - D_l of every pair of layers off it (`cost_table(model, measured,
+    pairs=cross_layer_interactions(...))`), so that x^T G x = `costs.predict`. Any table works:
+    additive (the program is then HAWQ-V3's ILP), adjacent pairs (the DP's chain), all pairs.
+
+    `method="milp"` (default): the quadratic terms linearised with product variables, one per pair
+    of widths of two layers (`_iqp_milp`), `scipy.optimize.milp` (HiGHS) with a zero optimality
+    gap, every limit checked exactly on the solution. `method="enumerate"`: every configuration
+    (at most `max_configs`, default 10^6), the check for small instances. Both return a minimiser
+    (ties may differ). `resources` and `fixed` as for `allocate_bits_ilp`; an infeasible budget
+    raises ValueError.
+
+    `psd=True` (default, CLADO's official code, `qip_optimizer`/`MIQCP_optimize`): G is replaced by
+    its positive semi-definite part (`psd_part`: negative eigenvalues set to 0) before the solve,
+    which makes the program convex for the MIQP solver there (Gurobi) and smooths the measured
+    terms; the result is then exact for the projected objective, which is what `predicted`
+    reports. `psd=False`: the measured model itself. Returns an `Allocation`."""
+    if not isinstance(costs, CostTable):
+        raise TypeError(f"costs: expected a CostTable (hk.quant.cost_table), got {type(costs).__name__}")
+    if method not in IQP_METHODS:
+        raise ValueError(f"method: expected one of {IQP_METHODS}, got {method!r}")
+    if avg_bits is None and not resources:
+        raise ValueError("avg_bits, resources: expected a size budget (avg_bits) and/or resource constraints")
+    if resources is not None and not isinstance(resources, Mapping):
+        raise ValueError("resources: expected {name: (table, limit)} constraints")
+    tables = _resource_tables(costs, resources or {})
+    if avg_bits is not None:
+        if "size" in tables:
+            raise ValueError("resources: 'size' is the avg_bits budget; pass one of them")
+        tables = {"size": (costs.size.astype(float), float(size_limit(costs, avg_bits))), **tables}
+    allowed = _allowed_widths(costs, fixed)
+    _check_reachable(tables, allowed)
+    L, B = costs.omega.shape
+    G = psd_part(costs.matrix()) if psd else costs.matrix()
+    if method == "milp":
+        idx, used, status = _iqp_milp(G, L, B, tables, allowed, time_limit)
+    else:
+        idx, used, status = _iqp_enumeration(G, L, B, tables, allowed, max_configs)
+    config = {name: costs.choices[j] for name, j in zip(costs.layers, idx)}
+    weight_bits = int(costs.size[np.arange(L), idx].sum())
+    label = f"iqp ({'milp' if method == 'milp' else 'enumeration'}{', psd' if psd else ''})"
+    return Allocation(config, predicted=float(_quadratic_values(G, np.asarray(idx)[None, :], B)[0]),
+                      weight_bits=weight_bits, average_bits=weight_bits / costs.total_params,
+                      resources={name: (used[name], limit) for name, (_, limit) in tables.items()},
+                      method=label + ("" if status == 0 else " (time limit)"))
 
 
 # ----------------------------------------------------------------------------- HAWQ v1's order

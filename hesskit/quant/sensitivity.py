@@ -16,6 +16,11 @@ W_i alone. The papers summarise H_i by one number:
     "measured"    no proxy: S_i(b) = L(W with layer i alone quantized to b bits) - L(W), the loss
                   change itself (the baseline practitioners trust, OpenPPL/ppq#203, MQBench#170).
 
+Beyond one number per layer: `pair_interactions` measures what quantizing two ADJACENT layers
+together adds to their separate loss changes, and `cross_layer_interactions` the same for EVERY pair
+of layers (CLADO, Deng et al., arXiv:2307.05657), the terms of CLADO's integer quadratic program
+(`hk.quant.allocate_bits_iqp`).
+
 The Hessian metrics use hesskit's operators and estimators: `HessianOperator` restricted to the
 layer's weight for the eigenvalues (`eigenvalues`, Lanczos; HAWQ and PyHessian use power iteration,
 which finds the same largest-magnitude eigenvalue with more products), and for the trace one
@@ -35,6 +40,7 @@ which is also `lm_head`): its Hessian block is that of the one shared tensor, bo
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -60,6 +66,8 @@ __all__ = [
     "sensitivities",
     "PairInteractions",
     "pair_interactions",
+    "CrossLayerInteractions",
+    "cross_layer_interactions",
     "rank_correlation",
 ]
 
@@ -360,7 +368,7 @@ class PairInteractions:
     the part of the joint damage that the additive (block-diagonal) model misses. `singles[i, a]`
     is D_i(choices[a]). Added to an additive objective, it makes the cost a chain
     sum_i c_i(b_i) + sum_i terms[i][b_i, b_{i+1}], which `pareto_frontier`/`allocate_bits` still
-    minimise exactly."""
+    minimise exactly. `CrossLayerInteractions` measures every pair (CLADO)."""
 
     layers: list[str]
     choices: tuple[int, ...]
@@ -368,6 +376,70 @@ class PairInteractions:
     terms: np.ndarray  # (L - 1, B, B)
     baseline_loss: float
     num_evaluations: int
+
+
+@dataclass
+class CrossLayerInteractions:
+    """CLADO's cross-layer terms (Deng, Sharify, Wang & Orshansky, "Mixed-precision quantization for
+    deep vision models with integer quadratic programming", arXiv:2307.05657, DAC 2025) for EVERY
+    pair of layers, not only adjacent ones.
+
+    CLADO expands the loss change of a configuration to second order, Delta L ~ g^T d + (1/2) d^T H d
+    with d = (d_1, ..., d_L) the layers' quantization perturbations, and splits it into one term
+    per layer and one per pair: Delta L ~ sum_i D_i(b_i) + sum_{i<j} d_i^T H_ij d_j. With D_i(a) the
+    measured loss change of layer i alone at a bits and D_ij(a, c) that of layers i and j together,
+    the quadratic model gives D_ij = D_i + D_j + d_i^T H_ij d_j, so each cross term is the linear
+    combination of three forward-only measurements (CLADO's "linear equations"):
+
+        terms[i, j, a, c] = D_ij(a, c) - D_i(a) - D_j(c)          (i != j; exact for a quadratic loss)
+
+    `terms` is (L, L, B, B), symmetric (terms[j, i, c, a] = terms[i, j, a, c]) with zero blocks on
+    the diagonal; `singles[i, a]` is D_i(choices[a]). L |B| + L (L - 1) / 2 |B|^2 loss evaluations
+    (plus the baseline). `adjacent()` is the chain subset (`PairInteractions`, the same numbers);
+    `hk.quant.cost_table(model, interactions)` and `hk.quant.allocate_bits_iqp` turn them into CLADO's
+    integer quadratic program."""
+
+    layers: list[str]
+    choices: tuple[int, ...]
+    singles: np.ndarray  # (L, B)
+    terms: np.ndarray  # (L, L, B, B)
+    baseline_loss: float
+    num_evaluations: int
+
+    def adjacent(self) -> PairInteractions:
+        """The terms of consecutive layers only: the adjacent-pair model from the same measurements."""
+        L = len(self.layers)
+        terms = np.array([self.terms[i, i + 1] for i in range(L - 1)]).reshape(max(L - 1, 0), *self.terms.shape[2:])
+        count = 1 + self.singles.size + max(L - 1, 0) * len(self.choices) ** 2
+        return PairInteractions(list(self.layers), self.choices, self.singles.copy(), terms, self.baseline_loss, count)
+
+
+def _measure_pairs(model, criterion, data, choices, pairs, layers, granularity, group_size, symmetric, mode,
+                   output_fn):
+    """The measurements behind `pair_interactions` and `cross_layer_interactions`: the baseline
+    loss, D_i(a) of every layer and width, and D_ij(a, c) - D_i(a) - D_j(c) of every (i, j) in
+    `pairs` (indices into the layers, `pairs(L)` lists them) and every two widths, on one working
+    copy of the model (`LayerSwapper`). Returns (layers, widths, singles (L, B), {(i, j): (B, B)},
+    baseline, number of loss evaluations)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_criterion(criterion)
+    _check_mode(model, mode)
+    widths = check_choices(choices, symmetric)
+    names = list(check_layers(model, layers))
+    batches = batch_list(data)
+    swapper = LayerSwapper(model, names, widths, granularity, group_size, symmetric, mode)
+
+    def loss(config: Mapping[str, int]) -> float:
+        return mean_loss(swapper.apply(config), criterion, batches, output_fn=output_fn)
+
+    base = loss({})
+    singles = np.array([[loss({n: b}) - base for b in widths] for n in names]).reshape(len(names), len(widths))
+    terms = {}
+    for i, j in pairs(len(names)):
+        terms[i, j] = np.array([[loss({names[i]: ba, names[j]: bc}) - base - singles[i, a] - singles[j, c]
+                                 for c, bc in enumerate(widths)] for a, ba in enumerate(widths)])
+    return names, widths, singles, terms, base, 1 + singles.size + len(terms) * len(widths) ** 2
 
 
 def pair_interactions(model: nn.Module, criterion: Any, data: Any, choices: Sequence[int] = (2, 3, 4, 8), *,
@@ -382,29 +454,40 @@ def pair_interactions(model: nn.Module, criterion: Any, data: Any, choices: Sequ
     `granularity`, `group_size` and `symmetric` default to `hk.quant.fake_quantize`'s (one
     asymmetric range per output channel): pass what the allocation and `quantize_model` use.
     Consecutive in model order is "adjacent" for a chain (an MLP, a plain CNN); for residual
-    networks it is a heuristic. The model is not modified."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    _check_criterion(criterion)
-    _check_mode(model, mode)
-    widths = check_choices(choices, symmetric)
-    names = list(check_layers(model, layers))
-    batches = batch_list(data)
-    swapper = LayerSwapper(model, names, widths, granularity, group_size, symmetric, mode)
-
-    def loss(config: Mapping[str, int]) -> float:
-        return mean_loss(swapper.apply(config), criterion, batches, output_fn=output_fn)
-
-    base = loss({})
+    networks it is a heuristic (`cross_layer_interactions` measures every pair). The model is not
+    modified."""
+    names, widths, singles, terms, base, count = _measure_pairs(
+        model, criterion, data, choices, lambda L: [(i, i + 1) for i in range(L - 1)], layers, granularity,
+        group_size, symmetric, mode, output_fn)
     L, B = len(names), len(widths)
-    singles = np.array([[loss({n: b}) - base for b in widths] for n in names])
-    terms = np.zeros((max(L - 1, 0), B, B))
-    for i in range(L - 1):
-        for a, ba in enumerate(widths):
-            for c, bc in enumerate(widths):
-                joint = loss({names[i]: ba, names[i + 1]: bc}) - base
-                terms[i, a, c] = joint - singles[i, a] - singles[i + 1, c]
-    return PairInteractions(names, widths, singles, terms, base, 1 + L * B + (L - 1) * B * B)
+    chain = np.array([terms[i, i + 1] for i in range(L - 1)]).reshape(max(L - 1, 0), B, B)
+    return PairInteractions(names, widths, singles, chain, base, count)
+
+
+def cross_layer_interactions(model: nn.Module, criterion: Any, data: Any, choices: Sequence[int] = (2, 3, 4, 8), *,
+                             layers: Sequence[str] | None = None, granularity: str | None = None,
+                             group_size: int | None = None, symmetric: bool = False, mode: str | None = None,
+                             output_fn: Any = None) -> CrossLayerInteractions:
+    """CLADO's measured cross-layer terms (Deng et al., arXiv:2307.05657) of EVERY pair of
+    quantizable layers at every pair of widths in `choices` (see `CrossLayerInteractions`):
+    1 + L |B| + L (L - 1) / 2 |B|^2 loss evaluations of the model with one or two layers quantized,
+    forward passes only. Data (CLADO's small calibration set), `output_fn` and layers as for
+    `sensitivities`.
+
+    Defaults: `choices` (2, 3, 4, 8), `allocate_bits`' (CLADO's experiments mix {2, 4, 8}-bit
+    weights: pass them to match); the loss is the mean criterion over `data` (CLADO's official
+    code measures the calibration loss the same way, with the float model's loss as the
+    reference); `granularity`, `group_size`, `symmetric`: `hk.quant.fake_quantize`'s (one asymmetric
+    range per output channel): pass what the allocation and `quantize_model` use. The model is not
+    modified."""
+    names, widths, singles, terms, base, count = _measure_pairs(
+        model, criterion, data, choices, lambda L: list(itertools.combinations(range(L), 2)), layers, granularity,
+        group_size, symmetric, mode, output_fn)
+    L, B = len(names), len(widths)
+    full = np.zeros((L, L, B, B))
+    for (i, j), t in terms.items():
+        full[i, j], full[j, i] = t, t.T
+    return CrossLayerInteractions(names, widths, singles, full, base, count)
 
 
 # ----------------------------------------------------------------------------- proxy quality

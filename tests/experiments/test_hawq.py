@@ -3,9 +3,9 @@ import matplotlib
 matplotlib.use("Agg")
 
 # Notebook 11's HAWQ experiments on a small digits MLP (three layers, 4^3 = 64 configurations): the
-# prefix-sharing enumeration against hesskit.quant.allocate.exhaustive, the proxies and their rank correlations, the
-# budget comparison against direct lookups, the seed study and its progress. The explorer:
-# tests/widgets/test_hawq_explorer.py.
+# prefix-sharing enumeration against hesskit.quant.allocate.exhaustive (also on the tiny transformer), the proxies
+# and their rank correlations, the budget comparison against direct lookups, the cross-layer (CLADO) models against
+# the oracle, the seed studies and their progress. The explorer: tests/widgets/test_hawq_explorer.py.
 
 import math  # noqa: E402
 
@@ -16,14 +16,21 @@ import torch  # noqa: E402
 from hesskit.data import digits  # noqa: E402
 from hesskit.quant.allocate import exhaustive, knapsack  # noqa: E402
 from hesskit.quant.fake import quantize_model  # noqa: E402
+from hesskit.quant.sensitivity import cross_layer_interactions, pair_interactions  # noqa: E402
 from hesskit.experiments.hawq import (  # noqa: E402
+    CROSS_LAYER_MODELS,
     PROXIES,
     all_sensitivities,
     compare_at_budget,
     correlations,
+    cross_layer_study,
+    cross_layer_tables,
     digits_problem,
+    enumerate_configs,
+    oracle_comparison,
     restrict,
     seed_study,
+    transformer_problem,
 )
 from hesskit.experiments.tasks import digits_mlp, fit_classifier  # noqa: E402
 from fixtures.hawq import SMALL, problem, setup  # noqa: E402,F401 (pytest fixtures)
@@ -106,3 +113,76 @@ def test_sweeps_report_progress(problem, progress_to):
     r = seed_study([0, 1], avg_bits=(2.5,), proxies=("trace",), num_matvecs=4, **SMALL)
     assert [c[:2] for c in calls if c[2] == "seed"] == [(0, 2), (1, 2), (2, 2)]
     assert r["seeds"].tolist() == [0, 1]
+
+
+TINY_TRANSFORMER = dict(steps=30, calibration=32, num_test=64, num_subsets=2, subset_size=16)
+
+
+def test_transformer_enumeration_equals_the_generic_exhaustive_search():
+    problem = transformer_problem(seed=0, **TINY_TRANSFORMER)
+    assert problem.layers == ["embed", "attn.qkv", "attn.out", "mlp.0", "mlp.2", "head"]
+    assert len(problem.trained.test[1]) == 64 and len(problem.calibration[1]) == 32 and problem.symmetric
+    e = enumerate_configs(problem, (2, 8))  # by stages, 2^6 configurations
+    x, y = problem.calibration
+    xt, yt = problem.trained.test
+
+    def evaluate(m):
+        with torch.no_grad():
+            accuracy = (m(xt).argmax(1) == yt).double().mean().item()
+            return {"loss": problem.criterion(m(x), y).item(), "accuracy": accuracy}
+
+    generic = exhaustive(problem.trained.model, (2, 8), evaluate, **problem.quantizer)
+    np.testing.assert_array_equal(generic.configs, e.configs)
+    np.testing.assert_allclose(e.values["loss"], generic.values["loss"], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(e.values["accuracy"], generic.values["accuracy"])
+    assert e.baseline["accuracy"] == problem.accuracy()
+    with pytest.raises(ValueError, match="calibration"):
+        transformer_problem(calibration=10_000, steps=1)
+
+
+def test_cross_layer_models_against_the_oracle(problem, setup):
+    e = setup[3]
+    cross, tables = cross_layer_tables(problem)
+    assert set(tables) == set(CROSS_LAYER_MODELS.values()) and tables["clado_psd"] is tables["clado"]
+    assert cross.terms.shape == (3, 3, 4, 4) and cross.num_evaluations == 1 + 3 * 4 + 3 * 16
+    assert tables["additive"].pairs is None and tables["additive"].cross is None
+    direct = pair_interactions(problem.trained.model, problem.criterion, problem.calibration, **problem.quantizer)
+    np.testing.assert_array_equal(tables["adjacent"].pairs, direct.terms)
+    np.testing.assert_array_equal(tables["additive"].omega, direct.singles)
+    every = cross_layer_interactions(problem.trained.model, problem.criterion, problem.calibration, **problem.quantizer)
+    np.testing.assert_array_equal(tables["clado"].cross, every.terms)
+    delta, accuracy = e.values["delta"], e.values["accuracy"]
+    for budget in (2.5, 3.0):
+        c = oracle_comparison(tables, e, budget)
+        feasible = np.flatnonzero(e.weight_bits <= budget * e.total_params)
+        best = feasible[np.argmin(delta[feasible])]
+        assert c.num_feasible == len(feasible) and c.oracle == (e.config(best), delta[best], accuracy[best])
+        for key, (config, rank, d, acc) in c.chosen.items():
+            k = e.index(config)
+            assert k in feasible and (d, acc) == (delta[k], accuracy[k])
+            assert rank == 1 + sorted(delta[feasible].tolist()).index(delta[k]) and c.gap(key) == acc - accuracy[best]
+        for key in ("additive", "adjacent"):  # the exact DP's optimum
+            assert c.predicted[key] == pytest.approx(knapsack(tables[key], budget).predicted, abs=1e-12)
+        assert c.predicted["clado"] == pytest.approx(tables["clado"].predict(c.chosen["clado"][0])[0], abs=1e-12)
+        assert c.predicted["clado"] == pytest.approx(tables["clado"].predict(e.configs[feasible]).min(), abs=1e-12)
+    narrow = restrict(tables["clado"], (2, 8))
+    np.testing.assert_array_equal(narrow.cross[0, 2], tables["clado"].cross[0, 2][np.ix_([0, 3], [0, 3])])
+    with pytest.raises(ValueError, match="avg_bits"):
+        oracle_comparison(tables, e, 1.0)
+
+
+def test_cross_layer_study_and_the_seed_study_agree(progress_to):
+    calls = []
+    progress_to(lambda done, total, what="": calls.append((done, total, what)))
+    r = cross_layer_study("digits", [0, 1], avg_bits=(2.5, 3.0), **SMALL)
+    assert [c[:2] for c in calls if c[2] == "seed"] == [(0, 2), (1, 2), (2, 2)]
+    for key in CROSS_LAYER_MODELS.values():
+        assert r[f"rank_{key}"].shape == (2, 2) and (r[f"rank_{key}"] >= 1).all()
+        assert (r[f"rank_{key}"] <= r["num_feasible"]).all() and r[f"gap_{key}"].shape == (2, 2)
+    assert "rho_clado_psd" not in r and r["rho_clado"].shape == (2,) and r["avg_bits"].tolist() == [2.5, 3.0]
+    assert r["evaluations"].tolist() == [1 + 3 * 4 + 3 * 16] * 2 and r["float_accuracy"].shape == (2,)
+    study = seed_study([0, 1], avg_bits=(2.5,), proxies=("trace",), num_matvecs=4, cross_layer_bits=(2.5, 3.0), **SMALL)
+    for key, value in r.items():
+        np.testing.assert_array_equal(study["cross_layer"][key], value)
+    with pytest.raises(ValueError, match="task"):
+        cross_layer_study("cifar", [0])
