@@ -17,5 +17,6 @@ from .sophia import Sophia
 from .kfac import KFAC, MKOR
 from .mfac import MFAC
 from .newton_cg import NewtonCG
+from .regularized_newton import RegularizedNewton
 
-__all__ = ["ClosureOptimizer", "step_seed", "make_closure", "CLOSURES", "KFAC", "MKOR", "AdaHessian", "Sophia", "MFAC", "NewtonCG"]
+__all__ = ["ClosureOptimizer", "step_seed", "make_closure", "CLOSURES", "KFAC", "MKOR", "AdaHessian", "Sophia", "MFAC", "NewtonCG", "RegularizedNewton"]

@@ -22,6 +22,7 @@ One module per notebook:
 - `pruning`: 13, OBD, OBS and M-FAC pruning
 - `gptq`: 14, GPTQ against round-to-nearest
 - `your_model`: 15, the second-order picture of a Hugging Face transformer (a small BERT)
+- `regularized_newton`: 17, the gradient-regularized Newton method with approximate Hessians
 """
 
 from .explorer import Explorer
@@ -35,6 +36,7 @@ from .kfac import KFACExplorer
 from .mfac import MFACExplorer
 from .pruning import PruningExplorer
 from .qbert import QBERTExplorer
+from .regularized_newton import RegularizedNewtonExplorer
 from .sharpness import SharpnessExplorer
 from .shootout import ShootoutExplorer
 from .sophia import SophiaExplorer
@@ -60,4 +62,5 @@ __all__ = [
     "PruningExplorer",
     "GPTQExplorer",
     "YourModelExplorer",
+    "RegularizedNewtonExplorer",
 ]

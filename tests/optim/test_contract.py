@@ -134,6 +134,14 @@ OPTIMIZERS = (
                            "loss_outputs", halves_in=4),
         ),
         no_closure_error=_closure_error("NewtonCG"), lazy_trainable=True),
+    OptimizerInfo(
+        "RegularizedNewton", lambda model, params, **kw: hk.optim.RegularizedNewton(params, **kw),
+        inputs=(
+            OptimizerInput("default-hessian-cg", {}, adapts=("gamma",)),
+            OptimizerInput("ggn-cholesky", dict(curvature="ggn", solver="cholesky"), "loss_outputs", adapts=("gamma",)),
+            OptimizerInput("fisher-cg10", dict(curvature="fisher", max_cg_iters=10), "loss_outputs", adapts=("gamma",)),
+        ),
+        no_closure_error=_closure_error("RegularizedNewton"), lazy_trainable=True),
 )
 
 
