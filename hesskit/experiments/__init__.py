@@ -16,6 +16,7 @@ One module per notebook topic, each opening with the notebook it serves:
 - `adahessian` (06), `sophia` (07), `kfac` (08), `mfac` (09), `shootout` (10): the optimizers;
 - `hawq` (11), `qbert` (12), `pruning` (13), `gptq` (14): compression;
 - `your_model` (15): the second-order picture of a Hugging Face model;
+- `hessian_alignment` (16): HGP and Hutchinson Hessian alignment against ERM on colored digits;
 - `regularized_newton` (17): the gradient-regularized Newton method with approximate Hessians.
 
 Notebooks import a topic's studies from its module (`from hesskit.experiments.kfac import ...`).

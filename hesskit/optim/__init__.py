@@ -18,5 +18,6 @@ from .kfac import KFAC, MKOR
 from .mfac import MFAC
 from .newton_cg import NewtonCG
 from .regularized_newton import RegularizedNewton
+from .alignment import hessian_alignment_penalty
 
-__all__ = ["ClosureOptimizer", "step_seed", "make_closure", "CLOSURES", "KFAC", "MKOR", "AdaHessian", "Sophia", "MFAC", "NewtonCG", "RegularizedNewton"]
+__all__ = ["ClosureOptimizer", "step_seed", "make_closure", "CLOSURES", "KFAC", "MKOR", "AdaHessian", "Sophia", "MFAC", "NewtonCG", "RegularizedNewton", "hessian_alignment_penalty"]

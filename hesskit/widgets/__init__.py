@@ -22,6 +22,7 @@ One module per notebook:
 - `pruning`: 13, OBD, OBS and M-FAC pruning
 - `gptq`: 14, GPTQ against round-to-nearest
 - `your_model`: 15, the second-order picture of a Hugging Face transformer (a small BERT)
+- `hessian_alignment`: 16, HGP and Hutchinson Hessian alignment against ERM on colored digits
 - `regularized_newton`: 17, the gradient-regularized Newton method with approximate Hessians
 """
 
@@ -31,6 +32,7 @@ from .batch_size import BatchSizeExplorer
 from .eigenvalues import EigenExplorer
 from .gptq import GPTQExplorer
 from .hawq import HAWQExplorer
+from .hessian_alignment import HessianAlignmentExplorer
 from .hessian import HessianExplorer
 from .kfac import KFACExplorer
 from .mfac import MFACExplorer
@@ -62,5 +64,6 @@ __all__ = [
     "PruningExplorer",
     "GPTQExplorer",
     "YourModelExplorer",
+    "HessianAlignmentExplorer",
     "RegularizedNewtonExplorer",
 ]
