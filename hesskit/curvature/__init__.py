@@ -2,7 +2,7 @@
 
 - `operators`: the Hessian, GGN and empirical Fisher of a model's loss over data
   (`HessianOperator`, `GGNOperator`, `EmpiricalFisherOperator`), of one computed loss's graph
-  (`LossHessianOperator`, `LossGGNOperator`) and the base class `MatrixFreeOperator`;
+  (`LossHessianOperator`, `LossGGNOperator`, `LossEmpiricalFisherOperator`) and the base class `MatrixFreeOperator`;
 - `trace`: trace (Hutchinson, Hutch++, XTrace, per-block), diagonal (Hutchinson, XDiag) and the
   Gauss-Newton-Bartlett diagonal;
 - `eigen`: extreme eigenpairs (Lanczos, block Lanczos, power iteration);
@@ -23,6 +23,7 @@ from .operators import (
     EmpiricalFisherOperator,
     GGNOperator,
     HessianOperator,
+    LossEmpiricalFisherOperator,
     LossGGNOperator,
     LossHessianOperator,
     MatrixFreeOperator,
@@ -41,6 +42,7 @@ __all__ = [
     "NonFiniteError",
     "LossHessianOperator",
     "LossGGNOperator",
+    "LossEmpiricalFisherOperator",
     "MFACInverseOperator",
     "KroneckerOperator",
     "kfac_factors",

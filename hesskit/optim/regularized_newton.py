@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_count, check_graph_params
-from ..curvature.operators import LossGGNOperator, LossHessianOperator, MatrixFreeOperator, NonFiniteError
+from .._checks import check_choice, check_count
+from ..curvature.operators import (LossEmpiricalFisherOperator, LossGGNOperator, LossHessianOperator,
+                                   MatrixFreeOperator, NonFiniteError)
 from ._base import ClosureOptimizer, check_number, split_like
 from .newton_cg import conjugate_gradient
 
-__all__ = ["RegularizedNewton", "LossEmpiricalFisherOperator", "regularized_newton_step", "accepts", "GAMMA_MAX"]
+__all__ = ["RegularizedNewton", "regularized_newton_step", "accepts", "GAMMA_MAX"]
 
 CURVATURES = ("hessian", "ggn", "fisher")
 SOLVERS = ("auto", "cholesky", "cg")
@@ -60,53 +61,6 @@ def _place(params: list[Tensor], start: list[Tensor], pieces: list[Tensor] | Non
             p.data.copy_(p0)
             if pieces is not None:
                 p.data.add_(pieces[i])
-
-
-class LossEmpiricalFisherOperator(MatrixFreeOperator):
-    """The empirical Fisher F = (1/N) sum_i g_i g_i^T of one computed loss, from its outputs.
-
-    `outputs` (N, ...) are the model outputs the scalar `loss` was computed from, with their graph
-    to `params`. A sample is a row of the outputs: with u = d loss / d outputs,
-
-        g_i = N J_i^T u_i,    J_i = d outputs_i / d params,
-
-    which is the gradient of sample i's own loss whenever the loss is the mean over the rows of
-    per-row losses (mean-reduced cross-entropy, or MSE, on (N, C) outputs), as
-    `hk.EmpiricalFisherOperator` defines it (tested equal to its dense matrix). A product needs no
-    per-sample gradients: J v by the double-vjp trick, w_i = u_i . (J v)_i, then F v = N J^T (w u)
-    (three vector-Jacobian products on the step's graph, like `hk.LossGGNOperator`). Rows coupled
-    through the batch (BatchNorm in train mode) have no per-sample losses: then F is this formula
-    and not an empirical Fisher. The graph lives as long as this object.
-    """
-
-    kind = "empirical_fisher"
-
-    def __init__(self, loss: Tensor, outputs: Tensor, params: Any):
-        self.params = check_graph_params(params)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError(f"loss: expected a scalar (mean-reduced) loss tensor, got {getattr(loss, 'shape', loss)!r}")
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"loss: the loss is {loss.item()}; curvature of a non-finite loss is undefined")
-        if not isinstance(outputs, Tensor) or not outputs.requires_grad or outputs.dim() == 0:
-            raise ValueError("outputs: expected the (N, ...) model outputs the loss was computed from, with their graph")
-        self._outputs = outputs
-        self.num_samples = outputs.shape[0]
-        u = torch.autograd.grad(loss.reshape(()), outputs, retain_graph=True)[0]
-        self._sample_grads = (u * self.num_samples).detach()  # row i: d l_i / d outputs_i
-        self._dummy = torch.zeros_like(outputs, requires_grad=True)
-        jt = torch.autograd.grad(outputs, self.params, self._dummy, create_graph=True, materialize_grads=True)
-        self._jt_dummy = torch.cat([t.reshape(-1) for t in jt])
-        super().__init__(self._jt_dummy.numel(), self.params[0].dtype, self.params[0].device)
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        e, columns = self._sample_grads, []
-        for j in range(V.shape[1]):
-            jv = torch.autograd.grad(self._jt_dummy, self._dummy, V[:, j], retain_graph=True)[0]  # J v, (N, ...)
-            w = (e * jv).reshape(self.num_samples, -1).sum(dim=1)  # g_i^T v
-            weights = w.reshape(-1, *([1] * (e.dim() - 1))) * e / self.num_samples
-            fv = torch.autograd.grad(self._outputs, self.params, weights, retain_graph=True, materialize_grads=True)
-            columns.append(torch.cat([t.reshape(-1) for t in fv]))
-        return torch.stack(columns, dim=1)
 
 
 class RegularizedNewton(ClosureOptimizer):

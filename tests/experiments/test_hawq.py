@@ -44,9 +44,8 @@ def test_problem_is_the_shared_digits_trainer(problem):
     assert torch.equal(problem.calibration[0], x[:64]) and len(problem.subsets) == 2
 
 
-def test_enumeration_equals_the_generic_exhaustive_search(problem, setup):
-    e = setup[3]
-    assert e.configs.shape == (64, 3) and e.layers == ["1", "3", "5"]
+def calibration_loss_and_test_accuracy(problem):
+    """The enumeration's readings, written directly: the calibration loss and the test accuracy of a model."""
     x, y = problem.calibration
     xt, yt = problem.trained.test
 
@@ -55,6 +54,13 @@ def test_enumeration_equals_the_generic_exhaustive_search(problem, setup):
             accuracy = (m(xt).argmax(1) == yt).double().mean().item()
             return {"loss": problem.criterion(m(x), y).item(), "accuracy": accuracy}
 
+    return evaluate
+
+
+def test_enumeration_equals_the_generic_exhaustive_search(problem, setup):
+    e = setup[3]
+    assert e.configs.shape == (64, 3) and e.layers == ["1", "3", "5"]
+    evaluate = calibration_loss_and_test_accuracy(problem)
     generic = exhaustive(problem.trained.model, (2, 3, 4, 8), evaluate, granularity="channel", symmetric=True)
     np.testing.assert_array_equal(generic.configs, e.configs)
     np.testing.assert_allclose(e.values["loss"], generic.values["loss"], rtol=0, atol=1e-6)
@@ -123,14 +129,7 @@ def test_transformer_enumeration_equals_the_generic_exhaustive_search():
     assert problem.layers == ["embed", "attn.qkv", "attn.out", "mlp.0", "mlp.2", "head"]
     assert len(problem.trained.test[1]) == 64 and len(problem.calibration[1]) == 32 and problem.symmetric
     e = enumerate_configs(problem, (2, 8))  # by stages, 2^6 configurations
-    x, y = problem.calibration
-    xt, yt = problem.trained.test
-
-    def evaluate(m):
-        with torch.no_grad():
-            accuracy = (m(xt).argmax(1) == yt).double().mean().item()
-            return {"loss": problem.criterion(m(x), y).item(), "accuracy": accuracy}
-
+    evaluate = calibration_loss_and_test_accuracy(problem)
     generic = exhaustive(problem.trained.model, (2, 8), evaluate, **problem.quantizer)
     np.testing.assert_array_equal(generic.configs, e.configs)
     np.testing.assert_allclose(e.values["loss"], generic.values["loss"], rtol=0, atol=1e-5)
