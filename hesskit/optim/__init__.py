@@ -19,5 +19,7 @@ from .mfac import MFAC
 from .newton_cg import NewtonCG
 from .regularized_newton import RegularizedNewton
 from .alignment import hessian_alignment_penalty
+from .training_order import RandomProjection, Trajectory, adam_step, estimate_order, train_adam
 
-__all__ = ["ClosureOptimizer", "step_seed", "make_closure", "CLOSURES", "KFAC", "MKOR", "AdaHessian", "Sophia", "MFAC", "NewtonCG", "RegularizedNewton", "hessian_alignment_penalty"]
+__all__ = ["ClosureOptimizer", "step_seed", "make_closure", "CLOSURES", "KFAC", "MKOR", "AdaHessian", "Sophia", "MFAC", "NewtonCG", "RegularizedNewton", "hessian_alignment_penalty",
+           "train_adam", "estimate_order", "Trajectory", "RandomProjection", "adam_step"]
