@@ -576,7 +576,8 @@ def allocate_bits_ilp(costs: CostTable, resources: Mapping[str, tuple[Any, float
     solution; an infeasible problem raises ValueError naming the constraint.
 
     Defaults: no layer `fixed` (HAWQ-V3 keeps the first and last layers at 8 bits: pass
-    `fixed={first: 8, last: 8}`), no `ties`, no `time_limit` (HiGHS solves to optimality; measured
+    `fixed={first: 8, last: 8}`), no `ties`, no `time_limit` (HiGHS solves to optimality with a zero
+    relative gap, not its default 1e-4, so the result is the exact optimum; measured
     on random tables of 100-300 layers and four widths with one or two constraints: 0.1-1 s)."""
     _check_ilp_inputs(costs, resources)
     L, _ = costs.omega.shape
@@ -660,7 +661,8 @@ def _solve_ilp(costs: CostTable, tables: Mapping[str, tuple[np.ndarray, float]],
     each layer, {resource: total used}, milp's status)."""
     L, B = costs.omega.shape
     extra = "" if not (ties or fixed) else " and the ties/fixed widths"
-    return _solve_one_hot(costs.omega.ravel(), L, B, tables, allowed, list(tie_rows), 0, time_limit, {}, extra)
+    return _solve_one_hot(costs.omega.ravel(), L, B, tables, allowed, list(tie_rows), 0, time_limit,
+                          {"mip_rel_gap": 0.0}, extra)
 
 
 def _solve_one_hot(objective: np.ndarray, L: int, B: int, tables: Mapping[str, tuple[np.ndarray, float]],
