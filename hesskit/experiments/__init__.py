@@ -18,6 +18,7 @@ One module per notebook topic, each opening with the notebook it serves:
 - `your_model` (15): the second-order picture of a Hugging Face model;
 - `hessian_alignment` (16): HGP and Hutchinson Hessian alignment against ERM on colored digits;
 - `regularized_newton` (17): the gradient-regularized Newton method with approximate Hessians.
+- `training_order` (18): batch orders estimated by Taylor expansions of Adam (FUT) against retraining.
 
 Notebooks import a topic's studies from its module (`from hesskit.experiments.kfac import ...`).
 """

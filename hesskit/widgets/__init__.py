@@ -24,6 +24,7 @@ One module per notebook:
 - `your_model`: 15, the second-order picture of a Hugging Face transformer (a small BERT)
 - `hessian_alignment`: 16, HGP and Hutchinson Hessian alignment against ERM on colored digits
 - `regularized_newton`: 17, the gradient-regularized Newton method with approximate Hessians
+- `training_order`: 18, an order of the batches estimated by Taylor expansions of Adam (FUT) against retraining
 """
 
 from .explorer import Explorer
@@ -44,6 +45,7 @@ from .shootout import ShootoutExplorer
 from .sophia import SophiaExplorer
 from .spectral_density import DensityExplorer
 from .trace_estimation import TraceExplorer
+from .training_order import TrainingOrderExplorer
 from .your_model import YourModelExplorer
 
 __all__ = [
@@ -66,4 +68,5 @@ __all__ = [
     "YourModelExplorer",
     "HessianAlignmentExplorer",
     "RegularizedNewtonExplorer",
+    "TrainingOrderExplorer",
 ]
