@@ -318,18 +318,21 @@ def _check_mode(model: nn.Module) -> None:
                          "model.eval() first (the estimate's model passes must be deterministic)")
 
 
-def _check_order(order: Any, num_batches: int, steps: int) -> list[int]:
-    try:
-        order = [int(i) if is_int(i) else i for i in (order.tolist() if isinstance(order, Tensor) else order)]
-    except TypeError:
-        raise TypeError(f"order: expected a sequence of batch indices, got {type(order).__name__}") from None
+def _check_order(order: Any, num_batches: int, steps: int | None = None) -> list[int]:
+    """`order` as a list of batch indices in [0, num_batches), `steps` of them when given."""
+    if isinstance(order, Tensor) or type(order).__module__ == "numpy":  # a tensor or a numpy array of indices
+        order = order.tolist()
+    if isinstance(order, (str, bytes)) or not isinstance(order, Sequence):
+        raise TypeError(f"order: expected a sequence of batch indices, got {type(order).__name__}")
     bad = [i for i in order if not is_int(i) or not 0 <= i < num_batches]
     if bad:
         raise ValueError(f"order: expected batch indices in [0, {num_batches}), got {bad[:5]}")
-    if len(order) != steps:
+    if steps is not None and len(order) != steps:
         raise ValueError(f"order: expected {steps} indices (one per reference step: the expansion is around the "
                          f"reference iterate of the same step), got {len(order)}")
-    return order
+    if not order:
+        raise ValueError("order: expected at least one batch index, got none")
+    return [int(i) for i in order]
 
 
 # --------------------------------------------------------------------------- the two public entry points
@@ -362,11 +365,7 @@ def train_adam(model: nn.Module, data: Any, criterion: Callable[[Any, Any], Tens
         raise ValueError("criterion / loss_fn: give exactly one of them (criterion(outputs, targets) or "
                          "loss_fn(model, batch))")
     batches = batch_list(data)
-    if order is None:
-        order = list(range(len(batches)))
-    else:
-        order = order.tolist() if isinstance(order, Tensor) else list(order) if isinstance(order, Sequence) else order
-        order = _check_order(order, len(batches), len(order) if isinstance(order, list) else -1)
+    order = list(range(len(batches))) if order is None else _check_order(order, len(batches))
     hyper = dict(lr=check_number("lr", lr, open_low=True), betas=check_betas("betas", betas),
                  eps=check_number("eps", eps), weight_decay=check_number("weight_decay", weight_decay))
     _check_mode(model)

@@ -323,3 +323,20 @@ def test_hugging_face_models_with_required_arguments_only(name):
     same = estimate_order(case.model, ref, list(range(len(batches))))
     torch.testing.assert_close(same.final, ref.final, rtol=1e-12, atol=1e-14)
     assert_unchanged(case.model, before)
+
+
+def test_orders_may_be_tensors_or_numpy_and_must_be_sequences():
+    import numpy as np
+
+    model, batches, criterion = _mlp_problem(num_batches=3)
+    a = train_adam(model, batches, criterion, order=torch.tensor([2, 0, 1]))
+    b = train_adam(model, batches, criterion, order=np.array([2, 0, 1]))
+    assert a.order == b.order == [2, 0, 1] and torch.equal(a.final, b.final)
+    torch.testing.assert_close(estimate_order(model, a, np.array([0, 2, 1])).final,
+                               estimate_order(model, a, [0, 2, 1]).final, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="order: expected a sequence of batch indices, got int"):
+        train_adam(model, batches, criterion, order=3)
+    with pytest.raises(ValueError, match="order: expected at least one batch index"):
+        train_adam(model, batches, criterion, order=[])
+    with pytest.raises(ValueError, match=r"order: expected batch indices in \[0, 3\), got \[1.5\]"):
+        train_adam(model, batches, criterion, order=[0, 1.5])
