@@ -172,7 +172,8 @@ class _FlatLoss:
             raise NonFiniteError(f"loss: the batch loss is {loss.item()} at a reference iterate")
         return loss
 
-    def expansion(self, theta: Tensor, batch: Any, delta: Tensor | None, order: int) -> tuple[Tensor, Tensor, list[float]]:
+    def expansion(self, theta: Tensor, batch: Any, delta: Tensor | None,
+                  order: int) -> tuple[Tensor, Tensor, list[float]]:
         """(the order-`order` Taylor estimate of grad L(theta + delta), the gradient at theta itself,
         the loss terms [L, g.delta, delta.H.delta / 2, D^3L[delta]^3 / 6] from the same passes)."""
         flat = theta.detach().clone().requires_grad_(True)
@@ -209,6 +210,7 @@ class Trajectory:
         taylor_order: None for a run actually trained; 0, 1 or 2 for an estimate.
         sketches: (T + 1, k) the sketch `projection(theta_t)` of every iterate (t = 0 is the start).
         final: (n,) the last iterate; `parameters()` as a name -> tensor dict, `into(model)` as a model copy.
+        initial: (n,) the first iterate (an estimate that replays the reference starts there).
         iterates: (T + 1, n) every iterate, or None when not kept.
         losses: (T,) the loss of step t's batch at the iterate it was taken at. Measured for a
             trained run; for an estimate its Taylor estimate from the same passes, to one order more
@@ -227,6 +229,7 @@ class Trajectory:
     taylor_order: int | None
     sketches: Tensor
     final: Tensor
+    initial: Tensor
     iterates: Tensor | None
     losses: Tensor
     names: list[str]
@@ -264,6 +267,8 @@ class Trajectory:
         """The iterate after `step` steps (None: the last) as a name -> tensor dict."""
         if step is None or step == self.steps:
             flat = self.final
+        elif step == 0:
+            flat = self.initial
         elif self.iterates is None:
             raise ValueError(f"step: only the last iterate is kept (keep_iterates=False); got step={step}")
         else:
@@ -373,6 +378,7 @@ def train_adam(model: nn.Module, data: Any, criterion: Callable[[Any, Any], Tens
     shapes = [p.shape for p in params]
     flat_loss = _FlatLoss(model, names, shapes, criterion, loss_fn, output_fn)
     theta = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    initial = theta.clone()
     projection = RandomProjection(theta.numel(), sketch_dim, seed)
     m, v = torch.zeros_like(theta), torch.zeros_like(theta)
     sketches, iterates, losses = [projection(theta)], [theta.clone()] if keep_iterates else None, []
@@ -385,9 +391,10 @@ def train_adam(model: nn.Module, data: Any, criterion: Callable[[Any, Any], Tens
         if keep_iterates:
             iterates.append(theta.clone())
         progress.report(t + 1, len(order), "train_adam")
-    return Trajectory(order, None, torch.stack(sketches), theta, torch.stack(iterates) if keep_iterates else None,
-                      torch.tensor(losses, dtype=torch.float64), names, frozen, shapes, projection, batches, hyper,
-                      {"gradients": len(order)}, time.perf_counter() - start, (criterion, loss_fn, output_fn))
+    return Trajectory(order, None, torch.stack(sketches), theta, initial,
+                      torch.stack(iterates) if keep_iterates else None, torch.tensor(losses, dtype=torch.float64),
+                      names, frozen, shapes, projection, batches, hyper, {"gradients": len(order)},
+                      time.perf_counter() - start, (criterion, loss_fn, output_fn))
 
 
 def estimate_order(model: nn.Module, reference: Trajectory, order: Sequence[int], *, taylor_order: int = 2,
@@ -427,11 +434,9 @@ def estimate_order(model: nn.Module, reference: Trajectory, order: Sequence[int]
     flat_loss = _FlatLoss(model, names, reference.shapes, *reference.loss_spec)
     hyper, projection = reference.hyper, reference.projection
     batches = reference.batches
-    replay = reference.iterates is None
-    theta = reference.iterates[0].clone() if not replay else None
-    if replay:
-        theta = torch.cat([p.detach().reshape(-1) for p in params]).clone()
-        ref_m, ref_v = torch.zeros_like(theta), torch.zeros_like(theta)
+    replay = reference.iterates is None  # then step the reference beside the estimate, from its first iterate
+    theta = reference.initial.clone()
+    ref_m, ref_v = torch.zeros_like(theta), torch.zeros_like(theta)
     gamma = theta.clone()
     m, v = torch.zeros_like(gamma), torch.zeros_like(gamma)
     sketches, iterates, losses, loss_terms = [projection(gamma)], [gamma.clone()] if keep_iterates else None, [], []
@@ -459,7 +464,7 @@ def estimate_order(model: nn.Module, reference: Trajectory, order: Sequence[int]
         if keep_iterates:
             iterates.append(gamma.clone())
         progress.report(t + 1, len(order), "estimate_order")
-    return Trajectory(order, taylor_order, torch.stack(sketches), gamma,
+    return Trajectory(order, taylor_order, torch.stack(sketches), gamma, reference.initial,
                       torch.stack(iterates) if keep_iterates else None, torch.tensor(losses, dtype=torch.float64),
                       names, frozen, reference.shapes, projection, batches, hyper, products,
                       time.perf_counter() - start, reference.loss_spec, torch.tensor(loss_terms, dtype=torch.float64))

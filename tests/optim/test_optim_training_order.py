@@ -170,7 +170,10 @@ def test_replaying_the_reference_equals_storing_it():
     torch.testing.assert_close(replayed.final, stored.final, rtol=0, atol=0)
     order = [4, 1, 2, 0, 3]
     a = estimate_order(model, stored, order, taylor_order=2)
+    with torch.no_grad():  # the user trains their model on: the replay starts from the recorded first iterate
+        model[0].weight.add_(1.0)
     b = estimate_order(model, replayed, order, taylor_order=2)
+    torch.testing.assert_close(_flat(replayed.into(model, step=0)), stored.iterates[0], rtol=0, atol=0)
     torch.testing.assert_close(a.final, b.final, rtol=1e-13, atol=1e-15)
     assert a.products["replayed_gradients"] == 0
     assert b.products["replayed_gradients"] == 3  # steps 1 and 2 take the reference's batch: its gradient is shared
