@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "call_model", "split_batch", "model_output", "differentiable_attention", "explain_backward_error",
-    "warn_loss_dtype", "LowPrecisionSpy", "as_one_sample", "per_sample_grads",
+    "warn_loss_dtype", "LowPrecisionSpy", "as_one_sample", "per_sample_grads", "BatchLoss",
 ]
 
 
@@ -69,6 +69,27 @@ def model_output(outputs: Any, output_fn: Callable[[Any], Tensor] | None) -> Ten
         f"model: its forward returns a {type(outputs).__name__}{keys}, not a tensor; pass output_fn to pick the "
         "tensor the criterion should see, e.g. output_fn=lambda out: out[0]"
     )
+
+
+class BatchLoss(nn.Module):
+    """A batch's mean loss as a module around the model, `module(batch) -> loss`:
+    `criterion(output_fn(model(inputs)), targets)`, or `loss_fn(model, batch)` (its first item when
+    it returns `(loss, outputs)`). `torch.func.functional_call` on it swaps the model's parameters
+    (registered as `model.<name>`) for other tensors: per-sample gradients, flat parameter vectors."""
+
+    def __init__(self, model: nn.Module, criterion: Callable[[Any, Any], Tensor] | None = None,
+                 loss_fn: Callable[[nn.Module, Any], Any] | None = None,
+                 output_fn: Callable[[Any], Tensor] | None = None):
+        super().__init__()
+        self.model = model
+        self.criterion, self.loss_fn, self.output_fn = criterion, loss_fn, output_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        if self.criterion is None:
+            result = self.loss_fn(self.model, batch)
+            return result[0] if isinstance(result, (tuple, list)) else result
+        inputs, targets = split_batch(batch, 0)
+        return self.criterion(model_output(call_model(self.model, inputs), self.output_fn), targets)
 
 
 @contextmanager

@@ -35,8 +35,8 @@ from .._batches import Batches, move_batch
 from .._distributed import Collective, resolve_model
 from .._checks import check_cache_memory, check_graph_params
 from .._memory import SavedBytes, default_cache_memory
-from .._model import (as_one_sample, call_model, differentiable_attention, explain_backward_error, model_output,
-                     per_sample_grads, split_batch, LowPrecisionSpy)
+from .._model import (BatchLoss, as_one_sample, call_model, differentiable_attention, explain_backward_error,
+                     model_output, per_sample_grads, split_batch, LowPrecisionSpy)
 from ..layers import tied_names
 
 __all__ = [
@@ -235,18 +235,6 @@ class MatrixFreeOperator(ABC):
             return (self @ torch.as_tensor(np.asarray(x))).detach().cpu().double().numpy()
 
         return LinearOperator(self.shape, matvec=matmat, rmatvec=matmat, matmat=matmat, rmatmat=matmat, dtype=np.float64)
-
-
-class _LossModule(nn.Module):
-    """Wraps `loss_fn(model, batch)` as a module so torch.func can swap the model's parameters."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch)
 
 
 class CurvatureOperator(MatrixFreeOperator):
@@ -494,18 +482,7 @@ class CurvatureOperator(MatrixFreeOperator):
     def _sample_loss_module(self) -> nn.Module:
         """The per-batch loss as a module around the model, `module(batch) -> loss`, so torch.func
         can swap the model's parameters for per-sample gradients."""
-        if self.criterion is None:
-            loss_fn = self.loss_fn
-
-            def loss_of(model: nn.Module, batch: Any) -> Tensor:
-                result = loss_fn(model, batch)
-                return result[0] if isinstance(result, (tuple, list)) else result
-        else:
-            criterion, output_fn = self.criterion, self.output_fn
-
-            def loss_of(model: nn.Module, batch: Any) -> Tensor:
-                return criterion(model_output(call_model(model, batch[0]), output_fn), batch[1])
-        return _LossModule(self.model, loss_of)
+        return BatchLoss(self.model, self.criterion, self.loss_fn, self.output_fn)
 
     # ----------------------------------------------------------------- per-batch states
     @abstractmethod

@@ -64,7 +64,7 @@ from .. import progress
 from .._batches import batch_list
 from .._checks import check_count, is_int
 from .._copy import model_copy
-from .._model import call_model, differentiable_attention, explain_backward_error, model_output, split_batch
+from .._model import BatchLoss, differentiable_attention, explain_backward_error
 from ..curvature.operators import NonFiniteError, mode_sensitive_modules
 from ._base import check_betas, check_number
 
@@ -133,29 +133,12 @@ def adam_step(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, step: int, lr: 
 
 
 # --------------------------------------------------------------------------- the loss as a function of a flat vector
-class _LossOfBatch(nn.Module):
-    """`loss_fn(model, batch)` or `criterion(output_fn(model(inputs)), targets)` as one module, so
-    that `torch.func.functional_call` can swap the model's parameters for views of a flat vector."""
-
-    def __init__(self, model: nn.Module, criterion: Any, loss_fn: Any, output_fn: Any):
-        super().__init__()
-        self.model = model
-        self.criterion, self.loss_fn, self.output_fn = criterion, loss_fn, output_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        if self.loss_fn is not None:
-            out = self.loss_fn(self.model, batch)
-            return out[0] if isinstance(out, tuple) else out
-        inputs, targets = split_batch(batch, 0)
-        return self.criterion(model_output(call_model(self.model, inputs), self.output_fn), targets)
-
-
 class _FlatLoss:
     """L(theta; batch) for a flat vector theta of the trained parameters and its Taylor terms."""
 
     def __init__(self, model: nn.Module, names: list[str], shapes: list[torch.Size], criterion: Any,
                  loss_fn: Any, output_fn: Any):
-        self.module = _LossOfBatch(model, criterion, loss_fn, output_fn)
+        self.module = BatchLoss(model, criterion, loss_fn, output_fn)
         self.names, self.shapes = ["model." + n for n in names], shapes
         self.sizes = [s.numel() for s in shapes]
 
