@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import progress
 from .._checks import check_choice, check_count, is_int
+from ..losses import SequenceCrossEntropy
 from ..optim import Trajectory, estimate_order, train_adam
 from .tasks import Task, char_lm_task
 
@@ -82,9 +82,7 @@ CURRICULA = ("easy-first", "hard-first", "hard-middle", "easy-middle")
 TAYLOR_ORDERS = (0, 1, 2)
 
 
-def lm_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-character cross-entropy (nats per character): `Task.loss`'s first value."""
-    return F.cross_entropy(outputs.flatten(0, -2), targets.flatten())
+lm_loss = SequenceCrossEntropy()  # mean next-character cross-entropy (nats per character): `Task.loss`'s first value
 
 
 def window_surprisal(task: Task) -> Tensor:
